@@ -1,0 +1,1 @@
+"""Generators of small files in the data providers' exact formats, for tests."""
