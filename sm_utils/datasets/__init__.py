@@ -1,0 +1,58 @@
+"""Dataset builders: each turns data (generated or as published) into a validated manifest.
+
+A builder is a function ``build(out_dir, **params) -> Manifest`` registered under a name with
+:func:`register_dataset`. :func:`build_dataset` looks the name up, builds, and saves the manifest
+as ``out_dir/manifest.csv``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Callable
+
+from ..manifest import Manifest, ManifestError, save_manifest
+
+_BUILDERS: dict[str, Callable[..., Manifest]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Manifest]], Callable[..., Manifest]]:
+    def decorator(builder: Callable[..., Manifest]) -> Callable[..., Manifest]:
+        if name in _BUILDERS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def get_builder(name: str) -> Callable[..., Manifest]:
+    if name not in _BUILDERS:
+        raise ManifestError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}.")
+    return _BUILDERS[name]
+
+
+def build_dataset(name: str, out_dir: str | Path, **params) -> Manifest:
+    """Build dataset ``name`` into ``out_dir`` and save ``out_dir/manifest.csv``.
+
+    Parameters a builder does not take are rejected with the list of those it does, so one
+    notebook can pass its parameters to any builder.
+    """
+    builder = get_builder(name)
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ManifestError(
+            f"dataset {name!r} does not take parameter(s) {unknown}; it takes "
+            f"{sorted(p for p in accepted if p != 'out_dir')}."
+        )
+    out_dir = Path(out_dir)
+    manifest = builder(out_dir=out_dir, **params)
+    save_manifest(manifest, out_dir / "manifest.csv")
+    return manifest
+
+
+from . import phantom, nih  # noqa: E402,F401  (registers the built-in builders)
