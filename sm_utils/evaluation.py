@@ -1,0 +1,156 @@
+"""Metrics for one fine-tuning run: AUCs, bootstrap intervals, AUC per attribute group.
+
+- ``auc``: binary ROC AUC of the positive-class score (scikit-learn), the primary metric.
+- ``micro_auc``: the paper's metric for compatibility. Its Keras code scored one-hot labels
+  against both softmax columns with ``tf.keras.metrics.AUC`` (a micro-average over the two
+  columns); here the same micro-average is computed exactly with scikit-learn
+  (``roc_auc_score(one_hot, probs, average="micro")``) instead of Keras' 200-threshold
+  approximation. It is not the binary AUC: it rewards calibration as well as ranking.
+- ``auc_ci_low/high``: percentile bootstrap interval of the binary AUC (seeded).
+- ``group_auc``: binary AUC within each level of each categorical attribute (e.g. ``sex=F``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+# Attributes with more levels than this (ids, ages) are not reported per group.
+MAX_GROUP_LEVELS = 10
+# Columns of a predictions table that are not attributes.
+PREDICTION_COLUMNS = ("test_set", "image_id", "label", "score", "prob_0", "prob_1", "path",
+                      "patient_id")
+
+
+class EvaluationError(ValueError):
+    """Predictions that cannot be scored as given."""
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(int).ravel()
+    scores = np.asarray(scores, dtype=float)
+    if len(labels) != len(scores):
+        raise EvaluationError(
+            f"labels and scores must have the same length; got {len(labels)} and {len(scores)}."
+        )
+    if not np.isin(labels, [0, 1]).all():
+        raise EvaluationError(f"labels must be 0/1; found {sorted(set(labels.tolist()))}.")
+    return labels, scores
+
+
+def binary_auc(labels, scores) -> float:
+    """ROC AUC of ``scores`` (probability of class 1); NaN when only one class is present."""
+    labels, scores = _check(labels, scores)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def keras_micro_auc(labels, probs) -> float:
+    """Micro-averaged AUC of one-hot labels against both softmax columns (the paper's metric).
+
+    ``probs`` is (N, 2) (softmax output) or (N,) (probability of class 1; the other column
+    is ``1 - p``). NaN when only one class is present.
+    """
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim == 1:
+        probs = np.stack([1.0 - probs, probs], axis=1)
+    if probs.ndim != 2 or probs.shape[1] != 2:
+        raise EvaluationError(f"probs must have shape (N, 2) or (N,); got {probs.shape}.")
+    labels, _ = _check(labels, probs[:, 1])
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    one_hot = np.stack([1 - labels, labels], axis=1)
+    return float(roc_auc_score(one_hot, probs, average="micro"))
+
+
+def bootstrap_auc_ci(
+    labels, scores, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the binary AUC.
+
+    Resamples images with replacement (seeded); resamples holding a single class are
+    skipped. Returns (NaN, NaN) when the data hold a single class.
+    """
+    labels, scores = _check(labels, scores)
+    if len(np.unique(labels)) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 20240307]))
+    n = len(labels)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    values = []
+    for idx in draws:
+        y = labels[idx]
+        if y.min() != y.max():
+            values.append(roc_auc_score(y, scores[idx]))
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def group_attributes(frame: pd.DataFrame, exclude: Iterable[str] = ()) -> list[str]:
+    """Categorical (text or boolean) attribute columns with 2..MAX_GROUP_LEVELS levels."""
+    skip = set(PREDICTION_COLUMNS) | set(exclude)
+    out = []
+    for column in frame.columns:
+        if column in skip or str(column).startswith("fold_"):
+            continue
+        values = frame[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            continue  # numbers (age, ...) are measurements, not groups
+        if 2 <= values.nunique(dropna=True) <= MAX_GROUP_LEVELS:
+            out.append(column)
+    return out
+
+
+def group_auc(frame: pd.DataFrame, attributes: Iterable[str] | None = None) -> dict[str, float]:
+    """Binary AUC per ``attribute=value`` group; groups with a single class give NaN."""
+    attributes = group_attributes(frame) if attributes is None else list(attributes)
+    out = {}
+    for column in attributes:
+        for value, part in frame.groupby(column, sort=True):
+            out[f"{column}={value}"] = binary_auc(part["label"], part["score"])
+    return out
+
+
+def summarise_test_set(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The metrics.json entry of one test set from its predictions.
+
+    ``frame`` needs columns ``label``, ``score`` (probability of class 1) and optionally
+    ``prob_0``, ``confounded`` and attributes.
+    """
+    if len(frame) == 0:
+        raise EvaluationError("cannot evaluate an empty test set; check the manifest's test rows.")
+    labels = frame["label"].to_numpy()
+    scores = frame["score"].to_numpy()
+    probs = (frame[["prob_0", "prob_1"]].to_numpy() if {"prob_0", "prob_1"} <= set(frame)
+             else scores)
+    low, high = bootstrap_auc_ci(labels, scores, n_boot=n_boot, seed=seed)
+    confounded = frame["confounded"].astype(bool) if "confounded" in frame else pd.Series(False)
+    return {
+        "auc": binary_auc(labels, scores),
+        "auc_ci_low": low,
+        "auc_ci_high": high,
+        "micro_auc": keras_micro_auc(labels, probs),
+        "n": int(len(frame)),
+        "n_pos": int(labels.sum()),
+        "n_confounded": int(confounded.sum()),
+        "group_auc": group_auc(frame),
+    }
+
+
+def json_safe(value):
+    """Replace NaN/inf floats by None (JSON has no NaN), recursively."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value

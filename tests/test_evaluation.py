@@ -1,0 +1,86 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from sm_utils.evaluation import (
+    EvaluationError,
+    binary_auc,
+    bootstrap_auc_ci,
+    group_auc,
+    json_safe,
+    keras_micro_auc,
+    summarise_test_set,
+)
+
+
+def _toy(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    scores = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, n), 0, 1)
+    return labels, scores
+
+
+def test_binary_auc_counts_ordered_pairs():
+    # 2 positives, 2 negatives; pairs (pos > neg): 3 of 4 -> 0.75
+    assert binary_auc([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9]) == pytest.approx(0.75)
+    assert binary_auc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0
+
+
+def test_binary_auc_single_class_is_nan():
+    assert math.isnan(binary_auc([1, 1, 1], [0.2, 0.5, 0.9]))
+
+
+def test_micro_auc_differs_from_binary_and_matches_pooled_definition():
+    labels, scores = _toy()
+    probs = np.stack([1 - scores, scores], axis=1)
+    pooled_labels = np.concatenate([1 - labels, labels])
+    pooled_scores = np.concatenate([probs[:, 0], probs[:, 1]])
+    expected = roc_auc_score(pooled_labels, pooled_scores)
+    assert keras_micro_auc(labels, probs) == pytest.approx(expected)
+    assert keras_micro_auc(labels, scores) == pytest.approx(expected)  # (N,) form
+    # Miscalibrated but perfectly ranked scores: binary AUC 1, micro AUC below 1.
+    ranked = np.where(labels == 1, 0.30, 0.20) + np.linspace(0, 0.01, len(labels))
+    assert binary_auc(labels, ranked) == 1.0
+    assert keras_micro_auc(labels, ranked) < 0.9
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_auc():
+    labels, scores = _toy()
+    low, high = bootstrap_auc_ci(labels, scores, n_boot=300, seed=3)
+    assert (low, high) == bootstrap_auc_ci(labels, scores, n_boot=300, seed=3)
+    assert (low, high) != bootstrap_auc_ci(labels, scores, n_boot=300, seed=4)
+    assert low < binary_auc(labels, scores) < high
+    assert 0.02 < high - low < 0.3
+
+
+def test_group_auc_per_sex():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    scores = np.array([0.1, 0.9, 0.2, 0.8, 0.9, 0.1, 0.8, 0.2])  # right for F, reversed for M
+    frame = pd.DataFrame({"label": labels, "score": scores, "sex": list("FFFFMMMM"),
+                          "age": [30, 40, 50, 60, 70, 35, 45, 55], "image_id": list("abcdefgh")})
+    out = group_auc(frame)
+    assert out == {"sex=F": 1.0, "sex=M": 0.0}  # numeric age is not a group
+
+
+def test_summary_fields_and_counts():
+    labels, scores = _toy(60)
+    frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(60)], "label": labels,
+                          "score": scores, "prob_0": 1 - scores, "prob_1": scores,
+                          "confounded": np.arange(60) % 3 == 0,
+                          "sex": np.where(np.arange(60) % 2, "F", "M")})
+    out = summarise_test_set(frame, n_boot=100, seed=1)
+    assert out["n"] == 60 and out["n_pos"] == int(labels.sum()) and out["n_confounded"] == 20
+    assert out["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert set(out["group_auc"]) == {"confounded=False", "confounded=True", "sex=F", "sex=M"}
+    assert out["auc_ci_low"] < out["auc"] < out["auc_ci_high"]
+
+
+def test_bad_input_is_refused_and_nan_becomes_null():
+    with pytest.raises(EvaluationError, match="same length"):
+        binary_auc([0, 1], [0.5])
+    with pytest.raises(EvaluationError, match="0/1"):
+        binary_auc([0, 2], [0.5, 0.1])
+    assert json_safe({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
