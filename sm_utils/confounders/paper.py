@@ -1,0 +1,255 @@
+"""The paper's synthetic confounders: tag, denoising (low-pass), X-ray dose noise, CT dose noise.
+
+Every parameter is given for the paper's native image size (``reference_size``: 1024 px for
+CXR tag and low-pass, 512 px for the dose models) and scaled to the size of the image that
+arrives, so a 256 px image gets the same *relative* tag size and cut-off frequency.
+``strength`` is 1 for the paper's setting and 0 for no effect.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .registry import ConfounderError, register_confounder
+
+# Attenuation of water and air used by the paper's X-ray dose model (per unit length).
+MU_WATER_XRAY, MU_AIR_XRAY = 0.1837, 0.1662
+DOSE_SCALINGS = ("area", "none")
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Round and clip floats to 0..255 uint8 (rounding keeps the mean, unlike truncation)."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def side(image: np.ndarray) -> float:
+    """The image's size for scaling: the geometric mean of its sides."""
+    return float(np.sqrt(image.shape[0] * image.shape[1]))
+
+
+# --- text ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def load_font(font: str, size_px: int) -> ImageFont.FreeTypeFont:
+    """A TrueType font by file name, looked up among matplotlib's fonts (present everywhere)."""
+    import matplotlib
+
+    path = font if os.path.isabs(font) else os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font)
+    if not os.path.isfile(path):
+        raise ConfounderError(
+            f"font {font!r} not found (looked at {path}). Use a file shipped with matplotlib, "
+            "e.g. 'DejaVuSans.ttf' or 'DejaVuSans-Bold.ttf', or an absolute path."
+        )
+    return ImageFont.truetype(path, size_px)
+
+
+def text_mask(shape, text, xy, font, size_px) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Anti-aliased coverage (0..1) of ``text`` with its glyph box's top-left at ``xy``.
+
+    Returns the mask and the box (top, left, bottom, right) that holds every non-zero pixel.
+    """
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    face = load_font(font, max(1, int(round(size_px))))
+    draw.text(xy, text, fill=255, font=face, anchor="lt")
+    left, top, right, bottom = draw.textbbox(xy, text, font=face, anchor="lt")
+    box = (int(np.floor(top)), int(np.floor(left)), int(np.ceil(bottom)), int(np.ceil(right)))
+    return np.asarray(canvas, np.float32) / 255.0, box
+
+
+def blend(image: np.ndarray, mask: np.ndarray, colour: float, strength: float) -> np.ndarray:
+    """Paint ``colour`` where ``mask`` > 0, with opacity mask * strength; other pixels unchanged."""
+    alpha = np.clip(mask * strength, 0.0, 1.0)
+    out = image.astype(np.float32) + alpha * (float(colour) - image.astype(np.float32))
+    return to_uint8(out)
+
+
+def tag_geometry(shape, *, font_size, position, reference_size):
+    """Font size and top-left position (x, y) in pixels of the actual image."""
+    h, w = shape
+    scale = np.sqrt(h * w) / reference_size
+    x, y = position
+    return font_size * scale, (x * w / reference_size, y * h / reference_size)
+
+
+def tag_box(shape, *, text="R", font_size=64.0, position=(200.0, 200.0),
+            reference_size=1024, font="DejaVuSans.ttf", **_) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the tag on an image of ``shape`` (for checks and tests)."""
+    size_px, xy = tag_geometry(shape, font_size=font_size, position=position,
+                               reference_size=reference_size)
+    return text_mask(shape, text, xy, font, size_px)[1]
+
+
+@register_confounder(
+    "tag", category="environment/marker",
+    description=("A burned-in text marker (the paper's white 'R') stands for the laterality or "
+                 "hospital tags that some sites print on every image."),
+    defaults={"text": "R", "font_size": 64.0, "position": (200.0, 200.0), "colour": 255,
+              "reference_size": 1024, "font": "DejaVuSans.ttf"},
+)
+def tag(image, rng, *, strength, text, font_size, position, colour, reference_size, font):
+    """White sans-serif "R", 64 px, top-left corner at (x, y) = (200, 200) on 1024 px.
+
+    ``strength`` is the tag's opacity. Pixels outside the glyphs are not changed.
+    """
+    size_px, xy = tag_geometry(image.shape, font_size=font_size, position=position,
+                               reference_size=reference_size)
+    mask, _ = text_mask(image.shape, text, xy, font, size_px)
+    return blend(image, mask, colour, strength)
+
+
+# --- denoising: ideal low-pass -----------------------------------------------------------
+
+def lowpass_disc(shape, diameter: float, reference_size: int) -> np.ndarray:
+    """Boolean mask of the kept frequencies in the centred (fftshift-ed) spectrum."""
+    h, w = shape
+    ry, rx = diameter / 2 * h / reference_size, diameter / 2 * w / reference_size
+    ky = (np.arange(h) - h // 2)[:, None]
+    kx = (np.arange(w) - w // 2)[None, :]
+    return (ky / ry) ** 2 + (kx / rx) ** 2 <= 1.0
+
+
+@register_confounder(
+    "lowpass", category="environment/processing",
+    description=("An ideal low-pass filter stands for vendor denoising/smoothing that some "
+                 "devices apply before storing the image, removing fine texture."),
+    defaults={"diameter": 500.0, "reference_size": 1024},
+)
+def lowpass(image, rng, *, strength, diameter, reference_size):
+    """Ideal circular low-pass in the centred 2-D FFT: disc diameter 500 px on 1024 px.
+
+    Real part of the inverse, blended with the input by ``strength``, rounded, clipped.
+    """
+    spectrum = np.fft.fftshift(np.fft.fft2(image.astype(np.float64)))
+    spectrum *= lowpass_disc(image.shape, diameter, reference_size)
+    filtered = np.fft.ifft2(np.fft.ifftshift(spectrum)).real
+    return to_uint8(image + strength * (filtered - image))
+
+
+# --- X-ray dose noise --------------------------------------------------------------------
+
+def effective_photons(n0: float, image: np.ndarray, reference_size: int, dose_scaling: str) -> float:
+    """Photons per pixel at this image size.
+
+    ``area``: the same dose per unit area as ``n0`` at ``reference_size`` (a 256 px pixel covers
+    four 512 px pixels, so it gets 4 x n0: exactly what noise at 512 px then downsampling
+    gives). ``none``: ``n0`` per pixel at any size (the paper's per-pixel noise level).
+    """
+    if dose_scaling not in DOSE_SCALINGS:
+        raise ConfounderError(f"dose_scaling must be one of {list(DOSE_SCALINGS)}; got {dose_scaling!r}.")
+    return n0 * (reference_size / side(image)) ** 2 if dose_scaling == "area" else n0
+
+
+def xray_dose(image, rng, n0, *, hu_min, hu_max, reference_size, dose_scaling):
+    """The paper's model: dither, grey -> pseudo-HU -> attenuation, Poisson(N0 e^-mu), back."""
+    photons = effective_photons(n0, image, reference_size, dose_scaling)
+    grey = image + rng.random(image.shape)  # dither U(0, 1); floor below keeps the mean
+    hu = hu_min + grey / 255.0 * (hu_max - hu_min)
+    mu = hu * (MU_WATER_XRAY - MU_AIR_XRAY) / 1000.0 + MU_WATER_XRAY
+    counts = np.maximum(rng.poisson(photons * np.exp(-mu)), 1)
+    mu_noisy = -np.log(counts / photons)
+    hu_noisy = (mu_noisy - MU_WATER_XRAY) * 1000.0 / (MU_WATER_XRAY - MU_AIR_XRAY)
+    out = (hu_noisy - hu_min) / (hu_max - hu_min) * 255.0
+    return np.clip(np.floor(out), 0, 255).astype(np.uint8)
+
+
+def reduced_photons(n0_baseline: float, n0_confounded: float, strength: float) -> float:
+    """Photon count at ``strength``: n0_baseline at 0, n0_confounded at 1, lower beyond 1.
+
+    Interpolated in 1/N (noise variance is proportional to 1/N).
+    """
+    return n0_baseline / (1.0 + strength * (n0_baseline / n0_confounded - 1.0))
+
+
+def _xray_noise(image, rng, *, strength, n0_baseline, n0_confounded, **params):
+    return xray_dose(image, rng, reduced_photons(n0_baseline, n0_confounded, strength), **params)
+
+
+def _xray_baseline(image, rng, *, strength, n0_baseline, n0_confounded, **params):
+    return xray_dose(image, rng, n0_baseline, **params)
+
+
+XRAY_DEFAULTS = {"n0_baseline": 2e7, "n0_confounded": 1.5e7, "hu_min": -1200.0,
+                 "hu_max": 800.0, "reference_size": 512, "dose_scaling": "area"}
+
+register_confounder(
+    "xray_noise", _xray_noise, baseline=_xray_baseline, category="environment/acquisition",
+    description=("A lower X-ray dose (1.5e7 instead of 2e7 photons per pixel) gives slightly "
+                 "more quantum noise, as when one site or device uses a low-dose protocol."),
+    defaults=XRAY_DEFAULTS, strength_range=(0.0, 100.0),
+)
+register_confounder(
+    "xray_noise_ct", _xray_noise, baseline=_xray_baseline, category="environment/acquisition",
+    description=("The paper's X-ray dose-noise model applied to CT slices: a subtle, "
+                 "image-domain noise increase that is not how CT noise really looks."),
+    defaults=XRAY_DEFAULTS, strength_range=(0.0, 100.0),
+)
+
+
+# --- CT dose noise ------------------------------------------------------------------------
+
+def grey_to_hu(image: np.ndarray, window_centre: float, window_width: float) -> np.ndarray:
+    """8-bit grey level -> HU through a (centre, width) window (the inverse of windowing)."""
+    return window_centre - window_width / 2 + image.astype(np.float64) / 255.0 * window_width
+
+
+def hu_to_grey(hu: np.ndarray, window_centre: float, window_width: float) -> np.ndarray:
+    return (hu - (window_centre - window_width / 2)) / window_width * 255.0
+
+
+def ct_round_trip(image, rng, *, photons, window_centre, window_width, fov_cm, mu_water,
+                  n_angles) -> np.ndarray:
+    """Parallel-beam projection, optional Poisson photon noise (``photons`` per bin, None:
+    no noise), filtered back-projection (ramp filter); returns HU."""
+    from skimage.transform import iradon, radon
+
+    size = int(round(side(image)))
+    pixel_cm = fov_cm / size
+    hu = grey_to_hu(image, window_centre, window_width)
+    # Attenuation per pixel length; no clipping below air so the round trip keeps the mean.
+    mu_pixel = mu_water * (1.0 + hu / 1000.0) * pixel_cm
+    theta = np.linspace(0.0, 180.0, n_angles if n_angles > 0 else size, endpoint=False)
+    sinogram = radon(mu_pixel, theta=theta, circle=False)
+    if photons is not None:
+        counts = rng.poisson(photons * np.exp(-sinogram)).astype(np.float64)
+        counts[counts == 0] = 0.1  # as in LoDoPaB-CT: avoid log(0) where no photon arrives
+        sinogram = -np.log(counts / photons)
+    mu_back = iradon(sinogram, theta=theta, output_size=max(image.shape), circle=False,
+                     filter_name="ramp")
+    mu_back = mu_back[: image.shape[0], : image.shape[1]]
+    return (mu_back / pixel_cm / mu_water - 1.0) * 1000.0
+
+
+def _ct_params(params):
+    return {k: params[k] for k in ("window_centre", "window_width", "fov_cm", "mu_water", "n_angles")}
+
+
+def _ct_noise(image, rng, *, strength, n0, reference_size, dose_scaling, fbp_baseline, **params):
+    photons = None if strength == 0 else effective_photons(n0, image, reference_size, dose_scaling) / strength
+    if photons is None and not fbp_baseline:
+        return image.copy()
+    hu = ct_round_trip(image, rng, photons=photons, **_ct_params(params))
+    return to_uint8(hu_to_grey(hu, params["window_centre"], params["window_width"]))
+
+
+def _ct_baseline(image, rng, *, strength, n0, reference_size, dose_scaling, fbp_baseline, **params):
+    if not fbp_baseline:
+        return image
+    hu = ct_round_trip(image, rng, photons=None, **_ct_params(params))
+    return to_uint8(hu_to_grey(hu, params["window_centre"], params["window_width"]))
+
+
+register_confounder(
+    "ct_noise", _ct_noise, baseline=_ct_baseline, category="environment/acquisition",
+    description=("A low-dose CT protocol: Poisson photon noise in the sinogram (LoDoPaB-CT "
+                 "style, 4096 photons per detector bin) reconstructed by filtered back-projection, "
+                 "giving the streaky, correlated noise of low-dose scanners."),
+    defaults={"n0": 4096.0, "reference_size": 512, "dose_scaling": "area", "window_centre": -600.0,
+              "window_width": 1500.0, "fov_cm": 35.0, "mu_water": 0.2, "n_angles": 0,
+              "fbp_baseline": False},
+    strength_range=(0.0, 100.0),
+)
