@@ -262,8 +262,8 @@ def import_published_splits(
     report_rows = []
     for fold in range(n_folds):
         in_fold = listed[(listed["fold"] == fold) | (listed["fold"] == -1)]
-        groups_of = in_fold.groupby("path")["group"].agg(set)
-        roles = images["path"].map(lambda p: _first(groups_of.get(p, set())))
+        role_of = in_fold.groupby("path")["group"].agg(lambda g: _first(set(g)))
+        roles = images["path"].map(role_of).fillna("unused")
         # patient-level: keep the patient's highest-priority group, unset the others
         patient_groups = pd.DataFrame({"pid": images["patient_id"], "g": roles})
         patient_groups = patient_groups[patient_groups["g"] != "unused"]
