@@ -31,10 +31,10 @@ def marker(image, rng, *, strength, text, font_size, colour, margin, jitter, cor
     """A bold letter in a square frame near a corner drawn per image (plus a random shift)."""
     h, w = image.shape
     size_px = max(1.0, font_size * side(image) / reference_size)
-    face = load_font(font, int(round(size_px)))
+    face = load_font(font, round(size_px))
     glyph_w = face.getbbox(text, anchor="lt")[2]
     glyph_h = face.getbbox(text, anchor="lt")[3]
-    pad = max(1, int(round(size_px * 0.2)))
+    pad = max(1, round(size_px * 0.2))
     box_w, box_h = glyph_w + 2 * pad, glyph_h + 2 * pad
     corner = corners[int(rng.integers(len(corners)))]
     shift_y, shift_x = rng.uniform(0, jitter, size=2)
@@ -71,7 +71,7 @@ def gamma(image, rng, *, strength, gamma):
 )
 def jpeg(image, rng, *, strength, quality):
     """JPEG re-compression at ``quality`` (strength 1) up to 100 (strength 0), decoded again."""
-    q = int(round(100 - strength * (100 - quality)))
+    q = round(100 - strength * (100 - quality))
     if strength == 0:
         return image.copy()
     buffer = io.BytesIO()
@@ -90,10 +90,10 @@ def collimation(image, rng, *, strength, border, jitter, fill):
     h, w = image.shape
     top, bottom, left, right = border + rng.uniform(-jitter, jitter, size=4)
     mask = np.zeros(image.shape, np.float32)
-    mask[: int(round(max(top, 0) * h)), :] = 1
-    mask[h - int(round(max(bottom, 0) * h)):, :] = 1
-    mask[:, : int(round(max(left, 0) * w))] = 1
-    mask[:, w - int(round(max(right, 0) * w)):] = 1
+    mask[: round(max(top, 0) * h), :] = 1
+    mask[h - round(max(bottom, 0) * h):, :] = 1
+    mask[:, : round(max(left, 0) * w)] = 1
+    mask[:, w - round(max(right, 0) * w):] = 1
     return blend(image, mask, fill, strength)
 
 
@@ -114,7 +114,7 @@ def support_device(image, rng, *, strength, width, colour, reference_size):
     points = ((1 - t) ** 2 * np.array(start) + 2 * (1 - t) * t * np.array(bend)
               + t ** 2 * np.array(end)) * oversample
     canvas = Image.new("L", (w * oversample, h * oversample), 0)
-    line_px = max(1, int(round(width * side(image) / reference_size * oversample)))
+    line_px = max(1, round(width * side(image) / reference_size * oversample))
     ImageDraw.Draw(canvas).line([tuple(p) for p in points], fill=255, width=line_px, joint="curve")
     mask = np.asarray(canvas.resize((w, h), Image.BOX), np.float32) / 255.0
     return blend(image, mask, colour, strength)

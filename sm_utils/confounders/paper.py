@@ -54,7 +54,7 @@ def text_mask(shape, text, xy, font, size_px) -> tuple[np.ndarray, tuple[int, in
     """
     canvas = Image.new("L", (shape[1], shape[0]), 0)
     draw = ImageDraw.Draw(canvas)
-    face = load_font(font, max(1, int(round(size_px))))
+    face = load_font(font, max(1, round(size_px)))
     draw.text(xy, text, fill=255, font=face, anchor="lt")
     left, top, right, bottom = draw.textbbox(xy, text, font=face, anchor="lt")
     box = (int(np.floor(top)), int(np.floor(left)), int(np.ceil(bottom)), int(np.ceil(right)))
@@ -207,7 +207,7 @@ def ct_round_trip(image, rng, *, photons, window_centre, window_width, fov_cm, m
     no noise), filtered back-projection (ramp filter); returns HU."""
     from skimage.transform import iradon, radon
 
-    size = int(round(side(image)))
+    size = round(side(image))
     pixel_cm = fov_cm / size
     hu = grey_to_hu(image, window_centre, window_width)
     # Attenuation per pixel length; no clipping below air so the round trip keeps the mean.

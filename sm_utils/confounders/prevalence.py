@@ -21,6 +21,7 @@ of those at a higher p (nested selections make the p-sweep less noisy).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 
 import numpy as np
@@ -34,12 +35,12 @@ PREVALENCE_GRID = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
 
 def n_confounded(p: float, n: int) -> int:
     """round(p * n) with halves rounded up (Python's round() would round 2.5 to 2)."""
-    return int(math.floor(p * n + 0.5 + 1e-9))
+    return math.floor(p * n + 0.5 + 1e-9)
 
 
 def hash_rank(image_ids: pd.Series, seed: int, name: str) -> np.ndarray:
     """Positions of ``image_ids`` ordered by SHA-256 of (seed, name, id), ties by id."""
-    keys = [hashlib.sha256(f"{seed}\x1f{name}\x1f{i}".encode("utf-8")).hexdigest() + f"\x1f{i}"
+    keys = [hashlib.sha256(f"{seed}\x1f{name}\x1f{i}".encode()).hexdigest() + f"\x1f{i}"
             for i in image_ids.astype(str)]
     return np.argsort(np.array(keys, dtype=object), kind="stable")
 
@@ -98,7 +99,7 @@ def apply_prevalence(
 # --- sampled confounders ------------------------------------------------------------------
 
 def bin_labels(bins) -> list[str]:
-    return [f"[{lo:g},{hi:g})" for lo, hi in zip(bins[:-1], bins[1:])]
+    return [f"[{lo:g},{hi:g})" for lo, hi in itertools.pairwise(bins)]
 
 
 def attribute_values(rows: pd.DataFrame, conf: Confounder) -> pd.Series:
