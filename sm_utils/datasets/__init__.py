@@ -55,4 +55,30 @@ def build_dataset(name: str, out_dir: str | Path, **params) -> Manifest:
     return manifest
 
 
-from . import phantom, nih  # noqa: E402,F401  (registers the built-in builders)
+def builder_parameters(name: str) -> list[str]:
+    """The parameters builder ``name`` takes (besides ``out_dir``)."""
+    params = inspect.signature(get_builder(name)).parameters
+    return [p for p in params if p != "out_dir"]
+
+
+def build_from_notebook(
+    name: str, out_dir: str | Path, *, data_root: str | Path | None = None,
+    common: dict | None = None, extra: dict | None = None,
+) -> tuple[Manifest, list[str]]:
+    """Build from a notebook's parameters: ``common`` ones a builder does not take are skipped
+    (and returned, so the notebook can say so); ``extra`` ones must all be accepted."""
+    accepted = set(builder_parameters(name))
+    common = common or {}
+    params = {k: v for k, v in common.items() if k in accepted}
+    skipped = sorted(set(common) - accepted)
+    if data_root is not None:
+        if "root" not in accepted:
+            raise ManifestError(
+                f"dataset {name!r} is generated, it reads no data root; set data_root = None."
+            )
+        params["root"] = data_root
+    params.update(extra or {})
+    return build_dataset(name, out_dir, **params), skipped
+
+
+from . import phantom, nih, published  # noqa: E402,F401  (registers the built-in builders)
