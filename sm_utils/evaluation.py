@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 # Attributes with more levels than this (ids, ages) are not reported per group.
@@ -68,6 +69,20 @@ def keras_micro_auc(labels, probs) -> float:
     return float(roc_auc_score(one_hot, probs, average="micro"))
 
 
+def rank_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Binary AUC of each row of (B, N) ``labels``/``scores`` (Mann-Whitney U, ties halved).
+
+    Equals ``roc_auc_score`` row by row, vectorised for the bootstrap; rows with a single
+    class give NaN.
+    """
+    ranks = rankdata(scores, axis=-1)  # average ranks: ties count one half
+    n_pos = labels.sum(axis=-1)
+    n_neg = labels.shape[-1] - n_pos
+    rank_sum = (ranks * labels).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def bootstrap_auc_ci(
     labels, scores, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
 ) -> tuple[float, float]:
@@ -80,14 +95,10 @@ def bootstrap_auc_ci(
     if len(np.unique(labels)) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 20240307]))
-    n = len(labels)
-    draws = rng.integers(0, n, size=(n_boot, n))
-    values = []
-    for idx in draws:
-        y = labels[idx]
-        if y.min() != y.max():
-            values.append(roc_auc_score(y, scores[idx]))
-    if not values:
+    draws = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    values = rank_auc(labels[draws], scores[draws])
+    values = values[np.isfinite(values)]
+    if not len(values):
         return float("nan"), float("nan")
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])

@@ -12,6 +12,7 @@ from sm_utils.evaluation import (
     group_auc,
     json_safe,
     keras_micro_auc,
+    rank_auc,
     summarise_test_set,
 )
 
@@ -54,6 +55,14 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_auc():
     assert (low, high) != bootstrap_auc_ci(labels, scores, n_boot=300, seed=4)
     assert low < binary_auc(labels, scores) < high
     assert 0.02 < high - low < 0.3
+
+
+def test_rank_auc_equals_sklearn_with_ties():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, (20, 40))
+    scores = np.round(rng.random((20, 40)), 1)  # many ties
+    expected = [roc_auc_score(y, s) for y, s in zip(labels, scores)]
+    np.testing.assert_allclose(rank_auc(labels, scores), expected, rtol=1e-12)
 
 
 def test_group_auc_per_sex():

@@ -1,0 +1,255 @@
+"""The data pipeline of fine-tuning: a uint8 image cache, confounders on the fly, augmentation.
+
+- :class:`ImageCache`: every image of a manifest decoded (8-bit grey) and resized once to
+  ``size x size`` into one memory-mapped uint8 array, so epochs never re-decode PNGs. The cache
+  file is keyed by the manifest's paths (with file sizes and modification times), its root and
+  the size; the grid's runs all share one cache per (manifest, size).
+- :class:`ConfoundedImageDataset`: rows of one split; each item is the cached image with the
+  confounder injected (``Confounder.inject``: the confounder on confounded rows, the baseline,
+  e.g. normal-dose noise, on the others), then the paper's augmentation when training. Items are
+  uint8 tensors (1, H, W); normalisation is the source's business (``prep`` in
+  :mod:`sm_utils.sources`), applied to whole batches on the training device.
+
+Augmentation follows the paper's Keras ``ImageDataGenerator(rotation_range=10,
+width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1, zoom_range=0.1)``, with no
+flips, through ``torchvision.transforms.v2.functional.affine``. Differences from Keras, on
+purpose or unavoidable: shear 0.1 is read as radians (about 5.7 degrees; modern Keras reads
+``shear_range`` in degrees, which would make it 0.1 degrees, i.e. nearly nothing); zoom is
+isotropic (Keras draws x and y zoom separately); the border is filled with black (Keras
+repeats the edge pixels). The random parameters of each image are drawn from a generator
+seeded by (seed, epoch, row), so an epoch's augmentation does not depend on the number of
+data-loader workers or on the order the workers run in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .io import atomic_path, atomic_write_json, stable_hash
+from .manifest import Manifest
+
+CACHE_VERSION = 1
+CACHE_ENV = "SM_CACHE_DIR"
+MIN_IMAGE_SIZE = 32
+
+
+class DataError(ValueError):
+    """Images or rows that the data pipeline cannot use as given."""
+
+
+# --- augmentation ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random affine augmentation; the defaults are the paper's settings."""
+
+    rotation_degrees: float = 10.0
+    translate: float = 0.1        # fraction of the side, each axis
+    shear_degrees: float = math.degrees(0.1)  # Keras shear 0.1 read as radians (~5.73 deg)
+    zoom: float = 0.1             # scale drawn from [1 - zoom, 1 + zoom]
+
+    def sample(self, rng: np.random.Generator, size: int) -> dict[str, Any]:
+        """One image's affine parameters for ``torchvision.transforms.v2.functional.affine``."""
+        angle, tx, ty, shear, scale = rng.uniform(-1.0, 1.0, 5)
+        return {
+            "angle": float(angle * self.rotation_degrees),
+            "translate": [int(round(tx * self.translate * size)),
+                          int(round(ty * self.translate * size))],
+            "scale": float(1.0 + scale * self.zoom),
+            "shear": [float(shear * self.shear_degrees), 0.0],
+        }
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Augment a uint8 tensor (C, H, W); the result is uint8 of the same shape."""
+        params = self.sample(rng, image.shape[-1])
+        return TF.affine(image, **params, interpolation=InterpolationMode.BILINEAR, fill=0)
+
+
+PAPER_AUGMENTATION = Augmentation()
+
+
+# --- the uint8 image cache ---------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """``$SM_CACHE_DIR``, else ``cache/images`` in the project checkout, else ``~/.cache``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    project = Path(__file__).resolve().parents[1]
+    if (project / "pyproject.toml").is_file() and os.access(project, os.W_OK):
+        return project / "cache" / "images"
+    return Path.home() / ".cache" / "sm_utils" / "images"
+
+
+def _load_resized(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            grey = img.convert("L")
+            if grey.size != (size, size):
+                # A plain squash to a square, as Keras' flow_from_dataframe(target_size=...) does.
+                grey = grey.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+            return np.asarray(grey, dtype=np.uint8)
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"cannot read image {path}: {err}. Check that the file is a valid image, or "
+            "rebuild the dataset."
+        ) from err
+
+
+class ImageCache:
+    """All images of a manifest, grey uint8, ``size x size``, in one memory-mapped file.
+
+    Build (or reuse) with :meth:`for_manifest`; look images up by ``image_id`` with
+    :meth:`get` or by position with ``cache.array[i]``.
+    """
+
+    def __init__(self, array_path: Path, image_ids: Sequence[str], size: int):
+        self.path = Path(array_path)
+        self.size = int(size)
+        self.image_ids = [str(i) for i in image_ids]
+        self.index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self.array = np.memmap(self.path, dtype=np.uint8, mode="r",
+                               shape=(len(self.image_ids), self.size, self.size))
+
+    @staticmethod
+    def key(manifest: Manifest, size: int) -> str:
+        """Cache key: root, size and every (image_id, path, file size, mtime)."""
+        files = []
+        for image_id, rel in zip(manifest.table["image_id"], manifest.table["path"]):
+            stat = manifest.image_path(rel).stat()
+            files.append([image_id, rel, stat.st_size, stat.st_mtime_ns])
+        return stable_hash({"version": CACHE_VERSION, "root": str(Path(manifest.root).resolve()),
+                            "size": int(size), "files": files}, length=16)
+
+    @classmethod
+    def for_manifest(
+        cls, manifest: Manifest, size: int, cache_dir: str | Path | None = None,
+        *, threads: int = 4,
+    ) -> "ImageCache":
+        """Open the cache of ``manifest`` at ``size``, building it first if it is absent."""
+        if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
+            raise DataError(f"image size must be an integer >= {MIN_IMAGE_SIZE}; got {size!r}.")
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        key = cls.key(manifest, size)
+        array_path = cache_dir / f"{key}_{size}px.u8"
+        index_path = cache_dir / f"{key}_{size}px.json"
+        ids = manifest.table["image_id"].astype(str).tolist()
+        if not (array_path.is_file() and index_path.is_file()):
+            cls._build(manifest, size, array_path, threads)
+            atomic_write_json(index_path, {"image_ids": ids, "size": int(size),
+                                           "root": str(Path(manifest.root).resolve())})
+        return cls(array_path, ids, size)
+
+    @staticmethod
+    def _build(manifest: Manifest, size: int, array_path: Path, threads: int) -> None:
+        paths = [manifest.image_path(p) for p in manifest.table["path"]]
+        # Written to a temporary file and renamed, so a killed build leaves no partial cache
+        # (two processes building the same cache both produce the same bytes).
+        with atomic_path(array_path) as tmp:
+            out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                for i, pixels in enumerate(pool.map(lambda p: _load_resized(p, size), paths)):
+                    out[i] = pixels
+            out.flush()
+            del out
+
+    def get(self, image_id: str) -> np.ndarray:
+        try:
+            return np.asarray(self.array[self.index[str(image_id)]])
+        except KeyError:
+            raise DataError(
+                f"image {image_id!r} is not in the cache {self.path.name}; the cache holds the "
+                "images of another manifest. Build the cache from the manifest the rows come from."
+            ) from None
+
+
+# --- the dataset -------------------------------------------------------------------------------
+
+class ConfoundedImageDataset(Dataset):
+    """Rows of one split as (uint8 tensor (1, H, W), label) with the confounder injected.
+
+    ``rows`` needs ``image_id``, ``label`` and a boolean ``confounded`` column (as
+    ``sm_utils.confounders.apply_prevalence`` returns; missing means no row is confounded).
+    ``confounder`` is a ``sm_utils.confounders`` Confounder or None. Synthetic confounders
+    change pixels via ``confounder.inject(image, confounded, seed, image_id)``; sampled ones
+    (e.g. sex) act only through which rows were chosen, so pixels are left as they are.
+    """
+
+    def __init__(
+        self, rows: pd.DataFrame, cache: ImageCache, *, confounder: Any = None, seed: int = 0,
+        augmentation: Augmentation | None = None,
+    ):
+        missing = [c for c in ("image_id", "label") if c not in rows.columns]
+        if missing:
+            raise DataError(f"rows lack column(s) {missing}; found {list(rows.columns)}.")
+        self.rows = rows.reset_index(drop=True)
+        self.cache = cache
+        self.confounder = confounder
+        self.seed = int(seed)
+        self.augmentation = augmentation
+        self.epoch = 0
+        self.positions = np.array([cache.index.get(str(i), -1) for i in self.rows["image_id"]])
+        if (self.positions < 0).any():
+            absent = self.rows.loc[self.positions < 0, "image_id"].head(5).tolist()
+            raise DataError(
+                f"{int((self.positions < 0).sum())} row(s) are not in the image cache, e.g. "
+                f"{absent}. Build the cache from the manifest these rows come from."
+            )
+        self.labels = self.rows["label"].astype(int).to_numpy()
+        confounded = self.rows["confounded"] if "confounded" in self.rows else False
+        self.confounded = np.broadcast_to(np.asarray(confounded, dtype=bool), len(self.rows)).copy()
+        self.synthetic = confounder is not None and getattr(confounder, "kind", None) == "synthetic"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draw (call before iterating each epoch)."""
+        self.epoch = int(epoch)
+
+    def image(self, i: int) -> np.ndarray:
+        """The cached image of row ``i`` with the confounder (or its baseline) applied."""
+        pixels = np.array(self.cache.array[self.positions[i]])
+        if self.synthetic:
+            pixels = self.confounder.inject(pixels, bool(self.confounded[i]), self.seed,
+                                            self.rows.at[i, "image_id"])
+        return pixels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        tensor = torch.from_numpy(np.ascontiguousarray(self.image(i))).unsqueeze(0)
+        if self.augmentation is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(i), 7]))
+            tensor = self.augmentation(tensor, rng)
+        return tensor, int(self.labels[i])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: one torch thread per worker (workers are the parallelism)."""
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+    pin_memory: bool = False, drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose shuffling is seeded (same order on every machine for a seed)."""
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+        worker_init_fn=seed_worker if num_workers else None,
+        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,132 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from sm_utils.confounders import apply_prevalence, get_confounder
+from sm_utils.data import (
+    PAPER_AUGMENTATION,
+    Augmentation,
+    ConfoundedImageDataset,
+    DataError,
+    ImageCache,
+    make_loader,
+)
+from sm_utils.manifest import Manifest, load_manifest
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """Four images of different sizes and modes (grey, RGB, non-square)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (shape, mode) in enumerate([((80, 80), "L"), ((60, 100), "L"),
+                                       ((64, 64, 3), "RGB"), ((48, 48), "L")]):
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        Image.fromarray(pixels, mode=mode).save(tmp_path / f"im{i}.png")
+        rows.append({"image_id": f"im{i}", "path": f"im{i}.png", "label": i % 2,
+                     "patient_id": f"p{i}"})
+    return Manifest(table=pd.DataFrame(rows), root=tmp_path)
+
+
+def test_cache_decodes_resizes_and_is_reused(odd_images, tmp_path):
+    cache = ImageCache.for_manifest(odd_images, 40, tmp_path / "cache")
+    assert cache.array.shape == (4, 40, 40) and cache.array.dtype == np.uint8
+    reference = np.asarray(Image.open(tmp_path / "im1.png").convert("L").resize(
+        (40, 40), Image.Resampling.BILINEAR, reducing_gap=None))
+    np.testing.assert_array_equal(cache.get("im1"), reference)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 2  # the array and its index, no temporary left behind
+    mtime = cache.path.stat().st_mtime_ns
+    again = ImageCache.for_manifest(odd_images, 40, tmp_path / "cache")
+    assert again.path == cache.path and again.path.stat().st_mtime_ns == mtime
+    other_size = ImageCache.for_manifest(odd_images, 32, tmp_path / "cache")
+    assert other_size.path != cache.path
+
+
+def test_cache_key_changes_when_an_image_changes(odd_images, tmp_path):
+    before = ImageCache.key(odd_images, 40)
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "im0.png")
+    assert ImageCache.key(odd_images, 40) != before
+
+
+def test_unreadable_image_is_a_clear_error(odd_images, tmp_path):
+    (tmp_path / "im2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="im2.png"):
+        ImageCache.for_manifest(odd_images, 40, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.u8"))  # no half-built cache
+
+
+def test_augmentation_ranges_and_no_flip():
+    rng = np.random.default_rng(1)
+    params = [PAPER_AUGMENTATION.sample(rng, 100) for _ in range(2000)]
+    angles = np.array([p["angle"] for p in params])
+    shifts = np.array([p["translate"] for p in params])
+    scales = np.array([p["scale"] for p in params])
+    shears = np.array([p["shear"][0] for p in params])
+    assert 9.5 < np.abs(angles).max() <= 10
+    assert np.abs(shifts).max() == 10  # 0.1 of 100 px
+    assert 0.9 <= scales.min() < 0.91 and 1.09 < scales.max() <= 1.1
+    assert 5.5 < np.abs(shears).max() <= np.degrees(0.1) + 1e-9
+    # An identity draw leaves the image unchanged (no hidden flip).
+    image = torch.arange(64 * 64, dtype=torch.int64).reshape(1, 64, 64).remainder(256).to(torch.uint8)
+    none = Augmentation(rotation_degrees=0, translate=0, shear_degrees=0, zoom=0)
+    assert torch.equal(none(image, rng), image)
+    moved = PAPER_AUGMENTATION(image, np.random.default_rng(2))
+    assert moved.dtype == torch.uint8 and moved.shape == image.shape and not torch.equal(moved, image)
+
+
+@pytest.fixture(scope="module")
+def phantom(phantom_cxr, tmp_path_factory):
+    manifest = load_manifest(phantom_cxr)
+    cache = ImageCache.for_manifest(manifest, 64, tmp_path_factory.mktemp("cache"))
+    return manifest, cache
+
+
+def test_dataset_applies_the_confounder_to_confounded_rows_only(phantom):
+    manifest, cache = phantom
+    conf = get_confounder("tag")
+    rows = apply_prevalence(manifest.rows(0, "train"), conf, 1.0, 5, "train")
+    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5)
+    for i in range(len(data)):
+        raw = cache.get(rows.iloc[i]["image_id"])
+        image, label = data[i]
+        assert image.shape == (1, 64, 64) and image.dtype == torch.uint8
+        assert label == rows.iloc[i]["label"]
+        changed = not np.array_equal(image[0].numpy(), raw)
+        assert changed == bool(rows.iloc[i]["confounded"])
+    assert rows["confounded"].sum() == rows["label"].sum() > 0
+
+
+def test_dose_noise_baseline_reaches_every_image(phantom):
+    manifest, cache = phantom
+    conf = get_confounder("xray_noise")
+    rows = apply_prevalence(manifest.rows(0, "test"), conf, 0.0, 5, "clean")
+    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5)
+    assert not rows["confounded"].any()
+    assert not np.array_equal(data.image(0), cache.get(rows.iloc[0]["image_id"]))
+
+
+def test_augmentation_is_seeded_by_epoch_and_row_not_by_workers(phantom):
+    manifest, cache = phantom
+    rows = manifest.rows(0, "train").assign(confounded=False)
+    data = ConfoundedImageDataset(rows, cache, seed=3, augmentation=PAPER_AUGMENTATION)
+    first = data[4][0]
+    assert torch.equal(first, data[4][0])
+    data.set_epoch(1)
+    assert not torch.equal(first, data[4][0])
+    data.set_epoch(0)
+    serial = torch.cat([x for x, _ in make_loader(data, batch_size=8, shuffle=True, seed=9)])
+    parallel = torch.cat([x for x, _ in make_loader(data, batch_size=8, shuffle=True, seed=9,
+                                                    num_workers=2)])
+    assert torch.equal(serial, parallel)
+    other_seed = torch.cat([x for x, _ in make_loader(data, batch_size=8, shuffle=True, seed=10)])
+    assert not torch.equal(serial, other_seed)
+
+
+def test_rows_missing_from_the_cache_are_refused(phantom):
+    _, cache = phantom
+    rows = pd.DataFrame({"image_id": ["nope"], "label": [1]})
+    with pytest.raises(DataError, match="not in the image cache"):
+        ConfoundedImageDataset(rows, cache)
