@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,8 @@ class Augmentation:
         angle, tx, ty, shear, scale = rng.uniform(-1.0, 1.0, 5)
         return {
             "angle": float(angle * self.rotation_degrees),
-            "translate": [int(round(tx * self.translate * size)),
-                          int(round(ty * self.translate * size))],
+            "translate": [round(tx * self.translate * size),
+                          round(ty * self.translate * size)],
             "scale": float(1.0 + scale * self.zoom),
             "shear": [float(shear * self.shear_degrees), 0.0],
         }
@@ -137,7 +138,7 @@ class ImageCache:
     def for_manifest(
         cls, manifest: Manifest, size: int, cache_dir: str | Path | None = None,
         *, threads: int = 4,
-    ) -> "ImageCache":
+    ) -> ImageCache:
         """Open the cache of ``manifest`` at ``size``, building it first if it is absent."""
         if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
             raise DataError(f"image size must be an integer >= {MIN_IMAGE_SIZE}; got {size!r}.")
@@ -208,7 +209,7 @@ class ConfoundedImageDataset(Dataset):
                 f"{absent}. Build the cache from the manifest these rows come from."
             )
         self.labels = self.rows["label"].astype(int).to_numpy()
-        confounded = self.rows["confounded"] if "confounded" in self.rows else False
+        confounded = self.rows.get("confounded", False)
         self.confounded = np.broadcast_to(np.asarray(confounded, dtype=bool), len(self.rows)).copy()
         self.synthetic = confounder is not None and getattr(confounder, "kind", None) == "synthetic"
 

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -149,7 +149,7 @@ def summarise_test_set(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
         "auc_ci_low": low,
         "auc_ci_high": high,
         "micro_auc": keras_micro_auc(labels, probs),
-        "n": int(len(frame)),
+        "n": len(frame),
         "n_pos": int(labels.sum()),
         "n_confounded": int(confounded.sum()),
         "group_auc": group_auc(frame),
