@@ -1,0 +1,214 @@
+"""Full fine-tuning as in the paper: every layer trained, cross-entropy on a 2-way softmax,
+Adam (or AdamW), early stopping on validation loss and the best-validation-loss checkpoint
+restored at the end.
+
+On a GPU: bf16 autocast and channels_last memory format (fast). On a CPU: deterministic
+algorithms and a fixed number of threads, so a run repeated on the same machine reproduces
+its metrics exactly (see :func:`configure_device`).
+
+Batches arrive as uint8 tensors (N, 1, H, W) and go to the device as uint8 (4x less to copy);
+the source's ``prep`` turns them into the float input its weights expect, on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .evaluation import binary_auc
+
+OPTIMIZERS = ("adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+THREADS_ENV = "SM_NUM_THREADS"
+
+
+class TrainingError(ValueError):
+    """Training settings that cannot be used as given."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if device not in DEVICES:
+        raise TrainingError(f"device must be one of {list(DEVICES)}; got {device!r}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device='cuda' was asked for but no CUDA GPU is visible; use 'cpu' "
+                            "or 'auto'.")
+    return torch.device(device)
+
+
+def cpu_threads() -> int:
+    """Threads for CPU training: ``$SM_NUM_THREADS``, else ``$OMP_NUM_THREADS``, else 1.
+
+    Results can depend on the thread count (the order of float sums), so it is fixed and
+    recorded in config.json rather than left to the machine.
+    """
+    name = THREADS_ENV if os.environ.get(THREADS_ENV) else "OMP_NUM_THREADS"
+    value = os.environ.get(name) or "1"
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise TrainingError(f"{name} must be a positive integer; got {value!r}.")
+    return threads
+
+
+@contextlib.contextmanager
+def configure_device(device: torch.device, threads: int | None = None) -> Iterator[dict]:
+    """Set up the process for training on ``device``; restore the previous settings after.
+
+    CPU: ``torch.use_deterministic_algorithms(True)`` and a fixed thread count. GPU:
+    cuDNN autotuning and TF32 (speed over bit-exactness). Yields a record of the settings.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+                torch.backends.cudnn.benchmark)
+    if device.type == "cpu":
+        threads = cpu_threads() if threads is None else int(threads)
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(threads)
+        record = {"device": "cpu", "threads": threads, "deterministic": True}
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        record = {"device": str(device), "gpu": torch.cuda.get_device_name(device),
+                  "deterministic": False, "bf16_autocast": True, "channels_last": True}
+    try:
+        yield record
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0):
+    if name not in OPTIMIZERS:
+        raise TrainingError(f"optimizer must be one of {list(OPTIMIZERS)}; got {name!r}.")
+    if not lr > 0:
+        raise TrainingError(f"learning rate must be positive; got {lr!r}.")
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_input(images: torch.Tensor, prep: Callable, device: torch.device) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    x = prep(images)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, prep: Callable, loader, device: torch.device, *, progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax probabilities (N, 2), labels (N,)) of the loader's images, in loader order."""
+    model.eval()
+    probs, labels = [], []
+    for images, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        with _autocast(device):
+            logits = model(_to_input(images, prep, device))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).numpy()
+
+
+def _val_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, binary AUC) from softmax probabilities."""
+    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return float(-np.log(p).mean()), binary_auc(labels, probs[:, 1])
+
+
+@dataclass
+class TrainResult:
+    history: pd.DataFrame
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    best_val_loss: float
+    settings: dict = field(default_factory=dict)
+
+
+def train_model(
+    model: nn.Module, prep: Callable, train_loader, val_loader, *, device: torch.device,
+    epochs: int, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
+    patience: int = 3, progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` in place; on return it holds the best-validation-loss weights.
+
+    Early stopping: training stops after ``patience`` epochs without a lower validation
+    loss (``patience <= 0`` never stops early). Epochs are numbered from 1.
+    """
+    if epochs < 1:
+        raise TrainingError(f"epochs must be at least 1; got {epochs}.")
+    if len(val_loader.dataset) == 0 or len(train_loader.dataset) == 0:
+        raise TrainingError(
+            f"empty split: {len(train_loader.dataset)} training and {len(val_loader.dataset)} "
+            "validation images. Check the manifest's fold and the prevalence selection."
+        )
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if hasattr(prep, "to"):
+        prep.to(device)
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+
+    history, best_loss, best_epoch, best_state, stale = [], float("inf"), 0, None, 0
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        tic = time.perf_counter()
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)  # a new augmentation draw per epoch
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        for images, labels in bar:
+            labels = labels.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = model(_to_input(images, prep, device))
+                loss = loss_fn(logits.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(labels)
+            count += len(labels)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        probs, val_labels = predict(model, prep, val_loader, device)
+        val_loss, val_auc = _val_metrics(probs, val_labels)
+        seconds = time.perf_counter() - tic
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1),
+                        "val_loss": val_loss, "val_auc": val_auc, "seconds": seconds})
+        if progress:
+            tqdm.write(f"epoch {epoch}: train_loss {total / max(count, 1):.4f}  "
+                       f"val_loss {val_loss:.4f}  val_auc {val_auc:.4f}")
+        if val_loss < best_loss:
+            best_loss, best_epoch, stale = val_loss, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            stale += 1
+            if 0 < patience <= stale:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(history=pd.DataFrame(history), best_epoch=best_epoch,
+                       epochs_run=len(history), train_seconds=time.perf_counter() - started,
+                       best_val_loss=best_loss)
