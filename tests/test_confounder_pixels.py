@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from sm_utils.confounders import ConfounderError, get_confounder, list_confounders
-from sm_utils.confounders.paper import grey_to_hu, lowpass_disc, tag_box
+from sm_utils.confounders.paper import (
+    grey_to_hu,
+    lowpass_disc,
+    reduced_photons,
+    tag_box,
+    xray_noise_sd,
+)
 
 
 def textured(size: int, seed: int = 0) -> np.ndarray:
@@ -86,7 +92,7 @@ def test_xray_noise_sd_ratio_is_what_photon_counts_imply():
     flat = np.full((256, 256), 128, np.uint8)
     conf = get_confounder("xray_noise", dose_scaling="none")  # the paper's per-pixel level
     base, low = noise_sd(conf, flat, False), noise_sd(conf, flat, True)
-    # Poisson SD of mu is 1/sqrt(N0 e^-mu); dither + floor add variance 1/6 grey level^2.
+    # Poisson SD of mu is 1/sqrt(N0 e^-mu); dither + floor add variance ~1/6 grey level^2.
     hu = -1200 + 128.5 / 255 * 2000
     mu = hu * (0.1837 - 0.1662) / 1000 + 0.1837
     grey_per_mu = 1000 / (0.1837 - 0.1662) * 255 / 2000
@@ -95,6 +101,18 @@ def test_xray_noise_sd_ratio_is_what_photon_counts_imply():
     assert low == pytest.approx(expected[1], rel=0.03)  # and about 2.1
     assert low / base == pytest.approx(expected[1] / expected[0], abs=0.02)
     assert low / base > 1.1
+
+
+@pytest.mark.parametrize("size, scaling, strength", [
+    (64, "area", 1.0), (128, "area", 4.0), (64, "none", 1.0), (256, "area", 1.0),
+])
+def test_xray_noise_sd_matches_the_model_at_any_size(size, scaling, strength):
+    flat = np.full((size, size), 90, np.uint8)
+    conf = get_confounder("xray_noise", strength=strength, dose_scaling=scaling)
+    per_pixel = 1.0 if scaling == "none" else (512 / size) ** 2
+    photons = reduced_photons(2e7, 1.5e7, strength)
+    assert noise_sd(conf, flat, False) == pytest.approx(xray_noise_sd(90, 2e7 * per_pixel), rel=0.03)
+    assert noise_sd(conf, flat, True) == pytest.approx(xray_noise_sd(90, photons * per_pixel), rel=0.03)
 
 
 def test_xray_noise_area_scaling_halves_poisson_sd_at_half_size():
@@ -252,3 +270,23 @@ def test_image_rng_depends_on_seed_image_and_confounder():
 def test_bad_images_are_rejected_clearly(bad):
     with pytest.raises(ConfounderError, match="2-D uint8|numpy uint8"):
         get_confounder("tag").apply(bad, np.random.default_rng(0))
+
+
+def test_checks_pass_on_phantoms_and_fail_on_a_wrong_confounder(monkeypatch):
+    from sm_utils.confounders import checks, paper
+    from sm_utils.phantoms import render_ct, render_cxr, sample_patient
+
+    patient = sample_patient(0, 1)
+    cxr = render_cxr(patient, size=128, finding=True, difficulty=0.5, rng=np.random.default_rng(0))
+    ct = render_ct(patient, size=96, finding=True, difficulty=0.5, rng=np.random.default_rng(0))
+    for name in SYNTHETIC:
+        record = checks.check_confounder(get_confounder(name), ct if "ct" in name else cxr)
+        assert record["passed"], record
+    # A tag drawn away from its documented box is caught.
+    tag = get_confounder("tag")
+    moved = get_confounder("tag", position=(600.0, 600.0)).apply(cxr, None)
+    assert not checks._tag(tag, cxr, cxr, moved)["passed"]
+    # Noise at twice the intended dose reduction is caught.
+    monkeypatch.setattr(paper, "reduced_photons", lambda n0, n1, s: n1 / 2)
+    record = checks.check_confounder(get_confounder("xray_noise"), cxr)
+    assert not record["passed"], record

@@ -262,3 +262,18 @@ def test_unknown_test_set_and_bad_seed_and_rows():
         apply_prevalence(rows.drop(columns=["label"]), get_confounder("tag"), 0.5, 0, "train")
     with pytest.raises(ConfounderError, match="only apply to sampled"):
         apply_prevalence(rows, get_confounder("tag"), 0.5, 0, "train", n_positives=2)
+
+
+def test_check_sampled_reports_the_designed_correlation():
+    from sm_utils.confounders.checks import check_sampled
+
+    rows = sex_rows(f_pos=30, m_pos=25, f_neg=40, m_neg=35)
+    records = check_sampled(get_confounder("sex"), rows, 0.8, seed=0)
+    assert [r["measure"].split(":")[0] for r in records] == ["train", "ood", "clean"]
+    assert all(r["passed"] for r in records)
+    phi = {r["measure"].split(":")[0]: r["confounded"] for r in records}
+    assert phi["ood"] == pytest.approx(-1.0) and phi["clean"] == pytest.approx(0.0, abs=1e-9)
+    # 20 F / 5 M positives vs 35 M negatives: phi = 20 * 35 / sqrt(25 * 35 * 20 * 40).
+    assert phi["train"] == pytest.approx(700 / np.sqrt(25 * 35 * 20 * 40))
+    too_few = check_sampled(get_confounder("sex"), sex_rows(0, 5, 5, 5), 0.5, seed=0)
+    assert not too_few[0]["passed"] and "0 exist" in too_few[0]["measure"]

@@ -157,6 +157,25 @@ def xray_dose(image, rng, n0, *, hu_min, hu_max, reference_size, dose_scaling):
     return np.clip(np.floor(out), 0, 255).astype(np.uint8)
 
 
+def xray_noise_sd(grey: float, photons: float, hu_min: float = -1200.0,
+                  hu_max: float = 800.0) -> float:
+    """Predicted SD (grey levels) that :func:`xray_dose` adds to a flat image at ``grey``.
+
+    Poisson noise of SD sigma = (grey per unit mu) / sqrt(N e^-mu), then dither + floor:
+    the output is floor(u + n) with u ~ U(0, 1), n ~ N(0, sigma^2), whose variance is
+    sigma^2 + E[frac(n) (1 - frac(n))] (1/6 when sigma is large, less when it is small).
+    """
+    hu = hu_min + (grey + 0.5) / 255.0 * (hu_max - hu_min)
+    mu = hu * (MU_WATER_XRAY - MU_AIR_XRAY) / 1000.0 + MU_WATER_XRAY
+    grey_per_mu = 1000.0 / (MU_WATER_XRAY - MU_AIR_XRAY) * 255.0 / (hu_max - hu_min)
+    sigma = grey_per_mu / np.sqrt(photons * np.exp(-mu))
+    n = np.linspace(-10 * sigma - 1, 10 * sigma + 1, 40001)
+    weight = np.exp(-0.5 * (n / sigma) ** 2)
+    frac = n - np.floor(n)
+    rounding = float((weight * frac * (1 - frac)).sum() / weight.sum())
+    return float(np.sqrt(sigma ** 2 + rounding))
+
+
 def reduced_photons(n0_baseline: float, n0_confounded: float, strength: float) -> float:
     """Photon count at ``strength``: n0_baseline at 0, n0_confounded at 1, lower beyond 1.
 
