@@ -275,5 +275,5 @@ def test_check_sampled_reports_the_designed_correlation():
     assert phi["ood"] == pytest.approx(-1.0) and phi["clean"] == pytest.approx(0.0, abs=1e-9)
     # 20 F / 5 M positives vs 35 M negatives: phi = 20 * 35 / sqrt(25 * 35 * 20 * 40).
     assert phi["train"] == pytest.approx(700 / np.sqrt(25 * 35 * 20 * 40))
-    too_few = check_sampled(get_confounder("sex"), sex_rows(0, 5, 5, 5), 0.5, seed=0)
+    too_few = check_sampled(get_confounder("sex", n_positives=10), sex_rows(0, 5, 5, 5), 0.5, 0)
     assert not too_few[0]["passed"] and "0 exist" in too_few[0]["measure"]
