@@ -10,7 +10,8 @@ Module names follow the Keras layer names so the mapping can be read off directl
     conv1_conv                -> conv1.conv          conv1_bn               -> conv1.bn
     conv{s}_block{b}_{i}_conv -> conv{s}.block{b}.conv{i}    (i = 0 is the shortcut conv)
     conv{s}_block{b}_{i}_bn   -> conv{s}.block{b}.bn{i}
-    predictions (top only)    -> keras_top  (ImageNet's 1000-way classifier, never used here)
+    predictions (top only)    -> fc  (ImageNet's 1000-way classifier; replaced by a new head
+                                     unless create_model(keep_pretrained_head=True))
 
 h5 layout read here (``model.save_weights`` / ``*_notop.h5`` files, optionally under a
 ``model_weights`` group as in full-model files): a root attribute ``layer_names``; one group per
@@ -152,7 +153,7 @@ def keras_layer_to_module(layer: str) -> str | None:
     if layer == "conv1_bn":
         return "conv1.bn"
     if layer == "predictions":
-        return "keras_top"
+        return "fc"
     match = _BLOCK_LAYER.match(layer)
     if match:
         stage, block, index, kind = match.groups()

@@ -179,7 +179,7 @@ def make_architecture(arch: str, num_classes: int = 2, drop_rate: float = 0.5) -
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     if isinstance(model, KerasResNet50):
-        return ("fc", "keras_top")
+        return ("fc",)
     name = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
     return tuple(name) if isinstance(name, (tuple, list)) else (name,)
 

@@ -214,7 +214,14 @@ def load_checked(
     target = model.state_dict()
     incoming = {k: v for k, v in state_dict.items() if not has_prefix(k, skip_prefixes)}
     skipped = sorted(k for k in state_dict if has_prefix(k, skip_prefixes))
-    missing = [k for k in target if k not in incoming and not has_prefix(k, init_prefixes)]
+    # BatchNorm's step counter is unused with a fixed momentum and absent from Keras/TF files.
+    missing = [
+        k
+        for k in target
+        if k not in incoming
+        and not has_prefix(k, init_prefixes)
+        and not k.endswith("num_batches_tracked")
+    ]
     unexpected = [k for k in incoming if k not in target]
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
