@@ -1,0 +1,95 @@
+"""Optional export of a confounded data set as image folders plus a manifest.
+
+Training never needs this (confounders are applied on the fly); it is for other tools that
+want files. One fold of a manifest is written as::
+
+    out_dir/images/<role>/<class>/<image_id>.png     role: train, val, test, test_ood, test_clean
+    out_dir/manifest.csv (+ manifest.meta.json)      a valid sm_utils manifest with column fold_0
+
+``test`` is the i.i.d. test set (same confounding as training), ``test_ood`` the reversed one
+and ``test_clean`` the unconfounded one. The same source image can be in several test sets,
+so test rows get the image id ``<image_id>__<set>``; ``source_image_id`` keeps the original.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .confounders import Confounder, ConfounderError, apply_prevalence, get_confounder
+from .io import atomic_path
+from .manifest import Manifest, load_manifest, save_manifest
+
+ROLE_OF_TEST_SET = {"iid": "test", "ood": "test_ood", "clean": "test_clean"}
+
+
+def load_grey(path: Path, size: int | None = None) -> np.ndarray:
+    """An 8-bit greyscale image, optionally resized to size x size (bilinear, anti-aliased)."""
+    with Image.open(path) as img:
+        img = img.convert("L")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img).copy()
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def export_confounded(
+    manifest: Manifest | str | Path,
+    confounder: Confounder | str,
+    p: float,
+    seed: int,
+    fold: int,
+    out_dir: str | Path,
+    *,
+    test_sets: tuple[str, ...] = ("iid", "ood", "clean"),
+    image_size: int | None = None,
+) -> Manifest:
+    """Write fold ``fold`` of ``manifest`` with ``confounder`` at prevalence ``p``.
+
+    Every image goes through ``confounder.inject`` exactly as the training pipeline does
+    (so X-ray dose noise gives every image its baseline noise). Returns the new manifest.
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    conf = get_confounder(confounder) if isinstance(confounder, str) else confounder
+    unknown = [t for t in test_sets if t not in ROLE_OF_TEST_SET]
+    if unknown:
+        raise ConfounderError(f"unknown test set(s) {unknown}; valid: {list(ROLE_OF_TEST_SET)}.")
+    out_dir = Path(out_dir)
+
+    parts = []
+    for role in ("train", "val"):
+        chosen = apply_prevalence(manifest.rows(fold, role), conf, p, seed, "train")
+        parts.append(chosen.assign(export_role=role, export_suffix=""))
+    for test_set in test_sets:
+        chosen = apply_prevalence(manifest.rows(fold, "test"), conf, p, seed, test_set)
+        parts.append(chosen.assign(export_role=ROLE_OF_TEST_SET[test_set], export_suffix=f"__{test_set}"))
+    rows = pd.concat(parts, ignore_index=True)
+
+    records = []
+    for row in rows.itertuples(index=False):
+        image = load_grey(manifest.image_path(row.path), image_size)
+        if conf.kind == "synthetic":
+            image = conf.inject(image, bool(row.confounded), seed, row.image_id)
+        new_id = f"{row.image_id}{row.export_suffix}"
+        relative = Path("images") / row.export_role / str(row.label) / f"{new_id}.png"
+        _write_png(out_dir / relative, image)
+        records.append({"image_id": new_id, "path": relative.as_posix(),
+                        "source_image_id": row.image_id, "fold_0": row.export_role})
+    table = pd.concat([rows.drop(columns=["export_role", "export_suffix", "image_id", "path",
+                                          *[c for c in rows.columns if c.startswith("fold_")]]),
+                       pd.DataFrame(records)], axis=1)
+    first = ["image_id", "path", "label", "patient_id", "fold_0", "confounded", "source_image_id"]
+    table = table[first + [c for c in table.columns if c not in first]]
+    meta = {"exported_from": str(manifest.root), "fold": fold, "p": p, "seed": seed,
+            "confounder": conf.spec(), "test_sets": list(test_sets), "image_size": image_size}
+    result = Manifest(table=table, root=out_dir, meta=meta)
+    save_manifest(result, out_dir / "manifest.csv")
+    return result
