@@ -31,7 +31,7 @@ def test_import_reproduces_the_files_exactly(clean_splits):
     items, files, tmp_path = clean_splits
     with warnings.catch_warnings():
         warnings.simplefilter("error", SplitOverlapWarning)
-        manifest = build_dataset("published_splits", tmp_path / "out", image_root=tmp_path / "images",
+        manifest = build_dataset("published_splits", tmp_path / "out", root=tmp_path / "images",
                                  test_file=files["test"], train_files=files["train"],
                                  val_files=files["val"])
     table = load_manifest(tmp_path / "out" / "manifest.csv").table.set_index("image_id")
@@ -49,10 +49,10 @@ def test_import_reproduces_the_files_exactly(clean_splits):
 
 def test_split_dir_discovery_and_sex_format(tmp_path):
     items = paper_style_items(24, seed=5)
-    write_paper_splits(tmp_path / "splits", items, n_folds=2, seed=5, sex_format=True)
+    write_paper_splits(tmp_path / "images" / "splits", items, n_folds=2, seed=5, sex_format=True)
     write_images_for(items["path"], tmp_path / "images")
-    manifest = build_dataset("published_splits", tmp_path / "out", image_root=tmp_path / "images",
-                             split_dir=tmp_path / "splits", test_role="test_ood")
+    manifest = build_dataset("published_splits", tmp_path / "out", root=tmp_path / "images",
+                             split_dir="splits", test_role="test_ood")  # relative to root
     assert manifest.folds == [0, 1]
     assert set(manifest.table["fold_1"]) == {"train", "val", "test_ood"}
     sexes = dict(zip(items["path"].map(lambda p: Path(p).name), items["Patient Gender"]))
@@ -84,7 +84,7 @@ def test_overlap_is_reported_not_hidden(tmp_path):
     assert manifest.meta["overlap"]["by_fold"]["fold_0"]["images_set_unused"] == 2
 
     with pytest.warns(SplitOverlapWarning):
-        build_dataset("published_splits", tmp_path / "out", image_root=tmp_path / "images",
+        build_dataset("published_splits", tmp_path / "out", root=tmp_path / "images",
                       test_file=files["test"], train_files=files["train"], val_files=files["val"])
     meta = json.loads((tmp_path / "out" / "manifest.meta.json").read_text())
     assert meta["overlap"]["patients"] == files["leaked_patients"]
@@ -96,7 +96,7 @@ def test_overlap_error_option(tmp_path):
     files = write_paper_splits(tmp_path / "splits", items, n_folds=2, seed=3, overlap_patients=1)
     write_images_for(list(items["path"]) + files["leaked_paths"], tmp_path / "images")
     with pytest.raises(SplitFileError, match=r"(?s)leak patients.*on_overlap='report'"):
-        build_dataset("published_splits", tmp_path / "out", image_root=tmp_path / "images",
+        build_dataset("published_splits", tmp_path / "out", root=tmp_path / "images",
                       test_file=files["test"], train_files=files["train"],
                       val_files=files["val"], on_overlap="error")
     assert not (tmp_path / "out" / "manifest.csv").exists()
@@ -163,7 +163,7 @@ def test_fold_file_counts_must_match(clean_splits):
 
 def test_images_not_found(clean_splits):
     _, files, tmp_path = clean_splits
-    with pytest.raises(SplitFileError, match=r"not under .*nowhere.*image_root="):
+    with pytest.raises(SplitFileError, match=r"not under .*nowhere.*root="):
         import_published_splits(tmp_path / "nowhere", test_file=files["test"],
                                 train_files=files["train"], val_files=files["val"])
 

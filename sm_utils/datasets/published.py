@@ -2,7 +2,7 @@
 
 The paper ships one test file and, per fold, a train and a val file; CSVs with columns
 ``path, pid, class`` (class strings such as YES/NO) or ``path, class, pid, Patient Gender``.
-Class strings are mapped to 0/1 by ``class_map``. Images are found under ``image_root``: by the
+Class strings are mapped to 0/1 by ``class_map``. Images are found under ``root``: by the
 listed path relative to it, or by file name in the NIH layouts (``images_NNN/images/...``).
 
 Patient overlap between the test set and a fold's train/val files (the paper's sex split has
@@ -176,25 +176,25 @@ def discover_split_files(
     return tests[0], trains, vals
 
 
-def resolve_paths(listed: pd.Series, image_root: Path, missing_images: str) -> pd.Series:
-    """Listed path -> path relative to ``image_root`` (as listed, or by file name)."""
+def resolve_paths(listed: pd.Series, root: Path, missing_images: str) -> pd.Series:
+    """Listed path -> path relative to ``root`` (as listed, or by file name)."""
     index: dict[str, str] | None = None
     resolved = {}
     for item in listed.unique():
         candidate = Path(item)
-        if not candidate.is_absolute() and (image_root / candidate).is_file():
+        if not candidate.is_absolute() and (root / candidate).is_file():
             resolved[item] = candidate.as_posix()
             continue
         if index is None:
-            index = index_images(image_root) if image_root.is_dir() else {}
+            index = index_images(root) if root.is_dir() else {}
         resolved[item] = index.get(candidate.name)
     absent = [p for p, r in resolved.items() if r is None]
     if absent and missing_images == "error":
         shown = ", ".join(absent[:5]) + (f", ... ({len(absent) - 5} more)" if len(absent) > 5 else "")
         raise SplitFileError(
             f"{len(absent)} of {len(resolved)} image(s) listed in the split files are not "
-            f"under {image_root} (looked for the listed path and for the file name in the NIH "
-            f"layouts): {shown}. Pass image_root= the folder holding the images, or "
+            f"under {root} (looked for the listed path and for the file name in the NIH "
+            f"layouts): {shown}. Pass root= the folder holding the images, or "
             "missing_images='drop'."
         )
     return listed.map(resolved)
@@ -203,7 +203,7 @@ def resolve_paths(listed: pd.Series, image_root: Path, missing_images: str) -> p
 # --- import -----------------------------------------------------------------------------
 
 def import_published_splits(
-    image_root: str | Path,
+    root: str | Path,
     test_file: str | Path | None = None,
     train_files: Sequence[str | Path] | None = None,
     val_files: Sequence[str | Path] | None = None,
@@ -221,6 +221,7 @@ def import_published_splits(
     if not (test_role == "test" or test_role.startswith("test_")):
         raise SplitFileError(f"test_role must be 'test' or 'test_<name>'; got {test_role!r}.")
     if split_dir is not None:
+        split_dir = _locate(split_dir, Path(root))
         if test_file or train_files or val_files:
             raise SplitFileError("pass either split_dir= or test_file=/train_files=/val_files=, "
                                  "not both.")
@@ -236,7 +237,10 @@ def import_published_splits(
             "needs one of each, in the same order."
         )
     class_map = DEFAULT_CLASS_MAP if class_map is None else class_map
-    image_root = Path(image_root)
+    root = Path(root)
+    test_file = _locate(test_file, root)
+    train_files = [_locate(p, root) for p in train_files]
+    val_files = [_locate(p, root) for p in val_files]
 
     listings = [(test_file, -1, "test")]
     for fold, (train, val) in enumerate(zip(train_files, val_files)):
@@ -248,7 +252,7 @@ def import_published_splits(
     listed = pd.concat(parts, ignore_index=True)
     listed = _check_consistent(listed)
 
-    listed["path"] = resolve_paths(listed["listed_path"], image_root, missing_images)
+    listed["path"] = resolve_paths(listed["listed_path"], root, missing_images)
     dropped = sorted(listed.loc[listed["path"].isna(), "listed_path"].unique())
     listed = listed[listed["path"].notna()]
 
@@ -309,7 +313,13 @@ def import_published_splits(
         "n_images": len(images),
         "n_patients": int(images["patient_id"].nunique()),
     }
-    return Manifest(table=images, root=image_root.resolve(), meta=meta), report
+    return Manifest(table=images, root=root.resolve(), meta=meta), report
+
+
+def _locate(path: str | Path, root: Path) -> Path:
+    """A split file as given, or relative to the image root when it is not found as given."""
+    path = Path(path)
+    return root / path if not path.exists() and not path.is_absolute() and (root / path).exists() else path
 
 
 def _first(groups: set[str]) -> str:
@@ -335,7 +345,7 @@ def _check_consistent(listed: pd.DataFrame) -> pd.DataFrame:
 @register_dataset("published_splits")
 def build_published_splits(
     out_dir: str | Path,
-    image_root: str | Path,
+    root: str | Path,
     test_file: str | Path | None = None,
     train_files: Sequence[str | Path] | None = None,
     val_files: Sequence[str | Path] | None = None,
@@ -347,7 +357,7 @@ def build_published_splits(
 ) -> Manifest:
     """Registered builder; the overlap report is in ``manifest.meta['overlap']``."""
     manifest, _ = import_published_splits(
-        image_root, test_file=test_file, train_files=train_files, val_files=val_files,
+        root, test_file=test_file, train_files=train_files, val_files=val_files,
         split_dir=split_dir, class_map=class_map, test_role=test_role, on_overlap=on_overlap,
         missing_images=missing_images)
     return manifest
