@@ -118,6 +118,7 @@ def test_a_new_source_is_a_small_function_and_a_registration(monkeypatch, tmp_pa
         )
     )
     model, prep = create_model("lab_pretrained", num_classes=3)
+    assert prep.name == "timm:resnet18"
     timm_backbone_equal(model, donor.state_dict(), skip="fc")
     assert model.fc.out_features == 3
     assert describe_source("lab_pretrained")["weights_sha256"] == sha256_file(path)
@@ -333,6 +334,7 @@ def test_radimagenet_torch_release_loads_with_backbone_prefix(tmp_path):
     torch.save(Release().state_dict(), numbered)
     assert "backbone.4.0.conv1.weight" in torch.load(numbered, weights_only=True)
     model, prep = create_model("radimagenet_torch", weights=numbered)
+    assert prep.channel_order == "RGB" and prep.std[0] == pytest.approx(0.229 * 255)
     torch.testing.assert_close(model.layer4[2].conv3.weight, tv.layer4[2].conv3.weight)
     torch.testing.assert_close(model.bn1.running_var, tv.bn1.running_var)
     assert model.fc.out_features == 2
