@@ -213,3 +213,15 @@ def test_centroid_outside_volume(tmp_path):
     with pytest.raises(LIDCInputError, match=r"outside the volume of shape \(8, 40, 40\)"):
         build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
                       annotations=table, **SMALL_SPLITS)
+
+
+def test_find_series_separates_series_sharing_a_folder(tmp_path):
+    a = write_ct_series(tmp_path / "a", "LIDC-IDRI-0001", [], n_slices=4, seed=1)
+    b = write_ct_series(tmp_path / "b", "LIDC-IDRI-0001", [], n_slices=5, seed=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for prefix, s in (("a", a), ("b", b)):
+        for f in s.files:
+            f.rename(flat / f"{prefix}{f.name}")
+    found = find_series(flat)
+    assert {uid: len(files) for uid, files in found.items()} == {a.series_uid: 4, b.series_uid: 5}

