@@ -265,6 +265,14 @@ def convert_keras_arrays(
     """
     weight_layers = sorted({layer for layer, _ in arrays})
     kind = identify_keras_model(set(layers) | set(weight_layers))
+    if kind.startswith("ResNet50 (old"):
+        raise WeightsError(
+            f"{origin} holds a Keras {kind}. Those early files also used batch-norm eps 1e-3, "
+            "so they are not loaded here. Supported: "
+            f"{SUPPORTED_H5}; re-save the weights with a current tf.keras "
+            "(keras.applications.ResNet50(weights=<this file>).save_weights(...)) or use the "
+            "current Keras file."
+        )
     if kind != "ResNet50":
         raise WeightsError(
             f"{origin} holds a Keras {kind} model, which cannot be loaded here. Supported: "

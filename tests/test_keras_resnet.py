@@ -383,6 +383,12 @@ def test_other_radimagenet_architectures_are_refused_by_name(
     assert "RadImageNet-ResNet50_notop.h5" in message  # what is supported
 
 
+def test_old_keras_applications_naming_is_refused_with_a_fix(tmp_path):
+    path = _tiny_h5(tmp_path / "old.h5", ["input_1", "max_pooling2d"], ["conv1", "res2a_branch2a"])
+    with pytest.raises(WeightsError, match="old keras-applications naming.*eps 1e-3.*re-save"):
+        convert_keras_h5(path)
+
+
 def test_truncated_h5_is_reported(tmp_path, notop):
     path, _, _ = notop
     data = path.read_bytes()
