@@ -210,3 +210,13 @@ def test_missing_official_lists(tmp_path):
     make_nih_root(root, n_patients=30)
     with pytest.raises(NIHInputError, match=r"train_val_list\.txt.*official_split=False"):
         build_dataset("nih_cxr14", tmp_path / "out", root=root, official_split=True)
+
+
+def test_header_resaved_with_quotes(tmp_path):
+    """A copy re-saved by a spreadsheet quotes the bracketed names; still one name each."""
+    records = synthetic_records(3, seed=2)
+    path = write_data_entry(tmp_path / "meta.csv", records, "v2020")
+    text = path.read_text().replace("OriginalImage[Width,Height]", '"OriginalImage[Width,Height]"')
+    path.write_text(text)
+    frame = read_metadata(path)
+    assert frame["height"].tolist() == [2048] * len(records)

@@ -70,11 +70,11 @@ def split_header(line: str) -> list[str]:
         depth += char == "["
         depth -= char == "]"
         if char == "," and depth == 0:
-            names.append("".join(current).strip())
+            names.append("".join(current).strip().strip('"'))
             current = []
         else:
             current.append(char)
-    names.append("".join(current).strip())
+    names.append("".join(current).strip().strip('"'))
     return names
 
 
@@ -157,8 +157,8 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     if not rows:
         raise NIHInputError(f"{path} has a header but no rows. Download the file again.")
     frame = pd.DataFrame(rows, columns=columns)
-    frame = frame[[c for c in columns if c in set(BASE_COLUMNS.values())
-                   or c in {x for v in BRACKET_COLUMNS.values() for x in v}]]
+    known = [*BASE_COLUMNS.values(), *(x for parts in BRACKET_COLUMNS.values() for x in parts)]
+    frame = frame[[c for c in columns if c in known]]
     frame["patient_id"] = frame["patient_id"].str.strip().map(
         lambda s: str(int(s)) if s.isdigit() else s)
     frame["age"] = frame["age"].map(parse_age)
