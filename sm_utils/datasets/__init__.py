@@ -81,4 +81,4 @@ def build_from_notebook(
     return build_dataset(name, out_dir, **params), skipped
 
 
-from . import phantom, nih, published  # noqa: E402,F401  (registers the built-in builders)
+from . import phantom, nih, published, lidc  # noqa: E402,F401  (registers the built-in builders)
