@@ -1,0 +1,955 @@
+"""Grids of fine-tuning runs: YAML specification, cells, and resumable execution.
+
+A grid is datasets x confounders (x strengths) x prevalences x folds x sources x
+architectures x seeds. Each combination is a *cell*: one execution of notebook 03 with the
+parameters of ``docs/RUNS.md``, writing ``runs_dir/<run_id>/``. A cell is done when its run
+directory holds ``metrics.json`` (written last, atomically), so a grid killed at any moment and
+launched again skips finished cells and redoes only the others.
+
+Execution keeps papermill's cost small by reusing one warm Jupyter kernel for a batch of cells
+(torch and timm are imported once per kernel, not once per cell) while still keeping one
+executed notebook per cell. Executors: ``local`` (a pool of worker processes, one per GPU on a
+GPU machine) and ``slurm`` (submitit job arrays; ``cluster="local"`` runs the same path on this
+machine, which is how it is tested).
+
+Relative paths in a grid file are resolved against its ``root``: by default the folder above
+``configs/`` when the file lives in a ``configs`` folder, else the file's own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from .io import atomic_write_csv, atomic_write_json, atomic_write_text, stable_hash
+
+METRICS_FILE = "metrics.json"
+ERROR_FILE = "error.txt"
+NOTEBOOK_FILE = "notebook.ipynb"
+CELLS_FILE = "cells.csv"
+DEFAULT_NOTEBOOKS = {
+    "data": "notebooks/01_data_preparation.ipynb",
+    "fine_tuning": "notebooks/03_fine_tuning.ipynb",
+    "analysis": "notebooks/04_analysis.ipynb",
+}
+# Training knobs of notebook 03 (docs/RUNS.md) that a grid may set in its `training` block.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "epochs": 4,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "patience": 3,
+    "augment": True,
+    "drop_rate": 0.5,
+}
+# Fields of RunConfig that do not change a run's result, hence not part of its id.
+NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
+TOP_LEVEL_KEYS = {
+    "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
+    "prevalences", "folds", "sources", "architectures", "seeds", "training", "run", "slurm",
+    "notebooks", "reference",
+}
+RUN_DEFAULTS: dict[str, Any] = {
+    "device": "auto",          # passed to notebook 03
+    "num_workers": 0,          # data-loader workers inside a run
+    "workers": "auto",         # parallel cells on a local machine
+    "cells_per_kernel": 16,    # cells executed in one warm kernel before it is restarted
+    "cell_timeout_s": 3600,    # per notebook cell (papermill execution_timeout)
+    "kernel_name": "python3",
+    "threads_per_worker": None,  # CPU threads per worker; None = cores / workers
+}
+SLURM_DEFAULTS: dict[str, Any] = {
+    "partition": None,
+    "time_min": 120,           # wall time per array task
+    "mem_gb": 32,
+    "cpus_per_task": 8,
+    "gpus_per_task": 1,
+    "array_parallelism": 32,   # array tasks running at once
+    "cells_per_job": 4,        # cells per array task (they share a warm kernel)
+    "additional_parameters": {},
+}
+
+
+class GridError(ValueError):
+    """A grid specification that cannot be run as it is."""
+
+
+# --------------------------------------------------------------------------- specification
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    manifest: Path
+    params: dict[str, Any] = field(default_factory=dict)   # builder parameters for notebook 01
+
+
+@dataclass
+class ConfounderSpec:
+    name: str
+    strengths: list[float] = field(default_factory=lambda: [1.0])
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    weights: Path | None = None
+    # How to make missing weights: {"notebook": path, "parameters": {...}} run once before cells.
+    build: dict[str, Any] | None = None
+
+
+@dataclass
+class GridSpec:
+    name: str
+    root: Path
+    runs_dir: Path
+    figures_dir: Path
+    datasets: list[DatasetSpec]
+    confounders: list[ConfounderSpec]
+    prevalences: list[float]
+    folds: list[int]
+    sources: list[SourceSpec]
+    architectures: list[str | None]
+    seeds: list[int]
+    training: dict[str, Any]
+    run: dict[str, Any]
+    slurm: dict[str, Any]
+    notebooks: dict[str, Path]
+    reference: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _default_root(config_path: Path) -> Path:
+    folder = config_path.resolve().parent
+    return folder.parent if folder.name == "configs" else folder
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _registry_names(kind: str) -> list[str] | None:
+    """Names registered for ``kind`` (datasets, confounders, sources), or None if unavailable."""
+    try:
+        if kind == "datasets":
+            from .datasets import list_datasets
+            return list(list_datasets())
+        if kind == "confounders":
+            from .confounders import list_confounders
+            return list(list_confounders())
+        if kind == "sources":
+            from .sources import list_sources
+            return list(list_sources())
+    except ImportError:
+        return None
+    raise ValueError(f"unknown registry {kind!r}")
+
+
+def _parse_entries(raw: Any, kind: str, problems: list[str]) -> list[dict[str, Any]]:
+    """Entries may be plain names or mappings with a ``name`` key."""
+    entries = []
+    for item in _as_list(raw):
+        if isinstance(item, str):
+            entries.append({"name": item})
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            entries.append(dict(item))
+        else:
+            problems.append(f"{kind}: each entry must be a name or a mapping with 'name'; found {item!r}")
+    if not entries:
+        problems.append(f"{kind}: at least one entry is required")
+    return entries
+
+
+def _resolve(root: Path, value: Any) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> GridSpec:
+    """Turn the mapping of a grid file into a :class:`GridSpec` (structure checks only)."""
+    if not isinstance(raw, dict):
+        raise GridError(f"a grid file must be a YAML mapping; found {type(raw).__name__}")
+    problems: list[str] = []
+    unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
+    if unknown:
+        problems.append(f"unknown top-level key(s) {unknown}; valid keys: {sorted(TOP_LEVEL_KEYS)}")
+    if "root" in raw:
+        base = path.resolve().parent if path else Path.cwd()
+        root = _resolve(base, raw["root"]).resolve()
+    name = str(raw.get("name") or (path.stem if path else "grid"))
+
+    datasets = []
+    for entry in _parse_entries(raw.get("datasets"), "datasets", problems):
+        manifest = entry.get("manifest", f"data/{entry['name']}/manifest.csv")
+        extra = sorted(set(entry) - {"name", "manifest", "params"})
+        if extra:
+            problems.append(f"datasets[{entry['name']}]: unknown key(s) {extra}; valid: manifest, params")
+        datasets.append(DatasetSpec(entry["name"], _resolve(root, manifest), dict(entry.get("params") or {})))
+
+    confounders = []
+    for entry in _parse_entries(raw.get("confounders"), "confounders", problems):
+        extra = sorted(set(entry) - {"name", "strength", "strengths", "params"})
+        if extra:
+            problems.append(
+                f"confounders[{entry['name']}]: unknown key(s) {extra}; valid: strength, strengths, params"
+            )
+        strengths = _as_list(entry.get("strengths", entry.get("strength", 1.0)))
+        if entry["name"] == "none":
+            strengths = [0.0]
+        confounders.append(ConfounderSpec(entry["name"], [float(s) for s in strengths],
+                                          dict(entry.get("params") or {})))
+
+    sources = []
+    for entry in _parse_entries(raw.get("sources"), "sources", problems):
+        extra = sorted(set(entry) - {"name", "weights", "build"})
+        if extra:
+            problems.append(f"sources[{entry['name']}]: unknown key(s) {extra}; valid: weights, build")
+        weights = entry.get("weights")
+        sources.append(SourceSpec(entry["name"], _resolve(root, weights) if weights else None,
+                                  entry.get("build")))
+
+    prevalences = [float(v) for v in _as_list(raw.get("prevalences"))]
+    if not prevalences:
+        problems.append("prevalences: at least one value in [0, 1] is required, e.g. [0, 0.5, 1]")
+    bad = [v for v in prevalences if not 0.0 <= v <= 1.0]
+    if bad:
+        problems.append(f"prevalences must lie in [0, 1]; found {bad}")
+
+    folds_raw = raw.get("folds", [0])
+    folds = list(range(folds_raw)) if isinstance(folds_raw, int) else [int(f) for f in _as_list(folds_raw)]
+    if not folds or any(f < 0 for f in folds):
+        problems.append(f"folds: a count (e.g. 5) or a list of fold indices >= 0; found {folds_raw!r}")
+
+    architectures = _as_list(raw.get("architectures")) or [None]
+    seeds = [int(s) for s in _as_list(raw.get("seeds", 812))]
+
+    training = dict(TRAINING_DEFAULTS)
+    given = dict(raw.get("training") or {})
+    extra = sorted(set(given) - set(TRAINING_DEFAULTS))
+    if extra:
+        problems.append(f"training: unknown key(s) {extra}; valid: {sorted(TRAINING_DEFAULTS)}")
+    training.update(given)
+
+    run = dict(RUN_DEFAULTS)
+    given = dict(raw.get("run") or {})
+    extra = sorted(set(given) - set(RUN_DEFAULTS))
+    if extra:
+        problems.append(f"run: unknown key(s) {extra}; valid: {sorted(RUN_DEFAULTS)}")
+    run.update(given)
+
+    slurm = dict(SLURM_DEFAULTS)
+    given = dict(raw.get("slurm") or {})
+    extra = sorted(set(given) - set(SLURM_DEFAULTS))
+    if extra:
+        problems.append(f"slurm: unknown key(s) {extra}; valid: {sorted(SLURM_DEFAULTS)}")
+    slurm.update(given)
+
+    notebooks = dict(DEFAULT_NOTEBOOKS)
+    given = dict(raw.get("notebooks") or {})
+    extra = sorted(set(given) - set(DEFAULT_NOTEBOOKS))
+    if extra:
+        problems.append(f"notebooks: unknown key(s) {extra}; valid: {sorted(DEFAULT_NOTEBOOKS)}")
+    notebooks.update(given)
+
+    if problems:
+        raise GridError(_problem_text(path, problems))
+    return GridSpec(
+        name=name,
+        root=root,
+        runs_dir=_resolve(root, raw.get("runs_dir", f"runs/{name}")),
+        figures_dir=_resolve(root, raw.get("figures_dir", "figures")),
+        datasets=datasets,
+        confounders=confounders,
+        prevalences=prevalences,
+        folds=folds,
+        sources=sources,
+        architectures=architectures,
+        seeds=seeds,
+        training=training,
+        run=run,
+        slurm=slurm,
+        notebooks={k: _resolve(root, v) for k, v in notebooks.items()},
+        reference=dict(raw.get("reference") or {}),
+        path=path,
+    )
+
+
+def _problem_text(path: Path | None, problems: list[str]) -> str:
+    where = f"grid file {path}" if path else "grid specification"
+    return f"{where} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
+
+
+def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = True) -> None:
+    """Check names against the registries and (optionally) that files exist; list every problem.
+
+    ``check_paths=False`` skips the filesystem (weights, manifests, notebooks), e.g. to validate
+    a paper grid on a machine that has not downloaded the data and weights.
+    """
+    problems: list[str] = []
+    if check_names:
+        for kind, names in (
+            ("datasets", [d.name for d in spec.datasets]),
+            ("confounders", [c.name for c in spec.confounders if c.name != "none"]),
+            ("sources", [s.name for s in spec.sources]),
+        ):
+            valid = _registry_names(kind)
+            if valid is None:
+                continue
+            unknown = [n for n in names if n not in valid]
+            if unknown:
+                problems.append(f"unknown {kind} {unknown}; valid names: {', '.join(valid)}")
+    if check_paths:
+        for source in spec.sources:
+            if source.weights is not None and not source.weights.exists() and not source.build:
+                problems.append(
+                    f"source {source.name!r}: weights file {source.weights} does not exist; put the "
+                    "weights there, change 'weights', or add a 'build' notebook that makes them"
+                )
+        for dataset in spec.datasets:
+            if not dataset.manifest.exists() and not spec.notebooks["data"].exists():
+                problems.append(
+                    f"dataset {dataset.name!r}: no manifest at {dataset.manifest} and no data "
+                    f"notebook at {spec.notebooks['data']} to build it"
+                )
+        if not spec.notebooks["fine_tuning"].exists():
+            problems.append(f"fine-tuning notebook {spec.notebooks['fine_tuning']} does not exist")
+    workers = spec.run["workers"]
+    if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+        problems.append(f"run.workers must be 'auto' or a positive integer; found {workers!r}")
+    if int(spec.run["cells_per_kernel"]) < 1:
+        problems.append("run.cells_per_kernel must be >= 1")
+    if problems:
+        raise GridError(_problem_text(spec.path, problems))
+
+
+def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bool = True) -> GridSpec:
+    """Read, parse and validate a grid YAML file."""
+    path = Path(path)
+    if not path.exists():
+        raise GridError(f"no grid file at {path}; configs/ holds demo.yaml, paper_cxr.yaml, paper_ct.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"grid file {path} is not valid YAML: {err}") from err
+    spec = parse_grid(raw or {}, _default_root(path), path)
+    validate_grid(spec, check_names=check_names, check_paths=check_paths)
+    return spec
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def run_id_for(params: dict[str, Any]) -> str:
+    """Run id of notebook 03's parameters: ``sm_utils.runs.RunConfig.run_id`` when available.
+
+    Without the fine-tuning module (e.g. tests with a stand-in notebook), the same rule: a stable
+    hash of every field except runs_dir, device and num_workers.
+    """
+    try:
+        from .runs import RunConfig
+    except ImportError:
+        identity = {k: v for k, v in params.items() if k not in NON_IDENTITY_FIELDS}
+        return stable_hash(identity)
+    return RunConfig(**params).run_id
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of notebook 03: its parameters and where its run directory goes."""
+
+    dataset: str
+    params: dict[str, Any]
+    run_id: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.params["runs_dir"]) / self.run_id
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / METRICS_FILE).exists()
+
+    @property
+    def status(self) -> str:
+        if self.done:
+            return "done"
+        if (self.run_dir / ERROR_FILE).exists():
+            return "failed"
+        if self.run_dir.exists():
+            return "partial"
+        return "pending"
+
+    def label(self) -> str:
+        p = self.params
+        return (f"{self.dataset} {p['confounder']}(s={p['strength']:g}) p={p['p']:g} fold={p['fold']} "
+                f"{p['source']}" + (f"/{p['arch']}" if p.get("arch") else "") + f" seed={p['seed']}")
+
+
+def expand_cells(spec: GridSpec) -> list[Cell]:
+    """Every cell of the grid, in a stable order (datasets, confounders, p, folds, sources, ...)."""
+    cells = []
+    seen: set[str] = set()
+    for dataset, confounder in itertools.product(spec.datasets, spec.confounders):
+        for strength, p, fold, source, arch, seed in itertools.product(
+            confounder.strengths, spec.prevalences, spec.folds, spec.sources, spec.architectures,
+            spec.seeds,
+        ):
+            params = {
+                "manifest": str(dataset.manifest),
+                "confounder": confounder.name,
+                "strength": float(strength),
+                "confounder_params": dict(confounder.params),
+                "p": float(p),
+                "fold": int(fold),
+                "source": source.name,
+                "weights": str(source.weights) if source.weights else None,
+                "arch": arch,
+                **spec.training,
+                "seed": int(seed),
+                "device": spec.run["device"],
+                "num_workers": int(spec.run["num_workers"]),
+                "runs_dir": str(spec.runs_dir),
+            }
+            run_id = run_id_for(params)
+            if run_id in seen:  # e.g. confounder "none" at several p: one run suffices
+                continue
+            seen.add(run_id)
+            cells.append(Cell(dataset.name, params, run_id))
+    return cells
+
+
+def cells_table(cells: Sequence[Cell]):
+    """One row per cell: run id, dataset, the grid axes and the current status."""
+    import pandas as pd
+
+    rows = [
+        {"run_id": c.run_id, "dataset": c.dataset, "confounder": c.params["confounder"],
+         "strength": c.params["strength"], "p": c.params["p"], "fold": c.params["fold"],
+         "source": c.params["source"], "arch": c.params["arch"], "seed": c.params["seed"],
+         "status": c.status}
+        for c in cells
+    ]
+    return pd.DataFrame(rows)
+
+
+def write_cells_index(spec: GridSpec, cells: Sequence[Cell]) -> Path:
+    """``runs_dir/cells.csv``: the grid's cells (lets the analysis map run ids to datasets)."""
+    table = cells_table(cells).drop(columns=["status"])
+    return atomic_write_csv(spec.runs_dir / CELLS_FILE, table)
+
+
+# --------------------------------------------------------------------------- execution
+
+
+@dataclass
+class CellResult:
+    run_id: str
+    label: str
+    ok: bool
+    wall_seconds: float          # papermill execution of the notebook, kernel start excluded
+    train_seconds: float = 0.0   # from metrics.json (training + evaluation inside the notebook)
+    error: str = ""
+
+
+@dataclass
+class RunnerSettings:
+    """What a worker needs to execute cells (picklable, sent to worker processes and jobs)."""
+
+    notebook: Path
+    kernel_name: str = "python3"
+    cells_per_kernel: int = 16
+    cell_timeout_s: int = 3600
+    env: dict[str, str] = field(default_factory=dict)   # extra environment for the kernel
+    kernel_cwd: Path | None = None
+
+
+class CellRunner:
+    """Executes cells one after another in a warm Jupyter kernel, one executed notebook each."""
+
+    def __init__(self, settings: RunnerSettings):
+        self.settings = settings
+        self.km = None
+        self.cells_in_kernel = 0
+        self.kernel_start_seconds = 0.0
+
+    def _start_kernel(self) -> None:
+        from jupyter_client.manager import KernelManager
+
+        start = time.perf_counter()
+        env = {**os.environ, **self.settings.env}
+        cwd = self.settings.kernel_cwd or self.settings.notebook.parent
+        self.km = KernelManager(kernel_name=self.settings.kernel_name)
+        self.km.start_kernel(cwd=str(cwd), env=env)
+        client = self.km.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=120)
+        client.stop_channels()
+        self.cells_in_kernel = 0
+        self.kernel_start_seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.km is not None:
+            try:
+                self.km.shutdown_kernel(now=True)
+            except Exception:  # a dead kernel cannot be shut down; nothing else to release
+                pass
+            self.km = None
+
+    def _ensure_kernel(self) -> None:
+        recycle = self.cells_in_kernel >= self.settings.cells_per_kernel
+        if self.km is None or recycle or not self.km.is_alive():
+            self.close()
+            self._start_kernel()
+
+    def run(self, cell: Cell) -> CellResult:
+        import papermill
+
+        run_dir = cell.run_dir
+        if cell.done:
+            return CellResult(cell.run_id, cell.label(), True, 0.0, _train_seconds(run_dir))
+        if run_dir.exists():  # left by an interrupted or failed attempt: start clean
+            shutil.rmtree(run_dir)
+        executing = run_dir.parent / ".executing"
+        executing.mkdir(parents=True, exist_ok=True)
+        live_notebook = executing / f"{cell.run_id}.ipynb"
+        self._ensure_kernel()
+        self.cells_in_kernel += 1
+        start = time.perf_counter()
+        error = ""
+        try:
+            papermill.execute_notebook(
+                str(self.settings.notebook), str(live_notebook), parameters=cell.params,
+                km=self.km, progress_bar=False, execution_timeout=self.settings.cell_timeout_s,
+                log_output=False,
+            )
+        except Exception as err:  # recorded per cell so that the rest of the grid continues
+            error = _describe_error(err)
+        wall = time.perf_counter() - start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if live_notebook.exists():
+            os.replace(live_notebook, run_dir / NOTEBOOK_FILE)
+        if not error and not cell.done:
+            error = (f"notebook {self.settings.notebook} finished without writing "
+                     f"{run_dir / METRICS_FILE}; it must call sm_utils.runs.execute_run")
+        if error:
+            atomic_write_text(run_dir / ERROR_FILE, f"{cell.label()}\n\n{error}\n")
+            return CellResult(cell.run_id, cell.label(), False, wall, error=error)
+        return CellResult(cell.run_id, cell.label(), True, wall, _train_seconds(run_dir))
+
+
+def _describe_error(err: BaseException) -> str:
+    name = type(err).__name__
+    if name == "PapermillExecutionError":  # the traceback from inside the notebook
+        return f"{err.ename}: {err.evalue}\n" + "\n".join(getattr(err, "traceback", []) or [])
+    return "".join(traceback.format_exception(err))
+
+
+def _train_seconds(run_dir: Path) -> float:
+    import json
+
+    try:
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return float(metrics.get("train_seconds") or 0.0) + float(metrics.get("eval_seconds") or 0.0)
+
+
+def run_batch(cells: Sequence[Cell], settings: RunnerSettings) -> tuple[list[CellResult], float]:
+    """Run ``cells`` in one warm kernel; returns the results and the kernel start-up seconds.
+
+    This is what a SLURM array task executes.
+    """
+    runner = CellRunner(settings)
+    try:
+        results = [runner.run(cell) for cell in cells]
+    finally:
+        runner.close()
+    return results, runner.kernel_start_seconds
+
+
+def _local_worker(settings: RunnerSettings, tasks, results, parent_pid: int) -> None:
+    """Worker process: pull cells from ``tasks``, push ("start"/"done", ...) to ``results``."""
+    import queue as queue_module
+
+    runner = CellRunner(settings)
+    try:
+        while True:
+            try:
+                cell = tasks.get(timeout=2.0)
+            except queue_module.Empty:
+                if os.getppid() != parent_pid:  # the grid process is gone: stop
+                    return
+                continue
+            if cell is None:
+                return
+            results.put(("start", os.getpid(), cell.run_id))
+            results.put(("done", os.getpid(), runner.run(cell)))
+    finally:
+        runner.close()
+        results.put(("kernel", os.getpid(), runner.kernel_start_seconds))
+
+
+def detect_gpus() -> int:
+    """Number of visible NVIDIA GPUs (0 without a GPU or nvidia-smi)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip() not in ("", "-1")])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def worker_environments(workers: int | str, threads_per_worker: int | None = None) -> list[dict[str, str]]:
+    """Environment per local worker: a GPU each on a GPU machine, else a share of the cores."""
+    gpus = detect_gpus()
+    if workers == "auto":
+        workers = gpus if gpus else max(1, (os.cpu_count() or 1) // max(1, threads_per_worker or 1))
+        if not gpus and threads_per_worker is None:
+            workers = 1 if (os.cpu_count() or 1) < 2 else min(workers, 4)
+    workers = int(workers)
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    envs = []
+    for index in range(workers):
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "SM_WORKER_INDEX": str(index)}
+        if gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)].strip()
+        envs.append(env)
+    return envs
+
+
+@dataclass
+class GridReport:
+    """What a grid launch did; ``failures`` lists (label, first line of the error)."""
+
+    total: int
+    already_done: int
+    succeeded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    cells_wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    kernel_start_seconds: float = 0.0
+    prepare_seconds: float = 0.0
+    analysis_seconds: float = 0.0
+
+    @property
+    def overhead_share(self) -> float:
+        """Share of the grid's worker time not spent training/evaluating inside run_batch."""
+        busy = self.cells_wall_seconds + self.kernel_start_seconds
+        return 1.0 - self.train_seconds / busy if busy > 0 else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"cells: {self.total} in the grid, {self.already_done} already done, "
+            f"{self.succeeded} run now, {len(self.failures)} failed",
+            f"wall time {self.wall_seconds:.1f} s (preparation {self.prepare_seconds:.1f} s, "
+            f"analysis {self.analysis_seconds:.1f} s); worker time: kernels start-up "
+            f"{self.kernel_start_seconds:.1f} s, notebooks {self.cells_wall_seconds:.1f} s, of which "
+            f"training+evaluation {self.train_seconds:.1f} s; overhead share "
+            f"{100 * self.overhead_share:.1f} %",
+        ]
+        for label, error in self.failures:
+            first = error.strip().splitlines()[0] if error.strip() else "unknown error"
+            lines.append(f"  FAILED {label}: {first}")
+        return "\n".join(lines)
+
+
+def _progress(total: int, disable: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="grid", unit="cell", disable=disable, dynamic_ncols=True,
+                file=sys.stdout)
+
+
+def _run_local(cells: list[Cell], settings: RunnerSettings, envs: list[dict[str, str]],
+               report: GridReport, progress) -> None:
+    import multiprocessing as mp
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for cell in cells:
+        tasks.put(cell)
+    label_of = {c.run_id: c.label() for c in cells}
+
+    def start_worker(env: dict[str, str]):
+        worker_settings = dataclasses.replace(settings, env={**settings.env, **env})
+        proc = ctx.Process(target=_local_worker, args=(worker_settings, tasks, results, os.getpid()),
+                           daemon=False)
+        proc.start()
+        return proc
+
+    workers = {}
+    for env in envs[: max(1, len(cells))]:
+        proc = start_worker(env)
+        workers[proc.pid] = (proc, env)
+    for _ in workers:
+        tasks.put(None)
+    in_flight: dict[int, str] = {}
+    finished = 0
+    closed: set[int] = set()
+    while finished < len(cells) or len(closed) < len(workers):
+        try:
+            kind, pid, payload = results.get(timeout=1.0)
+        except queue_module.Empty:
+            for pid, (proc, env) in list(workers.items()):
+                if pid in closed or proc.is_alive():
+                    continue
+                closed.add(pid)  # died without saying goodbye (killed, out of memory)
+                run_id = in_flight.pop(pid, None)
+                if run_id is not None:
+                    message = f"worker process {pid} died (exit code {proc.exitcode}) during this cell"
+                    report.failures.append((label_of[run_id], message))
+                    finished += 1
+                    progress.update(1)
+                if finished < len(cells):  # replace it so the remaining cells still run
+                    new = start_worker(env)
+                    workers[new.pid] = (new, env)
+                    tasks.put(None)
+            continue
+        if kind == "start":
+            in_flight[pid] = payload
+        elif kind == "done":
+            in_flight.pop(pid, None)
+            _account(payload, report)
+            finished += 1
+            progress.update(1)
+            progress.set_postfix(ok=report.succeeded, failed=len(report.failures))
+        elif kind == "kernel":
+            report.kernel_start_seconds += payload
+            closed.add(pid)
+    for proc, _ in workers.values():
+        proc.join(timeout=30)
+
+
+def _account(result: CellResult, report: GridReport) -> None:
+    report.cells_wall_seconds += result.wall_seconds
+    report.train_seconds += result.train_seconds
+    if result.ok:
+        report.succeeded += 1
+    else:
+        report.failures.append((result.label, result.error))
+
+
+def _batches(items: Sequence, size: int) -> list[list]:
+    return [list(items[i: i + size]) for i in range(0, len(items), size)]
+
+
+def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, report: GridReport,
+               progress, cluster: str | None, timeout_s: float | None) -> None:
+    import submitit
+
+    slurm = spec.slurm
+    folder = spec.runs_dir / "_submitit" / "%j"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params: dict[str, Any] = {
+        "timeout_min": int(slurm["time_min"]),
+        "mem_gb": float(slurm["mem_gb"]),
+        "cpus_per_task": int(slurm["cpus_per_task"]),
+        "gpus_per_node": int(slurm["gpus_per_task"]),
+        "tasks_per_node": 1,
+        "nodes": 1,
+        "name": f"sm-{spec.name}",
+        "slurm_array_parallelism": int(slurm["array_parallelism"]),
+    }
+    if slurm["partition"]:
+        params["slurm_partition"] = slurm["partition"]
+    if slurm["additional_parameters"]:
+        params["slurm_additional_parameters"] = dict(slurm["additional_parameters"])
+    executor.update_parameters(**params)
+    batches = _batches(cells, max(1, int(slurm["cells_per_job"])))
+    threads = str(max(1, int(slurm["cpus_per_task"])))
+    batch_settings = dataclasses.replace(
+        settings, env={**settings.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    jobs = executor.map_array(run_batch, batches, [batch_settings] * len(batches))
+    print(f"submitted {len(jobs)} array task(s) of up to {slurm['cells_per_job']} cell(s); "
+          f"logs in {spec.runs_dir / '_submitit'}", flush=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    counted: set[str] = set()
+    pending_jobs = dict(zip(jobs, batches))
+    while pending_jobs:
+        for job in [j for j in pending_jobs if j.done()]:
+            batch = pending_jobs.pop(job)
+            try:
+                results, kernel_seconds = job.result()
+            except Exception as err:  # the whole task failed (time limit, node failure, ...)
+                message = f"job {job.job_id} failed: {str(err).strip()[-2000:]}"
+                results = [CellResult(c.run_id, c.label(), c.done, 0.0, error="" if c.done else message)
+                           for c in batch]
+                kernel_seconds = 0.0
+            report.kernel_start_seconds += kernel_seconds
+            for result in results:
+                if result.run_id not in counted:
+                    counted.add(result.run_id)
+                    progress.update(1)
+                _account(result, report)
+            progress.set_postfix(ok=report.succeeded, failed=len(report.failures))
+        if not pending_jobs:
+            break
+        # Progress between job completions: cells whose run directory is complete.
+        newly = [c for b in pending_jobs.values() for c in b if c.run_id not in counted and c.done]
+        for cell in newly:
+            counted.add(cell.run_id)
+            progress.update(1)
+        if deadline is not None and time.monotonic() > deadline:
+            for job, batch in pending_jobs.items():
+                job.cancel(check=False)
+                for cell in batch:
+                    if not cell.done:
+                        report.failures.append((cell.label(), f"timed out after {timeout_s} s (job {job.job_id})"))
+            break
+        time.sleep(1.0)
+
+
+def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str,
+                  timeout_s: int, cwd: Path | None = None) -> None:
+    """Execute a one-off notebook (data preparation, source build, analysis) with papermill."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+                               kernel_name=kernel_name, progress_bar=False,
+                               execution_timeout=timeout_s, cwd=str(cwd or notebook.parent))
+
+
+def prepare(spec: GridSpec, log=print) -> float:
+    """Notebook 01 once per dataset whose manifest is missing; source builds whose weights are."""
+    start = time.perf_counter()
+    prepare_dir = spec.runs_dir / "_prepare"
+    for dataset in spec.datasets:
+        if dataset.manifest.exists():
+            continue
+        log(f"building dataset {dataset.name!r} with {spec.notebooks['data']} -> {dataset.manifest}")
+        _execute_once(
+            spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
+            {"dataset": dataset.name, "out_dir": str(dataset.manifest.parent), "params": dataset.params},
+            spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+        )
+        if not dataset.manifest.exists():
+            raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
+                            f"at {dataset.manifest}; see {prepare_dir}")
+    for source in spec.sources:
+        if source.weights is None or source.weights.exists() or not source.build:
+            continue
+        notebook = _resolve(spec.root, source.build["notebook"])
+        log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
+        params = {**dict(source.build.get("parameters") or {}), "out_path": str(source.weights)}
+        _execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
+                      spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
+        if not source.weights.exists():
+            raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
+                            f"{source.weights}; see {prepare_dir}")
+    return time.perf_counter() - start
+
+
+def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
+    """A listing of the cells and what is already done."""
+    import pandas as pd
+
+    cells = expand_cells(spec) if cells is None else cells
+    table = cells_table(cells)
+    counts = table["status"].value_counts().to_dict()
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        text = table.to_string(index=False)
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "failed", "partial", "pending"))
+    return f"grid {spec.name!r}: {len(cells)} cells ({summary}); runs in {spec.runs_dir}\n{text}"
+
+
+def run_grid(
+    spec: GridSpec,
+    executor: str = "local",
+    workers: int | str | None = None,
+    analyse: bool = True,
+    progress: bool | None = None,
+    slurm_cluster: str | None = None,
+    slurm_timeout_s: float | None = None,
+    log=print,
+) -> GridReport:
+    """Run every cell of ``spec`` that is not done, then the analysis notebook.
+
+    executor "local" uses ``workers`` processes ("auto": one per GPU, or a share of the CPU
+    cores); "slurm" submits job arrays with submitit (``slurm_cluster="local"`` runs them on this
+    machine, "debug" in-process). Failures are recorded in the run directories and listed in the
+    report; they do not stop the grid.
+    """
+    start = time.perf_counter()
+    if executor not in ("local", "slurm"):
+        raise GridError(f"unknown executor {executor!r}; valid: local, slurm")
+    report_prepare = prepare(spec, log=log)
+    cells = expand_cells(spec)
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    write_cells_index(spec, cells)
+    todo = [c for c in cells if not c.done]
+    report = GridReport(total=len(cells), already_done=len(cells) - len(todo), prepare_seconds=report_prepare)
+    log(f"grid {spec.name!r}: {len(cells)} cells, {report.already_done} already done, {len(todo)} to run")
+    settings = RunnerSettings(
+        notebook=spec.notebooks["fine_tuning"], kernel_name=spec.run["kernel_name"],
+        cells_per_kernel=int(spec.run["cells_per_kernel"]), cell_timeout_s=int(spec.run["cell_timeout_s"]),
+    )
+    if todo:
+        bar = _progress(len(todo), disable=None if progress is None else not progress)
+        try:
+            if executor == "local":
+                envs = worker_environments(workers if workers is not None else spec.run["workers"],
+                                           spec.run["threads_per_worker"])
+                log(f"local executor: {len(envs)} worker(s)")
+                _run_local(todo, settings, envs, report, bar)
+            else:
+                _run_slurm(todo, settings, spec, report, bar, slurm_cluster, slurm_timeout_s)
+        finally:
+            bar.close()
+    executing = spec.runs_dir / ".executing"
+    if executing.exists() and not any(executing.iterdir()):
+        executing.rmdir()
+    if analyse and spec.notebooks["analysis"].exists():
+        analysis_start = time.perf_counter()
+        output = spec.runs_dir / "04_analysis.ipynb"
+        log(f"analysis: {spec.notebooks['analysis']} -> {output}")
+        try:
+            _execute_once(spec.notebooks["analysis"], output,
+                          {"grid_config": str(spec.path) if spec.path else "",
+                           "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir)},
+                          spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
+        except Exception as err:
+            report.failures.append(("analysis notebook", _describe_error(err)))
+        report.analysis_seconds = time.perf_counter() - analysis_start
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+def iter_run_dirs(runs_dir: str | os.PathLike) -> Iterable[Path]:
+    """Complete run directories (those with metrics.json) under ``runs_dir``."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.exists():
+        return []
+    return sorted(p.parent for p in runs_dir.glob(f"*/{METRICS_FILE}"))
+
+
+def write_report(spec: GridSpec, report: GridReport) -> Path:
+    """``runs_dir/grid_report.json``: counts, timings and failures of the last launch."""
+    data = {**dataclasses.asdict(report), "overhead_share": report.overhead_share}
+    return atomic_write_json(spec.runs_dir / "grid_report.json", data)
