@@ -55,9 +55,14 @@ class LIDCInputError(ManifestError):
 
 @dataclass
 class Volume:
-    """A CT series in Hounsfield units, slices sorted by position along the slice normal."""
+    """A CT series, slices sorted by position along the slice normal.
 
-    hu: np.ndarray                 # (slices, rows, cols) float32
+    Only headers are read up front; :meth:`slice_hu` reads one slice's pixels (a nodule task
+    needs a few slices of a series of hundreds), :attr:`hu` the whole volume.
+    """
+
+    files: list[Path]              # sorted like positions
+    shape: tuple[int, int, int]    # (slices, rows, cols)
     positions: np.ndarray          # (slices, 3) ImagePositionPatient, sorted
     row_direction: np.ndarray      # direction of increasing column index
     col_direction: np.ndarray      # direction of increasing row index
@@ -65,6 +70,16 @@ class Volume:
     slice_spacing: float
     patient_id: str
     series_uid: str
+
+    def slice_hu(self, index: int) -> np.ndarray:
+        """Slice ``index`` in Hounsfield units: stored value * RescaleSlope + RescaleIntercept."""
+        ds = pydicom.dcmread(self.files[index])
+        return (ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1.0))
+                + float(ds.get("RescaleIntercept", 0.0)))
+
+    @property
+    def hu(self) -> np.ndarray:
+        return np.stack([self.slice_hu(k) for k in range(self.shape[0])])
 
     @property
     def normal(self) -> np.ndarray:
@@ -107,7 +122,7 @@ def read_series(files: Sequence[str | Path], spacing_tolerance: float = 0.1) -> 
     files = [Path(f) for f in files]
     if len(files) < 2:
         raise LIDCInputError(f"a CT series needs at least 2 slices; got {len(files)}: {files}.")
-    slices = [pydicom.dcmread(f) for f in files]
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     where = files[0].parent
     first = slices[0]
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in slices}
@@ -150,10 +165,8 @@ def read_series(files: Sequence[str | Path], spacing_tolerance: float = 0.1) -> 
             f"({len(off)} irregular step(s) in {len(files)} slices). Download the series "
             "again (all files), or raise spacing_tolerance= if the spacing truly varies."
         )
-    hu = np.stack([
-        slices[i].pixel_array.astype(np.float32) * float(slices[i].get("RescaleSlope", 1.0))
-        + float(slices[i].get("RescaleIntercept", 0.0)) for i in order])
-    return Volume(hu=hu, positions=positions[order], row_direction=row_dir, col_direction=col_dir,
+    return Volume(files=[files[i] for i in order], shape=(len(files), *shape),
+                  positions=positions[order], row_direction=row_dir, col_direction=col_dir,
                   pixel_spacing=(spacing[0], spacing[1]), slice_spacing=usual,
                   patient_id=str(first.get("PatientID", "")), series_uid=next(iter(uids)))
 
@@ -326,13 +339,13 @@ def nodules_of_series(
     else:
         mm = volume.voxel_to_patient(voxels[:, 0], voxels[:, 1], voxels[:, 2])
         ids = cluster_points(mm, distance_mm)
-    limits = np.array(volume.hu.shape) - 0.5
+    limits = np.array(volume.shape) - 0.5
     outside = np.any((voxels < -0.5) | (voxels > limits), axis=1)
     if outside.any():
         k = int(np.flatnonzero(outside)[0])
         raise LIDCInputError(
             f"{volume.patient_id} series {volume.series_uid}: {int(outside.sum())} annotation "
-            f"centroid(s) fall outside the volume of shape {volume.hu.shape}, e.g. reader "
+            f"centroid(s) fall outside the volume of shape {volume.shape}, e.g. reader "
             f"{annotations['reader'].iloc[k]} at voxel {np.round(voxels[k], 1).tolist()}. "
             "Check the coordinate columns (mm vs voxels) and the series UID."
         )
@@ -344,7 +357,7 @@ def nodules_of_series(
         rows.append({"nodule": nodule, "n_annotations": int(members.sum()),
                      "ratings": "|".join(str(int(r)) for r in ratings),
                      "malignancy_median": float(np.median(ratings)),
-                     "slice_index": int(np.clip(np.round(centre[0]), 0, volume.hu.shape[0] - 1)),
+                     "slice_index": int(np.clip(np.round(centre[0]), 0, volume.shape[0] - 1)),
                      "centroid_row": float(centre[1]), "centroid_col": float(centre[2])})
     return pd.DataFrame(rows)
 
@@ -352,7 +365,7 @@ def nodules_of_series(
 def nodule_image(volume: Volume, nodule: pd.Series, *, image: str, crop_size: int,
                  window: tuple[float, float]) -> np.ndarray:
     """The windowed axial slice through the centroid, or a square crop centred on it."""
-    plane = volume.hu[int(nodule["slice_index"])]
+    plane = volume.slice_hu(int(nodule["slice_index"]))
     if image == "crop":
         half = crop_size // 2
         padded = np.pad(plane, half, mode="constant", constant_values=float(plane.min()))
