@@ -193,16 +193,21 @@ def test_annotated_series_absent(tmp_path):
 
 
 def test_failed_rebuild_leaves_no_complete_looking_output(tmp_path):
-    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
+    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=7)
     out = tmp_path / "out"
     build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table, **SMALL_SPLITS)
     assert (out / "manifest.csv").exists()
     series[3].files[2].unlink()  # files are in position order: this leaves a gap
-    with pytest.raises(LIDCInputError, match="missing slice|inconsistent"):
+    with pytest.raises(LIDCInputError, match=r"missing slice.*bad_series='skip'"):
         build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
                       **SMALL_SPLITS)
     assert not (out / "manifest.csv").exists()
     assert not (out / "manifest.meta.json").exists()
+    manifest = build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
+                             bad_series="skip", **SMALL_SPLITS)
+    assert list(manifest.meta["bad_series_skipped"]) == [series[3].series_uid]
+    assert "missing slice" in manifest.meta["bad_series_skipped"][series[3].series_uid]
+    assert series[3].patient_id not in set(manifest.table["patient_id"])
 
 
 def test_centroid_outside_volume(tmp_path):

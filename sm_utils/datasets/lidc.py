@@ -398,6 +398,7 @@ def build_lidc_idri(
     window_width: float = LUNG_WINDOW[1],
     spacing_tolerance: float = 0.1,
     missing_series: str = "error",
+    bad_series: str = "error",
     n_folds: int = 5,
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
@@ -410,10 +411,13 @@ def build_lidc_idri(
     "nodule_id" (the table's nodule_id already names the same nodule across readers).
     ``image``: "slice" (whole axial slice) or "crop" (``crop_size`` square).
     ``missing_series``: "error" or "skip" for annotated series absent under ``root``
-    (with pylidc only series present under ``root`` are used).
+    (with pylidc only series present under ``root`` are used). ``bad_series``: "error" or
+    "skip" (listed in the meta with the reason) for series with missing slices, irregular
+    spacing or inconsistent geometry.
     """
     choices = {"cluster": (cluster, ("distance", "nodule_id")), "image": (image, ("slice", "crop")),
-               "missing_series": (missing_series, ("error", "skip"))}
+               "missing_series": (missing_series, ("error", "skip")),
+               "bad_series": (bad_series, ("error", "skip"))}
     for name, (value, valid) in choices.items():
         if value not in valid:
             raise LIDCInputError(f"{name} must be one of {list(valid)}; got {value!r}.")
@@ -448,9 +452,16 @@ def build_lidc_idri(
         )
     window = (window_centre, window_width)
     rows, excluded = [], {"rating_equals_threshold": 0, "too_few_annotations": 0}
+    skipped_bad: dict[str, str] = {}
     for (patient, series_uid), group in table[~table["series_uid"].isin(absent)].groupby(
             ["patient_id", "series_uid"], sort=True):
-        volume = read_series(series_files[series_uid], spacing_tolerance)
+        try:
+            volume = read_series(series_files[series_uid], spacing_tolerance)
+        except LIDCInputError as err:
+            if bad_series == "error":
+                raise LIDCInputError(f"{err} (or pass bad_series='skip')") from err
+            skipped_bad[series_uid] = str(err)
+            continue
         nodules = nodules_of_series(group.reset_index(drop=True), volume, cluster=cluster,
                                     distance_mm=cluster_distance_mm)
         short = hashlib.sha1(series_uid.encode()).hexdigest()[:8]
@@ -490,6 +501,6 @@ def build_lidc_idri(
         "crop_size": crop_size if image == "crop" else None, "window": list(window),
         "n_nodules": len(frame), "n_malignant": int(frame["label"].sum()),
         "n_patients": int(frame["patient_id"].nunique()), "excluded": excluded,
-        "series_skipped": absent, "seed": seed,
+        "series_skipped": absent, "bad_series_skipped": skipped_bad, "seed": seed,
     }
     return Manifest(table=frame, root=out_dir.resolve(), meta=meta)
