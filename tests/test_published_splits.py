@@ -173,3 +173,15 @@ def test_split_dir_without_test_file(tmp_path):
     (tmp_path / "splits" / "train_0.csv").write_text("path,pid,class\na.png,1,YES\n")
     with pytest.raises(SplitFileError, match="expected one test file"):
         import_published_splits(tmp_path, split_dir=tmp_path / "splits")
+
+
+def test_one_listed_image_absent(clean_splits):
+    items, files, tmp_path = clean_splits
+    gone = Path(items["path"].iloc[0]).name
+    next((tmp_path / "images").rglob(gone)).unlink()
+    with pytest.raises(SplitFileError, match=rf"1 of {len(items)} image\(s\).*{gone}"):
+        _import(files, tmp_path)
+    manifest, _ = _import(files, tmp_path, missing_images="drop")
+    assert gone not in set(manifest.table["image_id"])
+    assert len(manifest.table) == len(items) - 1
+    assert manifest.meta["images_not_found_dropped"] == 1

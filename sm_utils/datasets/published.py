@@ -250,11 +250,9 @@ def import_published_splits(
         part = read_split_file(path, class_map)
         parts.append(part.assign(fold=fold, group=group, file=Path(path).name))
     listed = pd.concat(parts, ignore_index=True)
-    listed = _check_consistent(listed)
-
     listed["path"] = resolve_paths(listed["listed_path"], root, missing_images)
     dropped = sorted(listed.loc[listed["path"].isna(), "listed_path"].unique())
-    listed = listed[listed["path"].notna()]
+    listed = _check_consistent(listed[listed["path"].notna()])
 
     attributes = ["sex"] if "sex" in listed else []
     images = (listed.drop_duplicates("path")[["path", "patient_id", "label", *attributes]]
@@ -329,11 +327,11 @@ def _first(groups: set[str]) -> str:
 def _check_consistent(listed: pd.DataFrame) -> pd.DataFrame:
     """An image listed in several files must have the same patient, label (and sex)."""
     columns = [c for c in ("patient_id", "label", "sex") if c in listed]
-    varying = listed.groupby("listed_path")[columns].nunique()
+    varying = listed.groupby("path")[columns].nunique()
     bad = varying[(varying > 1).any(axis=1)]
     if len(bad):
         example = bad.index[0]
-        rows = listed[listed["listed_path"] == example][["file", *columns]]
+        rows = listed[listed["path"] == example][["file", "listed_path", *columns]]
         raise SplitFileError(
             f"{len(bad)} image(s) are listed with different {columns} in different split "
             f"files, e.g. {example}:\n{rows.to_string(index=False)}\nFix the files so every "
