@@ -101,13 +101,15 @@ class ConfounderSpec:
     name: str
     strengths: list[float] = field(default_factory=lambda: [1.0])
     params: dict[str, Any] = field(default_factory=dict)
+    datasets: list[str] | None = None   # restrict to these datasets (e.g. sex: the sex task only)
 
 
 @dataclass
 class SourceSpec:
     name: str
     weights: Path | None = None
-    # How to make missing weights: {"notebook": path, "parameters": {...}} run once before cells.
+    # How to make missing weights: {"notebook": path, "parameters": {...}}, run once before the
+    # cells; its parameters must make it write the file named by `weights`.
     build: dict[str, Any] | None = None
 
 
@@ -203,16 +205,19 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
 
     confounders = []
     for entry in _parse_entries(raw.get("confounders"), "confounders", problems):
-        extra = sorted(set(entry) - {"name", "strength", "strengths", "params"})
+        extra = sorted(set(entry) - {"name", "strength", "strengths", "params", "datasets"})
         if extra:
             problems.append(
-                f"confounders[{entry['name']}]: unknown key(s) {extra}; valid: strength, strengths, params"
+                f"confounders[{entry['name']}]: unknown key(s) {extra}; "
+                "valid: strength, strengths, params, datasets"
             )
         strengths = _as_list(entry.get("strengths", entry.get("strength", 1.0)))
         if entry["name"] == "none":
             strengths = [0.0]
+        only = entry.get("datasets")
         confounders.append(ConfounderSpec(entry["name"], [float(s) for s in strengths],
-                                          dict(entry.get("params") or {})))
+                                          dict(entry.get("params") or {}),
+                                          None if only is None else [str(d) for d in _as_list(only)]))
 
     sources = []
     for entry in _parse_entries(raw.get("sources"), "sources", problems):
@@ -266,6 +271,12 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
         problems.append(f"notebooks: unknown key(s) {extra}; valid: {sorted(DEFAULT_NOTEBOOKS)}")
     notebooks.update(given)
 
+    dataset_names = [d.name for d in datasets]
+    for confounder in confounders:
+        unknown = sorted(set(confounder.datasets or []) - set(dataset_names))
+        if unknown:
+            problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
+                            f"datasets of this grid; valid: {dataset_names}")
     if problems:
         raise GridError(_problem_text(path, problems))
     return GridSpec(
@@ -405,6 +416,8 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
     cells = []
     seen: set[str] = set()
     for dataset, confounder in itertools.product(spec.datasets, spec.confounders):
+        if confounder.datasets is not None and dataset.name not in confounder.datasets:
+            continue
         for strength, p, fold, source, arch, seed in itertools.product(
             confounder.strengths, spec.prevalences, spec.folds, spec.sources, spec.architectures,
             spec.seeds,
@@ -846,7 +859,7 @@ def prepare(spec: GridSpec, log=print) -> float:
         log(f"building dataset {dataset.name!r} with {spec.notebooks['data']} -> {dataset.manifest}")
         _execute_once(
             spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
-            {"dataset": dataset.name, "out_dir": str(dataset.manifest.parent), "params": dataset.params},
+            {"dataset": dataset.name, "out_dir": str(dataset.manifest.parent), **dataset.params},
             spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
         )
         if not dataset.manifest.exists():
@@ -857,8 +870,8 @@ def prepare(spec: GridSpec, log=print) -> float:
             continue
         notebook = _resolve(spec.root, source.build["notebook"])
         log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
-        params = {**dict(source.build.get("parameters") or {}), "out_path": str(source.weights)}
-        _execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
+        _execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb",
+                      dict(source.build.get("parameters") or {}),
                       spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
         if not source.weights.exists():
             raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
