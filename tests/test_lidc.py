@@ -55,6 +55,7 @@ def test_builder_finds_known_slice_and_label(tmp_path, coordinates):
     expected = [(s, n) for s in series for n in s.nodules if n.label is not None]
     assert len(frame) == len(expected) == 12
     assert manifest.meta["excluded"]["rating_equals_threshold"] == 3  # odd patients' rated-3
+    assert manifest.meta["clusters_over_4_annotations"] == 0
     for s, nodule in expected:
         (index,) = np.flatnonzero((frame["series_uid"] == s.series_uid)
                                   & ((frame["centroid_row"] - nodule.row).abs() < 2)

@@ -501,6 +501,8 @@ def build_lidc_idri(
         "crop_size": crop_size if image == "crop" else None, "window": list(window),
         "n_nodules": len(frame), "n_malignant": int(frame["label"].sum()),
         "n_patients": int(frame["patient_id"].nunique()), "excluded": excluded,
+        # LIDC has 4 readers: more annotations in one cluster means neighbouring nodules merged
+        "clusters_over_4_annotations": int((frame["n_annotations"] > 4).sum()),
         "series_skipped": absent, "bad_series_skipped": skipped_bad, "seed": seed,
     }
     return Manifest(table=frame, root=out_dir.resolve(), meta=meta)
