@@ -5,10 +5,17 @@ attribute ``layer_names``; per layer a group with attribute ``weight_names`` suc
 ``conv2_block1_1_conv/kernel:0``; the dataset at ``/<layer>/<layer>/kernel:0``), with the real
 ResNet50 shapes and seeded random values. The reference forward pass is plain numpy in Keras'
 own conventions (NHWC activations, HWIO kernels, ZeroPadding2D + valid conv, zero-padded max
-pool), so it shares no code with the converter or the PyTorch module.
+pool), so it shares no code with the converter or the PyTorch module. Where TensorFlow is
+available (here, or in a separate environment named by $SM_TF_PYTHON), real tf.keras ResNet50
+files and outputs are compared too; otherwise that test is skipped.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -292,17 +299,62 @@ def test_full_forward_matches_numpy_reference(notop, loaded_model, image_nhwc):
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()
 
 
-def test_tensorflow_keras_equivalence(notop, loaded_model, image_nhwc):
-    tf = pytest.importorskip("tensorflow")
-    path, _, _ = notop
-    keras_model = tf.keras.applications.ResNet50(
-        include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg"
-    )
-    keras_model.load_weights(str(path))
-    expected = keras_model(image_nhwc, training=False).numpy()
-    with torch.no_grad():
-        features = loaded_model.forward_features(to_nchw(image_nhwc)).numpy()
-    assert np.abs(features - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+# Run by a Python that has TensorFlow (this environment's, or $SM_TF_PYTHON, e.g. a separate
+# venv): tf.keras' own ResNet50 with seeded random weights writes its outputs and two real Keras
+# files, a weights-only .h5 and a full-model .h5 (weights under "model_weights").
+TF_SCRIPT = """
+import sys, h5py, numpy as np
+try:
+    import keras
+except ImportError:
+    from tensorflow import keras
+out = sys.argv[1]
+model = keras.applications.ResNet50(
+    weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3))
+rng = np.random.default_rng(11)
+values = []
+for w in model.weights:
+    name, shape = getattr(w, "path", w.name), tuple(w.shape)
+    if "moving_variance" in name or "gamma" in name:
+        v = rng.uniform(0.5, 1.5, shape)
+    elif "kernel" in name:
+        v = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    else:
+        v = 0.1 * rng.standard_normal(shape)
+    values.append(v.astype("float32"))
+model.set_weights(values)
+x = np.random.default_rng(12).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+np.save(out + "/x.npy", x)
+np.save(out + "/y.npy", model.predict(x, verbose=0))
+try:  # Keras 3 writes the legacy .h5 weights format only through this function
+    from keras.src.legacy.saving import legacy_h5_format
+    with h5py.File(out + "/weights_only.h5", "w") as fh:
+        legacy_h5_format.save_weights_to_hdf5_group(fh, model)
+except ImportError:
+    model.save_weights(out + "/weights_only.h5")
+model.save(out + "/full_model.h5")
+"""
+
+
+def _python_with_tensorflow() -> str | None:
+    if os.environ.get("SM_TF_PYTHON"):
+        return os.environ["SM_TF_PYTHON"]
+    return sys.executable if importlib.util.find_spec("tensorflow") else None
+
+
+def test_tensorflow_keras_equivalence(tmp_path):
+    python = _python_with_tensorflow()
+    if python is None:
+        pytest.skip("TensorFlow is not importable; set SM_TF_PYTHON=<python with tensorflow>")
+    subprocess.run([python, "-c", TF_SCRIPT, str(tmp_path)], check=True, timeout=600)
+    x, y = np.load(tmp_path / "x.npy"), np.load(tmp_path / "y.npy")
+    for name in ("weights_only.h5", "full_model.h5"):
+        model = KerasResNet50(num_classes=0)
+        model.load_state_dict(convert_keras_h5(tmp_path / name), strict=False)
+        with torch.no_grad():
+            features = model.eval().forward_features(to_nchw(x)).numpy()
+        assert np.abs(y).max() > 1.0
+        assert np.abs(features - y).max() < 1e-4, name
 
 
 # ------------------------------------------------------------------ file variants and refusals
