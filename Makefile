@@ -15,7 +15,7 @@ export PYTHONHASHSEED ?= 0
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,parquet]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,parquet,lidc]"
 	touch $(STAMP)
 
 setup: $(STAMP)
