@@ -19,6 +19,7 @@ from .registry import ConfounderError, register_confounder
 # Attenuation of water and air used by the paper's X-ray dose model (per unit length).
 MU_WATER_XRAY, MU_AIR_XRAY = 0.1837, 0.1662
 DOSE_SCALINGS = ("area", "none")
+NORMAL_APPROXIMATION_FROM = 1e5  # photons: above this, Poisson noise is drawn as normal
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
@@ -150,7 +151,14 @@ def xray_dose(image, rng, n0, *, hu_min, hu_max, reference_size, dose_scaling):
     grey = image + rng.random(image.shape)  # dither U(0, 1); floor below keeps the mean
     hu = hu_min + grey / 255.0 * (hu_max - hu_min)
     mu = hu * (MU_WATER_XRAY - MU_AIR_XRAY) / 1000.0 + MU_WATER_XRAY
-    counts = np.maximum(rng.poisson(photons * np.exp(-mu)), 1)
+    expected = photons * np.exp(-mu)
+    if expected.min() >= NORMAL_APPROXIMATION_FROM:
+        # Poisson(lam) and round(N(lam, lam)) are indistinguishable at these counts (skewness
+        # 1/sqrt(lam) < 0.3 %), and the normal draw is about 3x faster.
+        counts = np.rint(expected + np.sqrt(expected) * rng.standard_normal(expected.shape))
+    else:
+        counts = rng.poisson(expected)
+    counts = np.maximum(counts, 1)
     mu_noisy = -np.log(counts / photons)
     hu_noisy = (mu_noisy - MU_WATER_XRAY) * 1000.0 / (MU_WATER_XRAY - MU_AIR_XRAY)
     out = (hu_noisy - hu_min) / (hu_max - hu_min) * 255.0

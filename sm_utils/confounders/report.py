@@ -1,0 +1,96 @@
+"""Tables and figures of notebook 02: what each confounder does, where, and how much."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..manifest import Manifest
+from .checks import check_confounder, check_sampled
+from .prevalence import apply_prevalence
+from .registry import Confounder
+
+# Test sets of the study, with the split of the manifest they are drawn from.
+SETS = (("train", "train", "train"), ("val", "val", "train"), ("test iid", "test", "iid"),
+        ("test ood", "test", "ood"), ("test clean", "test", "clean"))
+
+
+def prevalence_counts(manifest: Manifest, confs: list[Confounder], p: float, seed: int,
+                      fold: int) -> pd.DataFrame:
+    """Per confounder and set: rows used, and confounded positives / negatives."""
+    records = []
+    for conf in confs:
+        for set_name, role, rule in SETS:
+            rows = manifest.rows(fold, role)
+            try:
+                chosen = apply_prevalence(rows, conf, p, seed, rule)
+            except ValueError as error:
+                records.append({"confounder": conf.name, "set": set_name, "error": str(error)})
+                continue
+            positive = chosen["label"] == 1
+            records.append({
+                "confounder": conf.name, "set": set_name, "rows": len(chosen),
+                "positives": int(positive.sum()),
+                "confounded positives": int((chosen["confounded"] & positive).sum()),
+                "negatives": int((~positive).sum()),
+                "confounded negatives": int((chosen["confounded"] & ~positive).sum()),
+            })
+    return pd.DataFrame(records)
+
+
+def example_row(manifest: Manifest, conf: Confounder, p: float, seed: int, fold: int) -> pd.Series:
+    """A training row the confounder is put on at ``p`` (any positive when p = 0)."""
+    rows = apply_prevalence(manifest.rows(fold, "train"), conf, max(p, 1e-9), seed, "train")
+    chosen = rows[rows["confounded"] & (rows["label"] == 1)]
+    return (chosen if len(chosen) else rows[rows["label"] == 1]).iloc[0]
+
+
+def measured_checks(images: dict[str, np.ndarray], confs: list[Confounder],
+                    manifests: dict[str, Manifest], p: float, seed: int, fold: int) -> pd.DataFrame:
+    """One row per measurement (synthetic: on the example image; sampled: phi per set)."""
+    records = []
+    for conf in confs:
+        if conf.kind == "synthetic":
+            records.append(check_confounder(conf, images[conf.name], seed))
+        else:
+            rows = manifests[conf.name].rows(fold, "train")
+            records.extend(check_sampled(conf, rows, p, seed))
+    return pd.DataFrame(records)
+
+
+def plot_examples(images: dict[str, np.ndarray], confs: list[Confounder], seed: int,
+                  path: str | Path | None = None, per_row: int = 2):
+    """Clean | confounded | difference for each synthetic confounder; saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    synthetic = [c for c in confs if c.kind == "synthetic"]
+    n_rows = int(np.ceil(len(synthetic) / per_row))
+    fig, axes = plt.subplots(n_rows, 3 * per_row, figsize=(2.2 * 3 * per_row, 2.4 * n_rows),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, conf in enumerate(synthetic):
+        image = images[conf.name]
+        clean = conf.inject(image, False, seed, "example")
+        confounded = conf.inject(image, True, seed, "example")
+        diff = confounded.astype(np.int16) - clean.astype(np.int16)
+        limit = max(1, int(np.abs(diff).max()))
+        row, col = divmod(k, per_row)
+        panels = axes[row, 3 * col: 3 * col + 3]
+        panels[0].imshow(clean, cmap="gray", vmin=0, vmax=255)
+        panels[0].set_title(f"{conf.name}: clean", fontsize=8)
+        panels[1].imshow(confounded, cmap="gray", vmin=0, vmax=255)
+        panels[1].set_title("confounded", fontsize=8)
+        panels[2].imshow(diff, cmap="coolwarm", vmin=-limit, vmax=limit)
+        panels[2].set_title(f"difference (+-{limit})", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        os.chmod(path, 0o644)  # the temporary file was private
+    return fig
