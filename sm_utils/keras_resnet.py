@@ -161,16 +161,6 @@ def keras_layer_to_module(layer: str) -> str | None:
     return None
 
 
-def expected_keras_layers() -> list[str]:
-    """Names of the Keras ResNet50 layers that hold weights (without the top classifier)."""
-    names = ["conv1_conv", "conv1_bn"]
-    for stage, _width, blocks, _stride in STAGES:
-        for b in range(1, blocks + 1):
-            for i in ([0] if b == 1 else []) + [1, 2, 3]:
-                names += [f"{stage}_block{b}_{i}_conv", f"{stage}_block{b}_{i}_bn"]
-    return names
-
-
 def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
