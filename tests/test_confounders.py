@@ -277,3 +277,20 @@ def test_check_sampled_reports_the_designed_correlation():
     assert phi["train"] == pytest.approx(700 / np.sqrt(25 * 35 * 20 * 40))
     too_few = check_sampled(get_confounder("sex", n_positives=10), sex_rows(0, 5, 5, 5), 0.5, 0)
     assert not too_few[0]["passed"] and "0 exist" in too_few[0]["measure"]
+
+
+def test_cached_inject_is_identical_and_reads_back(tmp_path):
+    conf = get_confounder("xray_noise").with_cache(tmp_path)
+    image = np.arange(32 * 32, dtype=np.uint32).reshape(32, 32).astype(np.uint8)
+    first = conf.inject(image, True, seed=0, image_id="a")
+    assert np.array_equal(first, get_confounder("xray_noise").inject(image, True, 0, "a"))
+    files = list(tmp_path.rglob("*.png"))
+    assert len(files) == 1
+    assert np.array_equal(conf.inject(image, True, 0, "a"), first)
+    from PIL import Image
+    Image.fromarray(np.zeros_like(image)).save(files[0])  # prove the next call reads the file
+    assert not conf.inject(image, True, 0, "a").any()
+    conf.inject(image, False, 0, "a")  # clean rows (baseline noise) are cached separately
+    conf.inject(image, True, 1, "a")  # and so are other seeds
+    assert len(list(tmp_path.rglob("*.png"))) == 3
+    assert conf.spec() == get_confounder("xray_noise").spec()  # the cache is not a parameter

@@ -9,9 +9,12 @@ on a 2-D uint8 array; a *sampled* confounder has no function, it selects rows by
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,6 +164,7 @@ class Confounder:
     description: str
     params: dict[str, Any] = field(default_factory=dict)
     _spec: ConfounderSpec | None = field(default=None, repr=False, compare=False)
+    cache_dir: str | None = field(default=None, compare=False)
 
     @property
     def strength(self) -> float:
@@ -198,9 +202,38 @@ class Confounder:
         """What the data pipeline should call for every image of every split.
 
         ``apply`` when the row is confounded, ``baseline`` otherwise, with the image's own rng.
+        The result is a pure function of (parameters, seed, image id, image), so with a
+        :meth:`with_cache` folder it is computed once and read back in later epochs and runs.
         """
-        rng = self.image_rng(seed, image_id)
-        return self.apply(image, rng) if confounded else self.baseline(image, rng)
+        if self.cache_dir is None:
+            rng = self.image_rng(seed, image_id)
+            return self.apply(image, rng) if confounded else self.baseline(image, rng)
+        return self._cached_inject(image, bool(confounded), seed, image_id)
+
+    def with_cache(self, cache_dir: str | os.PathLike | None) -> Confounder:
+        """The same confounder, memoising :meth:`inject` as PNG files under ``cache_dir``.
+
+        Worth it for slow confounders (``ct_noise`` takes seconds per 512 px image).
+        """
+        return replace(self, cache_dir=None if cache_dir is None else str(cache_dir))
+
+    def _cached_inject(self, image, confounded, seed, image_id) -> np.ndarray:
+        from PIL import Image
+
+        from ..io import atomic_path
+
+        check_image(image, f"confounder {self.name!r}")
+        key = hashlib.sha256(json.dumps(
+            [self.spec(), _check_seed(seed), str(image_id), confounded, list(image.shape)],
+            sort_keys=True, default=str).encode() + image.tobytes()).hexdigest()
+        path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
+        if path.is_file():
+            with Image.open(path) as cached:
+                return np.asarray(cached).copy()
+        out = replace(self, cache_dir=None).inject(image, confounded, seed, image_id)
+        with atomic_path(path) as tmp:
+            Image.fromarray(out).save(tmp, format="PNG")
+        return out
 
     def image_rng(self, seed: int, image_id: Any) -> np.random.Generator:
         """Per-image generator from (seed, image id, confounder name): same on every machine."""
