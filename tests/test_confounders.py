@@ -294,3 +294,9 @@ def test_cached_inject_is_identical_and_reads_back(tmp_path):
     conf.inject(image, True, 1, "a")  # and so are other seeds
     assert len(list(tmp_path.rglob("*.png"))) == 3
     assert conf.spec() == get_confounder("xray_noise").spec()  # the cache is not a parameter
+
+
+def test_sampled_value_absent_from_the_data_is_an_error():
+    rows = make_rows(10, 10).assign(view="PA")
+    with pytest.raises(ConfounderError, match="without positives or without negatives.*0 negative view=AP"):
+        apply_prevalence(rows, get_confounder("view"), 0.5, seed=0, test_set="ood")

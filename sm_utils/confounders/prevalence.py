@@ -157,15 +157,16 @@ def _sampled(rows, conf, p, seed, test_set, n_pos, n_neg, label_column, id_colum
     n_neg = max_neg if n_neg is None else int(n_neg)
     wanted = _wanted(n_pos, n_neg, p, test_set)
     short = {g: (wanted[g], counts[g]) for g in groups if wanted[g] > counts[g]}
-    if short or n_pos < 0 or n_neg < 0:
+    if short or n_pos <= 0 or n_neg <= 0:
         attr = conf.params["attribute"]
         ref_name = "other" if reference is None else reference
         found = ", ".join(f"{counts[g]} {'positive' if g.endswith('+') else 'negative'} "
                           f"{attr}={value if g.startswith('value') else ref_name}" for g in groups)
         needs = "; ".join(f"{w} needed for {g} but {c} exist" for g, (w, c) in short.items())
+        needs = needs or "a pool without positives or without negatives cannot be used"
         raise ConfounderError(
             f"sampled confounder {conf.name!r} ({test_set}, p={p}): asked for {n_pos} "
-            f"positives and {n_neg} negatives: {needs or 'pool sizes must be >= 0'}. The rows "
+            f"positives and {n_neg} negatives: {needs}. The rows "
             f"have {found}. The largest feasible pools here are n_positives={max_pos}, "
             f"n_negatives={max_neg}; ask for fewer or add data."
         )
