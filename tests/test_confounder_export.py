@@ -15,15 +15,17 @@ from sm_utils.manifest import Manifest, load_manifest, save_manifest
 @pytest.fixture()
 def tiny_manifest(tmp_path):
     rng = np.random.default_rng(0)
-    roles = ["train"] * 10 + ["val"] * 2 + ["test"] * 6
-    labels = [1, 0] * 9
+    roles = ["train"] * 10 + ["val"] * 4 + ["test"] * 6
+    labels = [1, 0] * 10
+    # Both sexes among positives and negatives of every split (sampled pools need both).
+    sexes = "FMMMFFMMFM" + "FMMM" + "FFMMMF"
     rows = []
     for i, (role, label) in enumerate(zip(roles, labels, strict=True)):
         path = f"img/{i}.png"
         (tmp_path / "src" / "img").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(40, 200, (48, 48), dtype=np.uint8)).save(tmp_path / "src" / path)
         rows.append({"image_id": f"i{i}", "path": path, "label": label, "patient_id": f"p{i}",
-                     "fold_0": role, "sex": "F" if i % 4 < 2 else "M"})
+                     "fold_0": role, "sex": sexes[i]})
     manifest = Manifest(pd.DataFrame(rows), root=tmp_path / "src")
     save_manifest(manifest, tmp_path / "src" / "manifest.csv")
     return tmp_path / "src" / "manifest.csv"
@@ -35,10 +37,11 @@ def test_export_writes_confounded_images_and_a_valid_manifest(tiny_manifest, tmp
     again = load_manifest(tmp_path / "out" / "manifest.csv")  # validates files and leakage
     table = again.table
     assert table["fold_0"].value_counts().to_dict() == {
-        "train": 10, "val": 2, "test": 6, "test_ood": 6, "test_clean": 6}
-    # Train: round(0.6 * 5) = 3 positives confounded; val: round(0.6 * 1) = 1.
+        "train": 10, "val": 4, "test": 6, "test_ood": 6, "test_clean": 6}
+    # Train: round(0.6 * 5) = 3 positives confounded; val: round(0.6 * 2) = 1.
     train = table[table["fold_0"] == "train"]
     assert train["confounded"].sum() == 3 and (train.loc[train["confounded"], "label"] == 1).all()
+    assert table.loc[table["fold_0"] == "val", "confounded"].sum() == 1
     ood = table[table["fold_0"] == "test_ood"]
     assert ood["confounded"].equals(ood["label"] == 0)
     source = load_manifest(tiny_manifest)
