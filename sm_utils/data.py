@@ -116,13 +116,26 @@ class ImageCache:
     :meth:`get` or by position with ``cache.array[i]``.
     """
 
-    def __init__(self, array_path: Path, image_ids: Sequence[str], size: int):
-        self.path = Path(array_path)
+    def __init__(self, array_path: Path | None, image_ids: Sequence[str], size: int,
+                 array: np.ndarray | None = None):
+        self.path = Path(array_path) if array_path is not None else None
         self.size = int(size)
         self.image_ids = [str(i) for i in image_ids]
         self.index = {image_id: i for i, image_id in enumerate(self.image_ids)}
-        self.array = np.memmap(self.path, dtype=np.uint8, mode="r",
-                               shape=(len(self.image_ids), self.size, self.size))
+        if array is None:
+            array = np.memmap(self.path, dtype=np.uint8, mode="r",
+                              shape=(len(self.image_ids), self.size, self.size))
+        self.array = array
+
+    @classmethod
+    def in_memory(cls, array: np.ndarray, image_ids: Sequence[str]) -> ImageCache:
+        """A cache over images already in memory (uint8 (N, S, S)), e.g. rendered phantoms."""
+        array = np.asarray(array)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[1] != array.shape[2]:
+            raise DataError(f"expected uint8 images (N, S, S); got {array.dtype} {array.shape}.")
+        if len(image_ids) != len(array):
+            raise DataError(f"{len(image_ids)} ids for {len(array)} images; give one id each.")
+        return cls(None, image_ids, array.shape[1], array=array)
 
     @staticmethod
     def key(manifest: Manifest, size: int) -> str:

@@ -33,7 +33,7 @@ from .data import PAPER_AUGMENTATION, ConfoundedImageDataset, ImageCache, make_l
 from .evaluation import json_safe, summarise_test_set
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
 from .manifest import load_manifest
-from .training import configure_device, predict, resolve_device, train_model
+from .training import configure_device, predict, reset_head, resolve_device, train_model
 
 NO_CONFOUNDER = "none"
 TEST_SETS = ("iid", "ood", "clean")
@@ -171,8 +171,11 @@ def split_rows(config: RunConfig, manifest, conf) -> dict[str, pd.DataFrame]:
             f"fold {config.fold} of {config.manifest} has {len(train)} train, {len(val)} val and "
             f"{len(test)} test rows; all three are needed. Rebuild the splits."
         )
-    splits = {"train": confound_rows(train, conf, config, "train"),
-              "val": confound_rows(val, conf, config, "train")}
+    # As in the paper, the training pool (train + val) is confounded as a whole and then split,
+    # so that a sampled confounder's pool sizes come from the pool, not from the small val set.
+    pool = confound_rows(pd.concat([train, val]), conf, config, "train")
+    role = manifest.table.loc[pool.index, f"fold_{config.fold}"]
+    splits = {"train": pool[role == "train"], "val": pool[role == "val"]}
     for name in TEST_SETS:
         splits[name] = confound_rows(test, conf, config, name)
     return splits
@@ -238,6 +241,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         model, prep = create_model(config.source, arch=config.arch, weights=config.weights,
                                    num_classes=2, drop_rate=config.drop_rate,
                                    image_size=config.image_size)
+        reset_head(model)  # the paper's Keras Dense head: Glorot uniform, zero bias
         result = train_model(
             model, prep, train_loader, val_loader, device=device, epochs=config.epochs,
             lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,

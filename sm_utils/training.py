@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
@@ -93,6 +94,26 @@ def configure_device(device: torch.device, threads: int | None = None) -> Iterat
         torch.backends.cudnn.benchmark = previous[2]
 
 
+def reset_head(model: nn.Module) -> nn.Linear:
+    """Initialise the classification head as Keras' Dense does: Glorot uniform, zero bias.
+
+    The paper's head is a Keras ``Dense(2, activation="softmax")``. timm's EfficientNet init
+    scales the head by 1/sqrt(fan_out), i.e. 1/sqrt(2) for two classes, which starts training
+    with logits of about +-20 and losses of 5-10; Glorot keeps the initial logits near 0.
+    Uses torch's global RNG (seed it first).
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise TrainingError(f"{type(model).__name__} has no linear classification head.")
+        head = linears[-1]
+    nn.init.xavier_uniform_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    return head
+
+
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0):
     if name not in OPTIMIZERS:
         raise TrainingError(f"optimizer must be one of {list(OPTIMIZERS)}; got {name!r}.")
@@ -132,9 +153,17 @@ def predict(
 
 
 def _val_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy, binary AUC) from softmax probabilities."""
+    """(mean cross-entropy, AUC) from softmax probabilities.
+
+    Two classes: binary AUC of class 1. More (source pretraining): one-vs-rest macro AUC.
+    """
     p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    return float(-np.log(p).mean()), binary_auc(labels, probs[:, 1])
+    loss = float(-np.log(p).mean())
+    if probs.shape[1] == 2:
+        return loss, binary_auc(labels, probs[:, 1])
+    if len(np.unique(labels)) < probs.shape[1]:
+        return loss, float("nan")
+    return loss, float(roc_auc_score(labels, probs, multi_class="ovr"))
 
 
 @dataclass
