@@ -25,9 +25,10 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -365,18 +366,32 @@ def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bo
 # --------------------------------------------------------------------------- cells
 
 
-def run_id_for(params: dict[str, Any]) -> str:
-    """Run id of notebook 03's parameters: ``sm_utils.runs.RunConfig.run_id`` when available.
+_FLOAT_FIELDS = ("strength", "p", "lr", "weight_decay", "drop_rate")
+_INT_FIELDS = ("fold", "image_size", "epochs", "batch_size", "patience", "seed", "num_workers")
 
-    Without the fine-tuning module (e.g. tests with a stand-in notebook), the same rule: a stable
-    hash of every field except runs_dir, device and num_workers.
+
+def run_id_for(params: dict[str, Any]) -> str:
+    """Run id of notebook 03's parameters, by the rule of ``sm_utils.runs.RunConfig.run_id``.
+
+    The rule (types normalised; a stable hash of every field except runs_dir, device and
+    num_workers; p and strength ignored without a confounder) is restated here so that the grid
+    and its worker kernels need not import torch to name run directories: that import costs
+    seconds per process. tests/test_grid.py checks that both give the same ids.
     """
-    try:
-        from .runs import RunConfig
-    except ImportError:
-        identity = {k: v for k, v in params.items() if k not in NON_IDENTITY_FIELDS}
-        return stable_hash(identity)
-    return RunConfig(**params).run_id
+    identity = {k: v for k, v in params.items() if k not in NON_IDENTITY_FIELDS}
+    for name in _FLOAT_FIELDS:
+        identity[name] = float(identity[name])
+    for name in _INT_FIELDS:
+        if name in identity:
+            identity[name] = int(identity[name])
+    identity["augment"] = bool(identity["augment"])
+    identity["manifest"] = str(identity["manifest"])
+    weights = identity.get("weights")
+    identity["weights"] = None if weights in (None, "") else str(weights)
+    identity["confounder_params"] = dict(identity.get("confounder_params") or {})
+    if identity["confounder"] == "none":
+        identity.update(p=0.0, strength=0.0, confounder_params={})
+    return stable_hash(identity)
 
 
 @dataclass(frozen=True)
@@ -627,7 +642,8 @@ def detect_gpus() -> int:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
@@ -677,13 +693,13 @@ class GridReport:
 
     def summary(self) -> str:
         lines = [
-            f"cells: {self.total} in the grid, {self.already_done} already done, "
-            f"{self.succeeded} run now, {len(self.failures)} failed",
-            f"wall time {self.wall_seconds:.1f} s (preparation {self.prepare_seconds:.1f} s, "
-            f"analysis {self.analysis_seconds:.1f} s); worker time: kernels start-up "
-            f"{self.kernel_start_seconds:.1f} s, notebooks {self.cells_wall_seconds:.1f} s, of which "
-            f"training+evaluation {self.train_seconds:.1f} s; overhead share "
-            f"{100 * self.overhead_share:.1f} %",
+            (f"cells: {self.total} in the grid, {self.already_done} already done, "
+             f"{self.succeeded} run now, {len(self.failures)} failed"),
+            (f"wall time {self.wall_seconds:.1f} s (preparation {self.prepare_seconds:.1f} s, "
+             f"analysis {self.analysis_seconds:.1f} s); worker time: kernels start-up "
+             f"{self.kernel_start_seconds:.1f} s, notebooks {self.cells_wall_seconds:.1f} s, of which "
+             f"training+evaluation {self.train_seconds:.1f} s; overhead share "
+             f"{100 * self.overhead_share:.1f} %"),
         ]
         for label, error in self.failures:
             first = error.strip().splitlines()[0] if error.strip() else "unknown error"

@@ -1,0 +1,226 @@
+"""Grid specification, cells and resumable execution, with a stand-in for notebook 03.
+
+The stand-in (tests/fixtures/fake_fine_tuning.ipynb) takes notebook 03's parameters and writes
+a run directory in the contract's schema without torch, so these tests check the grid
+machinery (papermill, warm kernels, workers, submitit, resume) in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sm_utils.analysis import collect_results
+from sm_utils.grid import (
+    GridError,
+    dry_run,
+    expand_cells,
+    load_grid,
+    parse_grid,
+    run_grid,
+    run_id_for,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAKE_NOTEBOOK = FIXTURES / "fake_fine_tuning.ipynb"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_grid(folder: Path, **overrides) -> Path:
+    """A small grid (2 confounders x 2 p x 2 folds x 2 sources = 16 cells) run by the stand-in."""
+    (folder / "manifest.csv").write_text("image_id\n")
+    spec = {
+        "name": "fake",
+        "root": ".",
+        "runs_dir": "runs/fake",
+        "datasets": [{"name": "phantom_cxr", "manifest": "manifest.csv"}],
+        "confounders": ["tag", "lowpass"],
+        "prevalences": [0, 1],
+        "folds": 2,
+        "sources": ["imagenet_lite0", "random"],
+        "training": {"image_size": 32, "epochs": 1},
+        "notebooks": {"fine_tuning": str(FAKE_NOTEBOOK), "analysis": "no_analysis.ipynb"},
+        "run": {"cells_per_kernel": 100},
+    }
+    spec.update(overrides)
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def results_without_ids(runs_dir: Path) -> pd.DataFrame:
+    return collect_results(runs_dir)
+
+
+# --------------------------------------------------------------------------- specification
+
+
+def test_unknown_names_are_listed_with_the_valid_ones(tmp_path):
+    path = write_grid(tmp_path, confounders=["tagg", "lowpass"], sources=["imagenett"])
+    with pytest.raises(GridError) as info:
+        load_grid(path, check_paths=False)
+    message = str(info.value)
+    assert "unknown confounders ['tagg']" in message
+    assert "unknown sources ['imagenett']" in message
+    # valid names are listed so the user can fix the typo
+    assert "tag" in message.split("unknown confounders")[1] and "imagenet_lite0" in message
+
+
+def test_missing_weights_are_named_unless_paths_are_not_checked(tmp_path):
+    path = write_grid(tmp_path, sources=[{"name": "radimagenet", "weights": "weights/RadImageNet.h5"}])
+    with pytest.raises(GridError, match=r"weights file .*weights/RadImageNet.h5 does not exist"):
+        load_grid(path)
+    spec = load_grid(path, check_paths=False)
+    assert spec.sources[0].weights == (tmp_path / "weights/RadImageNet.h5").resolve()
+
+
+def test_structural_problems_are_all_reported_at_once(tmp_path):
+    path = write_grid(tmp_path, prevalences=[0, 1.5], training={"epochz": 3}, colour="red")
+    with pytest.raises(GridError) as info:
+        load_grid(path, check_names=False, check_paths=False)
+    message = str(info.value)
+    assert "3 problem(s)" in message
+    assert "[1.5]" in message and "'epochz'" in message and "'colour'" in message
+
+
+def test_cells_cover_the_product_with_unique_stable_ids(tmp_path):
+    spec = load_grid(write_grid(tmp_path), check_names=False)
+    cells = expand_cells(spec)
+    assert len(cells) == 2 * 2 * 2 * 2
+    assert len({c.run_id for c in cells}) == 16
+    assert [c.run_id for c in cells] == [c.run_id for c in expand_cells(spec)]
+    first = cells[0].params
+    assert first["runs_dir"] == str(tmp_path.resolve() / "runs/fake")
+    assert first["image_size"] == 32 and first["epochs"] == 1 and first["seed"] == 812
+
+
+def test_confounder_restricted_to_a_dataset_and_none_deduplicated(tmp_path):
+    raw = yaml.safe_load(write_grid(tmp_path).read_text())
+    raw["datasets"] = [{"name": "a", "manifest": "a/manifest.csv"}, {"name": "b", "manifest": "b/manifest.csv"}]
+    raw["confounders"] = ["none", {"name": "sex", "datasets": ["b"]}]
+    spec = parse_grid(raw, tmp_path)
+    cells = expand_cells(spec)
+    # none: p does not matter -> 2 folds x 2 sources per dataset; sex only on b: 2 p x 2 x 2
+    assert sum(c.params["confounder"] == "none" for c in cells) == 2 * 2 * 2
+    assert {c.dataset for c in cells if c.params["confounder"] == "sex"} == {"b"}
+    assert sum(c.params["confounder"] == "sex" for c in cells) == 8
+
+
+def test_run_ids_follow_the_fine_tuning_rule(tmp_path):
+    runs = pytest.importorskip("sm_utils.runs")
+    spec = load_grid(CONFIGS / "paper_cxr.yaml", check_paths=False)
+    cells = expand_cells(spec)[::37]
+    none = dict(cells[0].params, confounder="none", p=1, strength=2.0)  # p ignored without one
+    variants = [c.params for c in cells] + [none, dict(none, weights="", epochs=3.0, augment=1)]
+    for params in variants:
+        assert run_id_for(params) == runs.RunConfig(**params).run_id
+    assert run_id_for(none) == run_id_for(dict(none, p=0.0, strength=0.0))
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper_cxr.yaml", "paper_ct.yaml"])
+def test_shipped_configs_validate(name):
+    spec = load_grid(CONFIGS / name, check_paths=False)
+    cells = expand_cells(spec)
+    assert len(cells) > 0
+    if name.startswith("paper"):
+        assert spec.prevalences == [0.0, 0.1, 0.2, 0.5, 0.8, 1.0]
+        assert len(spec.folds) == 5
+        assert {s.name for s in spec.sources} >= {"imagenet", "radimagenet", "random"}
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_FAKE_FAIL_SOURCE", "random")
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"]), check_names=False)
+    report = run_grid(spec, workers=1, analyse=False, progress=False)
+    cells = expand_cells(spec)
+    failed = [c for c in cells if c.params["source"] == "random"]
+    assert report.succeeded == 4 and len(report.failures) == 4
+    for cell in failed:
+        assert cell.status == "failed"
+        assert "fake failure for source random" in (cell.run_dir / "error.txt").read_text()
+        assert (cell.run_dir / "notebook.ipynb").exists()  # the executed notebook, with the error
+    for cell in cells:
+        if cell not in failed:
+            assert cell.done and (cell.run_dir / "notebook.ipynb").exists()
+    assert "FAILED" in report.summary() and "fake failure" in report.summary()
+    listing = dry_run(spec)
+    assert "4 done, 4 failed, 0 partial, 0 pending" in listing
+
+    # Relaunched without the fault: only the failed cells run, and their error files go.
+    monkeypatch.delenv("SM_FAKE_FAIL_SOURCE")
+    report = run_grid(spec, workers=1, analyse=False, progress=False)
+    assert report.already_done == 4 and report.succeeded == 4 and not report.failures
+    assert all(c.done and not (c.run_dir / "error.txt").exists() for c in cells)
+
+
+def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir()
+    killed_dir.mkdir()
+    reference = load_grid(write_grid(reference_dir, folds=[0]), check_names=False)
+    run_grid(reference, workers=2, analyse=False, progress=False)
+    expected = collect_results(reference.runs_dir)
+    assert len(expected) == 8 * 3
+
+    path = write_grid(killed_dir, folds=[0])
+    spec = load_grid(path, check_names=False)
+    cells = expand_cells(spec)
+    hang = cells[4]  # the stand-in writes predictions.csv for this cell, then sleeps
+    # A crash left by an earlier attempt: a partial run directory without metrics.json.
+    stale = cells[6].run_dir
+    stale.mkdir(parents=True)
+    (stale / "predictions.csv").write_text("half a file")
+    env = {**os.environ, "SM_FAKE_HANG_RUN_ID": hang.run_id}
+    code = ("import sys; from sm_utils.grid import load_grid, run_grid; "
+            "run_grid(load_grid(sys.argv[1], check_names=False), workers=1, analyse=False, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (hang.run_dir / "predictions.csv").exists():
+            assert time.monotonic() < deadline, "the hanging cell never started"
+            assert proc.poll() is None, "the grid ended before the hanging cell"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the grid process and its workers, mid-run
+        proc.wait(timeout=30)
+    assert not hang.done and hang.status == "partial"
+    done_before = {c.run_id for c in cells if c.done}
+    assert 0 < len(done_before) < 8
+    mtimes = {c.run_id: (c.run_dir / "metrics.json").stat().st_mtime_ns for c in cells if c.done}
+
+    report = run_grid(spec, workers=1, analyse=False, progress=False)
+    assert report.already_done == len(done_before) and not report.failures
+    assert all(c.done for c in cells)
+    # finished cells were not redone
+    assert all((c.run_dir / "metrics.json").stat().st_mtime_ns == mtimes[c.run_id] for c in cells
+               if c.run_id in done_before)
+    resumed = collect_results(spec.runs_dir)
+    pd.testing.assert_frame_equal(resumed.drop(columns="run_id"), expected.drop(columns="run_id"))
+    assert json.loads((stale / "metrics.json").read_text())["run_id"] == cells[6].run_id
+    assert not (stale / "predictions.csv").read_text().startswith("half")
+
+
+def test_submitit_local_executor_runs_a_small_grid(tmp_path):
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"], folds=[0], sources=["random"],
+                                slurm={"cells_per_job": 1, "time_min": 2, "array_parallelism": 2}),
+                     check_names=False)
+    report = run_grid(spec, executor="slurm", slurm_cluster="local", slurm_timeout_s=120,
+                      analyse=False, progress=False)
+    cells = expand_cells(spec)
+    assert len(cells) == 2
+    assert report.succeeded == 2 and not report.failures, report.summary()
+    assert all(c.done and (c.run_dir / "notebook.ipynb").exists() for c in cells)
+    assert len(list((spec.runs_dir / "_submitit").glob("*"))) >= 2  # one folder per array task
