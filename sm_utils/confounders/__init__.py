@@ -15,6 +15,13 @@ image of every split, ``conf.inject(image, confounded, seed, image_id)``, which 
 otherwise (identity except for X-ray dose noise, where every image gets the normal dose as in
 the paper), with ``rng = conf.image_rng(seed, image_id)``.
 
+Images arrive at the training size; parameters given for the paper's native size
+(``reference_size``: 1024 px for tag and low-pass, 512 px for the dose models) are scaled to it.
+Dose noise keeps the dose per unit area (``dose_scaling="area"``: the same as adding the noise
+at 512 px and then resizing); ``dose_scaling="none"`` keeps the paper's per-pixel noise level.
+``conf.inject`` is a pure function of (parameters, seed, image id, image), so a slow confounder
+(``ct_noise``: seconds per 512 px image) can be memoised on disk with ``conf.with_cache(folder)``.
+
 Adding a confounder is a small function plus a registration::
 
     import numpy as np
