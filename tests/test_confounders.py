@@ -300,3 +300,19 @@ def test_sampled_value_absent_from_the_data_is_an_error():
     rows = make_rows(10, 10).assign(view="PA")
     with pytest.raises(ConfounderError, match="without positives or without negatives.*0 negative view=AP"):
         apply_prevalence(rows, get_confounder("view"), 0.5, seed=0, test_set="ood")
+
+
+def test_the_documented_example_of_adding_a_confounder_runs():
+    import textwrap
+
+    import sm_utils.confounders as package
+
+    doc = package.__doc__.split("a small function plus a registration::")[1]
+    example = textwrap.dedent(doc.split("\nafter which")[0])
+    try:
+        exec(compile(example, "sm_utils.confounders docstring", "exec"), {})  # noqa: S102 (our own docs)
+        conf = get_confounder("invert", strength=1.0)
+        image = np.array([[0, 100], [200, 255]] * 4, np.uint8).repeat(4, axis=1)
+        assert np.array_equal(conf.apply(image, conf.image_rng(0, "x")), 255 - image)
+    finally:
+        _REGISTRY.pop("invert", None)
