@@ -17,11 +17,11 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per loader worker, as in training
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from sm_utils.confounders import apply_prevalence, get_confounder, list_confounders  # noqa: E402
-from sm_utils.phantoms import render_ct, render_cxr, sample_patient  # noqa: E402
+from sm_utils.confounders import apply_prevalence, get_confounder, list_confounders
+from sm_utils.phantoms import render_ct, render_cxr, sample_patient
 
 
 def rate(fn, min_time: float, min_calls: int = 3) -> float:
@@ -46,8 +46,8 @@ def bench_confounders(names, sizes, min_time) -> pd.DataFrame:
         conf = get_confounder(name)
         for size in sizes:
             image = phantom(name, size)
-            confounded = rate(lambda: conf.inject(image, True, 0, "bench"), min_time)
-            clean = rate(lambda: conf.inject(image, False, 0, "bench"), min_time)
+            confounded = rate(lambda c=conf, i=image: c.inject(i, True, 0, "bench"), min_time)
+            clean = rate(lambda c=conf, i=image: c.inject(i, False, 0, "bench"), min_time)
             records.append({"confounder": name, "size": size,
                             "confounded_img_per_s": confounded, "clean_img_per_s": clean})
             print(f"{name:>15} {size:4d} px: {confounded:9.1f} img/s confounded, "
@@ -81,7 +81,7 @@ def bench_model(sizes, batch: int, steps: int = 10) -> None:
         x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 2, (batch,), device=device)
 
-        def step():
+        def step(x=x, y=y):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             optimiser.zero_grad(set_to_none=True)

@@ -172,7 +172,8 @@ class Confounder:
 
     @property
     def has_baseline(self) -> bool:
-        """True when non-confounded images must also be processed (see :meth:`baseline`)."""
+        """True when non-confounded images may be changed too (X-ray dose noise; CT noise with
+        ``fbp_baseline``); call :meth:`inject` for every image and this needs no checking."""
         return self._spec is not None and self._spec.baseline_fn is not None
 
     def _require_synthetic(self, what: str) -> None:
