@@ -375,29 +375,56 @@ def save_figure(fig, base: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------- everything at once
 
 
-def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, name: str,
-                 reference_datasets: dict[str, str] | None = None,
-                 reference_csv: str | os.PathLike = REFERENCE_CSV,
-                 n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0) -> dict[str, Any]:
-    """Tables into ``runs_dir`` and the figure into ``figures_dir``; returns them and the paths."""
+def load_results(path: str | os.PathLike):
+    """A results table saved by :func:`save_results` and its per-group table if beside it."""
+    path = Path(path)
+    table = pd.read_csv(path, dtype={"run_id": str})
+    table["arch"] = table["arch"].fillna("default")
+    groups_path = path.with_name(path.stem + "_groups.csv")
+    columns = ["run_id", *AXES, "test_set", "group", "auc"]
+    groups = pd.read_csv(groups_path, dtype={"run_id": str}) if groups_path.exists() else pd.DataFrame(columns=columns)
+    return table, groups
+
+
+def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLike,
+            figures_dir: str | os.PathLike, name: str,
+            reference_datasets: dict[str, str] | None = None,
+            reference_csv: str | os.PathLike = REFERENCE_CSV,
+            n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0) -> dict[str, Any]:
+    """Statistics tables into ``out_dir`` and the figure into ``figures_dir``."""
     import matplotlib.pyplot as plt
 
-    runs_dir, figures_dir = Path(runs_dir), Path(figures_dir)
-    table, groups = collect_results(runs_dir, with_groups=True)
+    out_dir, figures_dir = Path(out_dir), Path(figures_dir)
     if table.empty:
-        raise AnalysisError(f"no complete run directories (with {METRICS_FILE}) under {runs_dir}")
-    paths = save_results(table, runs_dir / "results.csv")
-    if not groups.empty:
-        paths += save_results(groups, runs_dir / "results_groups.csv")
+        raise AnalysisError("the results table is empty; run the grid first")
     comparisons = compare_sources(table, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
     robustness = robustness_summary(table)
-    paths.append(atomic_write_csv(runs_dir / "comparisons.csv", comparisons))
-    paths.append(atomic_write_csv(runs_dir / "robustness.csv", robustness))
+    paths = [atomic_write_csv(out_dir / "comparisons.csv", comparisons),
+             atomic_write_csv(out_dir / "robustness.csv", robustness)]
     reference = None
     if reference_datasets:
         reference = reference_lines(load_reference(reference_csv), reference_datasets)
     fig = plot_auc_vs_p(table, reference=reference, title=f"grid {name}")
     figures = save_figure(fig, figures_dir / f"{name}_auc_vs_p")
     plt.close(fig)
-    return {"table": table, "groups": groups, "comparisons": comparisons, "robustness": robustness,
-            "reference": reference, "tables": paths, "figures": figures}
+    return {"table": table, "groups": groups, "group_summary": group_auc_summary(groups),
+            "comparisons": comparisons, "robustness": robustness, "reference": reference,
+            "tables": paths, "figures": figures}
+
+
+def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, name: str,
+                 reference_datasets: dict[str, str] | None = None,
+                 reference_csv: str | os.PathLike = REFERENCE_CSV,
+                 n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0) -> dict[str, Any]:
+    """Collect a grid's run directories, save the results table beside them, and :func:`analyse`."""
+    runs_dir = Path(runs_dir)
+    table, groups = collect_results(runs_dir, with_groups=True)
+    if table.empty:
+        raise AnalysisError(f"no complete run directories (with {METRICS_FILE}) under {runs_dir}")
+    paths = save_results(table, runs_dir / "results.csv")
+    if not groups.empty:
+        paths += save_results(groups, runs_dir / "results_groups.csv")
+    out = analyse(table, groups, runs_dir, figures_dir, name, reference_datasets, reference_csv,
+                  n_permutations, n_bootstrap, seed)
+    out["tables"] = paths + out["tables"]
+    return out

@@ -358,7 +358,7 @@ def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bo
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise GridError(f"grid file {path} is not valid YAML: {err}") from err
-    spec = parse_grid(raw or {}, _default_root(path), path)
+    spec = parse_grid(raw or {}, _default_root(path), path.resolve())
     validate_grid(spec, check_names=check_names, check_paths=check_paths)
     return spec
 
@@ -961,7 +961,8 @@ def run_grid(
         try:
             _execute_once(spec.notebooks["analysis"], output,
                           {"grid_config": str(spec.path) if spec.path else "",
-                           "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir)},
+                           "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir),
+                           "results_csv": ""},
                           spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
         except Exception as err:
             report.failures.append(("analysis notebook", _describe_error(err)))

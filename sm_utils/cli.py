@@ -1,0 +1,180 @@
+"""The ``sm`` command line (also ``python -m sm_utils``).
+
+    sm run configs/demo.yaml                 run a grid (resumable), then notebook 04
+    sm run configs/demo.yaml --dry-run       list the cells and which are done
+    sm run CONFIG --executor slurm           submit the cells as SLURM job arrays (submitit)
+    sm validate configs/paper_cxr.yaml       check a grid file (--no-check-paths: names only)
+    sm analyse configs/demo.yaml             results table, statistics and figures of a grid
+    sm check-splits data/x/manifest.csv      no patient in two of train/val/test
+    sm list                                  registered datasets, confounders and sources
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import grid as grid_module
+
+
+def _load(args) -> grid_module.GridSpec:
+    return grid_module.load_grid(args.config, check_names=not args.no_check_names,
+                                 check_paths=not args.no_check_paths)
+
+
+def _figures_written_since(folder: Path, since: float) -> list[Path]:
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in (".png", ".pdf") and p.stat().st_mtime >= since)
+
+
+def cmd_run(args) -> int:
+    if args.dry_run:  # a listing: missing files are worth a warning, not a refusal
+        spec = grid_module.load_grid(args.config, check_names=not args.no_check_names, check_paths=False)
+        try:
+            grid_module.validate_grid(spec, check_names=False, check_paths=not args.no_check_paths)
+        except grid_module.GridError as err:
+            print(f"warning: {err}")
+        print(grid_module.dry_run(spec))
+        return 0
+    spec = _load(args)
+    start = time.time()
+    progress = None if args.progress == "auto" else args.progress == "on"
+    report = grid_module.run_grid(
+        spec, executor=args.executor, workers=args.workers, analyse=not args.no_analysis,
+        progress=progress, slurm_cluster="local" if args.slurm_local else None,
+        slurm_timeout_s=args.slurm_timeout,
+    )
+    grid_module.write_report(spec, report)
+    print(report.summary())
+    print(f"run directories: {spec.runs_dir}")
+    if not args.no_analysis:
+        figures = _figures_written_since(spec.figures_dir, start)
+        tables = [spec.runs_dir / name for name in ("results.csv", "comparisons.csv", "robustness.csv")]
+        print(f"analysis notebook: {spec.runs_dir / '04_analysis.ipynb'}")
+        print("tables: " + ", ".join(str(t) for t in tables if t.exists()))
+        if figures:
+            print("figures:\n  " + "\n  ".join(str(f) for f in figures))
+        else:
+            print(f"no figures were written to {spec.figures_dir} (see the analysis notebook)")
+    return 1 if report.failures else 0
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args)
+    cells = grid_module.expand_cells(spec)
+    print(f"{args.config}: valid; {len(cells)} cells; runs in {spec.runs_dir}")
+    return 0
+
+
+def cmd_analyse(args) -> int:
+    from .analysis import analyse_runs
+
+    target = Path(args.target)
+    reference = None
+    if target.suffix in (".yaml", ".yml"):
+        spec = grid_module.load_grid(target, check_paths=False)
+        runs_dir, name = spec.runs_dir, spec.name
+        figures_dir = Path(args.figures_dir) if args.figures_dir else spec.figures_dir
+        reference = spec.reference.get("datasets")
+    else:
+        runs_dir, name = target, args.name or target.name
+        figures_dir = Path(args.figures_dir or "figures")
+    out = analyse_runs(runs_dir, figures_dir, name, reference_datasets=reference,
+                       n_permutations=args.permutations, n_bootstrap=args.bootstrap, seed=args.seed)
+    print(out["robustness"].to_string(index=False))
+    print("tables:\n  " + "\n  ".join(str(p) for p in out["tables"]))
+    print("figures:\n  " + "\n  ".join(str(p) for p in out["figures"]))
+    return 0
+
+
+def cmd_check_splits(args) -> int:
+    from .manifest import find_leakage, format_leakage, load_manifest
+    from .splits import split_summary
+
+    manifest = load_manifest(args.manifest, check_files=not args.no_check_files)
+    leaks = find_leakage(manifest.table)
+    print(split_summary(manifest.table).to_string(index=False))
+    if leaks:
+        print(format_leakage(leaks))
+        return 1
+    print(f"{args.manifest}: no patient appears in two of train, val and test in any fold")
+    return 0
+
+
+def cmd_list(args) -> int:
+    for kind in ("datasets", "confounders", "sources"):
+        names = grid_module._registry_names(kind)
+        print(f"{kind}: {', '.join(names) if names is not None else '(module not available)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sm", description="Source Matters compendium: run grids of fine-tuning runs and analyse them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def grid_arguments(sub):
+        sub.add_argument("config", help="grid YAML file, e.g. configs/demo.yaml")
+        sub.add_argument("--no-check-paths", action="store_true",
+                         help="do not require weights, manifests and notebooks to exist")
+        sub.add_argument("--no-check-names", action="store_true",
+                         help="do not check names against the registries")
+
+    run = commands.add_parser("run", help="run a grid (skips finished cells), then notebook 04")
+    grid_arguments(run)
+    run.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    run.add_argument("--executor", choices=["local", "slurm"], default="local")
+    run.add_argument("--workers", type=int, default=None,
+                     help="parallel cells on this machine (default: the grid's run.workers; auto = one per GPU)")
+    run.add_argument("--no-analysis", action="store_true", help="skip notebook 04 at the end")
+    run.add_argument("--progress", choices=["auto", "on", "off"], default="on",
+                     help="progress bar (auto: only on a terminal)")
+    run.add_argument("--slurm-local", action="store_true",
+                     help="run the SLURM path with submitit's local executor (testing without a cluster)")
+    run.add_argument("--slurm-timeout", type=float, default=None,
+                     help="give up waiting for the SLURM jobs after this many seconds")
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a grid file and count its cells")
+    grid_arguments(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    analyse = commands.add_parser("analyse", aliases=["analyze"],
+                                  help="results table, statistics and figures of a grid")
+    analyse.add_argument("target", help="a grid YAML file or a runs directory")
+    analyse.add_argument("--figures-dir", default=None)
+    analyse.add_argument("--name", default=None, help="figure name prefix (default: the grid's name)")
+    analyse.add_argument("--permutations", type=int, default=9999)
+    analyse.add_argument("--bootstrap", type=int, default=9999)
+    analyse.add_argument("--seed", type=int, default=0)
+    analyse.set_defaults(func=cmd_analyse)
+
+    check = commands.add_parser("check-splits", help="check a manifest for patients shared between splits")
+    check.add_argument("manifest")
+    check.add_argument("--no-check-files", action="store_true", help="do not require the image files")
+    check.set_defaults(func=cmd_check_splits)
+
+    listing = commands.add_parser("list", help="registered datasets, confounders and sources")
+    listing.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # our errors say what was expected and how to fix it
+        if type(err).__module__.startswith("sm_utils"):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
