@@ -33,6 +33,7 @@ from .data import PAPER_AUGMENTATION, ConfoundedImageDataset, ImageCache, make_l
 from .evaluation import json_safe, summarise_test_set
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
 from .manifest import load_manifest
+from .paths import resolve
 from .training import configure_device, predict, reset_head, resolve_device, train_model
 
 NO_CONFOUNDER = "none"
@@ -111,7 +112,8 @@ class RunConfig:
         return stable_hash(self.identity())
 
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.run_id
+        """``runs_dir/<run_id>``; a relative runs_dir is under the project root."""
+        return resolve(self.runs_dir) / self.run_id
 
 
 # --- provenance -----------------------------------------------------------------------------
@@ -205,7 +207,8 @@ def plot_curves(history: pd.DataFrame, best_epoch: int, path: Path, title: str =
 def _describe_source(config: RunConfig) -> dict[str, Any]:
     from . import sources
 
-    return sources.describe_source(config.source, config.arch, config.weights)
+    weights = None if config.weights is None else resolve(config.weights)
+    return sources.describe_source(config.source, config.arch, weights)
 
 
 def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
@@ -219,7 +222,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
     (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a rerun is incomplete until it ends
 
     device = resolve_device(config.device)
-    manifest = load_manifest(config.manifest)
+    manifest_path = resolve(config.manifest)
+    manifest = load_manifest(manifest_path)
     conf = get_run_confounder(config)
     splits = split_rows(config, manifest, conf)
     cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir)
@@ -238,7 +242,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
     with configure_device(device) as device_settings:
         torch.manual_seed(config.seed)  # head initialisation, dropout
         np.random.seed(config.seed % 2**32)
-        model, prep = create_model(config.source, arch=config.arch, weights=config.weights,
+        weights = None if config.weights is None else resolve(config.weights)
+        model, prep = create_model(config.source, arch=config.arch, weights=weights,
                                    num_classes=2, drop_rate=config.drop_rate,
                                    image_size=config.image_size)
         reset_head(model)  # the paper's Keras Dense head: Glorot uniform, zero bias
@@ -273,8 +278,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "preprocessing": prep.describe() if hasattr(prep, "describe") else repr(prep),
         "confounder": conf.spec() if conf is not None else {"name": NO_CONFOUNDER},
         "augmentation": asdict(PAPER_AUGMENTATION) if config.augment else None,
-        "manifest": {"path": str(Path(config.manifest).resolve()),
-                     "sha256": sha256_file(config.manifest), "meta": manifest.meta},
+        "manifest": {"path": str(manifest_path), "sha256": sha256_file(manifest_path),
+                     "meta": manifest.meta},
         "image_cache": cache.path.name,
         "split_sizes": {name: {"n": len(rows), "n_pos": int(rows["label"].sum()),
                                "n_confounded": int(rows["confounded"].sum())}

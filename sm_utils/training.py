@@ -209,7 +209,8 @@ def train_model(
             train_loader.dataset.set_epoch(epoch)  # a new augmentation draw per epoch
         model.train()
         total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress,
+                   mininterval=5.0)
         for images, labels in bar:
             labels = labels.to(device, non_blocking=True)
             with _autocast(device):

@@ -133,3 +133,21 @@ def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, mon
     assert not (run_dir / "metrics.json").exists()
     assert (run_dir / "predictions.csv").exists()
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_path):
+    papermill = pytest.importorskip("papermill")
+    from sm_utils.paths import project_root
+
+    parameters = {"manifest": str(phantom_cxr), "confounder": "lowpass", "strength": 0.5,
+                  "p": 1.0, "fold": 1, "source": "random", "arch": "tf_efficientnet_lite0",
+                  "image_size": 32, "epochs": 1, "batch_size": 16, "optimizer": "adamw",
+                  "augment": False, "seed": 3, "device": "cpu", "runs_dir": str(tmp_path)}
+    papermill.execute_notebook(
+        str(project_root() / "notebooks" / "03_fine_tuning.ipynb"), str(tmp_path / "out.ipynb"),
+        parameters=parameters, kernel_name="python3", progress_bar=False)
+    config = RunConfig(**parameters)
+    metrics = json.loads((tmp_path / config.run_id / "metrics.json").read_text())
+    assert metrics["config"]["confounder"] == "lowpass" and metrics["config"]["fold"] == 1
+    assert metrics["config"]["optimizer"] == "adamw" and metrics["epochs_run"] == 1
+    assert metrics["test_sets"]["iid"]["n_confounded"] == metrics["test_sets"]["iid"]["n_pos"]
