@@ -110,7 +110,8 @@ class SourceSpec:
     name: str
     weights: Path | None = None
     # How to make missing weights: {"notebook": path, "parameters": {...}}, run once before the
-    # cells; its parameters must make it write the file named by `weights`.
+    # cells; its parameters must make it write the file named by `weights` (a parameter whose
+    # value is "{weights}" receives that path).
     build: dict[str, Any] | None = None
 
 
@@ -886,8 +887,10 @@ def prepare(spec: GridSpec, log=print) -> float:
             continue
         notebook = _resolve(spec.root, source.build["notebook"])
         log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
-        _execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb",
-                      dict(source.build.get("parameters") or {}),
+        # "{weights}" in a parameter stands for the absolute weights path (one truth, no cwd doubt)
+        params = {k: str(source.weights) if v == "{weights}" else v
+                  for k, v in dict(source.build.get("parameters") or {}).items()}
+        _execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
                       spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
         if not source.weights.exists():
             raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
