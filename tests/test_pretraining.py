@@ -92,3 +92,19 @@ def test_own_source_dataset_from_a_manifest(tmp_path):
 def test_bad_settings():
     with pytest.raises(PretrainingError, match="init"):
         PretrainConfig(init="radimagenet")
+
+
+def test_notebook_00_runs_headless_with_small_parameters(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    from sm_utils.paths import project_root
+
+    out = tmp_path / "tiny_source.safetensors"
+    papermill.execute_notebook(
+        str(project_root() / "notebooks" / "00_source_pretraining.ipynb"),
+        str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
+        parameters={"out": str(out), "image_size": 32, "n_per_class": 3, "epochs": 1,
+                    "batch_size": 6, "seed": 5, "device": "cpu"})
+    record = read_provenance(out)
+    assert record["config"]["n_per_class"] == 3 and record["config"]["seed"] == 5
+    model, _ = create_model("radiology_phantom", weights=out)
+    assert model.classifier.out_features == 2
