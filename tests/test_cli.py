@@ -1,0 +1,109 @@
+"""The `sm` command line: help, validation, dry run, a full (stand-in) grid with notebook 04."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sm_utils.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_NOTEBOOK = ROOT / "tests" / "fixtures" / "fake_fine_tuning.ipynb"
+
+
+def fake_grid(folder: Path) -> Path:
+    (folder / "manifest.csv").write_text("image_id\n")
+    spec = {
+        "name": "clitest", "root": ".", "runs_dir": "runs/clitest", "figures_dir": "figs",
+        "datasets": [{"name": "phantom_cxr", "manifest": "manifest.csv"}],
+        "confounders": ["tag"], "prevalences": [0, 1], "folds": 2, "sources": ["imagenet_lite0", "random"],
+        "notebooks": {"fine_tuning": str(FAKE_NOTEBOOK), "analysis": str(ROOT / "notebooks/04_analysis.ipynb")},
+    }
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("run", "validate", "analyse", "check-splits", "list"):
+        assert command in text
+    out = subprocess.run([sys.executable, "-m", "sm_utils", "run", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "--dry-run" in out and "--executor {local,slurm}" in out and "--workers" in out
+
+
+def test_validate_paper_configs_names_missing_weights(capsys):
+    assert main(["validate", str(ROOT / "configs/paper_cxr.yaml"), "--no-check-paths"]) == 0
+    assert "paper_cxr.yaml: valid; 4 * 6 * 5 * 3 = " not in capsys.readouterr().out  # sanity
+    code = main(["validate", str(ROOT / "configs/paper_ct.yaml")])
+    err = capsys.readouterr().err
+    if (ROOT / "weights/RadImageNet-ResNet50_notop.h5").exists():
+        pytest.skip("RadImageNet weights are present on this machine")
+    assert code == 2
+    assert "RadImageNet-ResNet50_notop.h5 does not exist" in err
+
+
+def test_paper_cxr_cell_count(capsys):
+    assert main(["validate", str(ROOT / "configs/paper_cxr.yaml"), "--no-check-paths"]) == 0
+    # 3 confounders on the main task + sex on the sex task, 6 p, 5 folds, 3 sources
+    assert "valid; 360 cells" in capsys.readouterr().out
+
+
+def test_dry_run_then_run_then_analyse(tmp_path, capsys):
+    path = fake_grid(tmp_path)
+    assert main(["run", str(path), "--no-check-names", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "8 cells (0 done, 0 failed, 0 partial, 8 pending)" in listing
+    assert listing.count("pending") == 9  # the header count and one per cell
+
+    assert main(["run", str(path), "--no-check-names", "--workers", "1", "--progress", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "8 run now, 0 failed" in out and "overhead share" in out
+    figures = tmp_path / "figs"
+    assert f"{figures / 'clitest_auc_vs_p.png'}" in out and f"{figures / 'clitest_auc_vs_p.pdf'}" in out
+    assert (figures / "clitest_auc_vs_p.png").stat().st_size > 1000
+    results = pd.read_csv(tmp_path / "runs/clitest/results.csv")
+    assert len(results) == 8 * 3 and set(results["test_set"]) == {"iid", "ood", "clean"}
+    comparisons = pd.read_csv(tmp_path / "runs/clitest/comparisons.csv")
+    assert len(comparisons) == 2 * 3  # 2 p x 3 test sets, one pair of sources
+    assert (tmp_path / "runs/clitest/04_analysis.ipynb").exists()
+    report = yaml.safe_load((tmp_path / "runs/clitest/grid_report.json").read_text())
+    assert report["succeeded"] == 8 and report["failures"] == []
+
+    assert main(["run", str(path), "--no-check-names", "--dry-run"]) == 0
+    assert "8 cells (8 done, 0 failed, 0 partial, 0 pending)" in capsys.readouterr().out
+
+    assert main(["analyse", str(tmp_path / "runs/clitest"), "--figures-dir", str(tmp_path / "again"),
+                 "--permutations", "99", "--bootstrap", "99"]) == 0
+    assert (tmp_path / "again" / "clitest_auc_vs_p.pdf").exists()
+
+
+def test_check_splits_reports_leaks(tmp_path, capsys):
+    from sm_utils.datasets import build_dataset
+
+    build_dataset("phantom_cxr", tmp_path / "d", n_patients=20, image_size=64, n_folds=2)
+    manifest = tmp_path / "d" / "manifest.csv"
+    assert main(["check-splits", str(manifest)]) == 0
+    assert "no patient appears in two of train, val and test" in capsys.readouterr().out
+
+    # one image of a test patient moved to training in fold 0: that patient leaks
+    table = pd.read_csv(manifest, dtype=str)
+    test_patients = table.loc[table["fold_0"] == "test", "patient_id"]
+    leaky = test_patients.value_counts().index[0]
+    assert (table["patient_id"] == leaky).sum() >= 2, "the phantom has a test patient with 2+ images"
+    row = table.index[(table["patient_id"] == leaky)][0]
+    table.loc[row, "fold_0"] = "train"
+    table.to_csv(manifest, index=False)
+    code = main(["check-splits", str(manifest)])
+    captured = capsys.readouterr()
+    assert code in (1, 2)  # reported by the check, or refused on load with the same news
+    assert leaky in captured.out + captured.err
