@@ -70,13 +70,16 @@ def _read_metrics(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
 def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
     """One row per (run, test set) for every complete run directory under ``runs_dir``.
 
-    The dataset of a run comes from the grid's ``cells.csv``, else from the folder holding its
-    manifest. With ``with_groups`` also returns the per-group AUC table (one row per run, test
-    set and attribute group).
+    When the grid's ``cells.csv`` is there, only its cells count (a run left in the folder by
+    other means, e.g. notebook 03 run by hand, is not part of the grid) and it names each run's
+    dataset; without it, the dataset is the folder holding the run's manifest. With
+    ``with_groups`` also returns the per-group AUC table (one row per run, test set and group).
     """
     runs_dir = Path(runs_dir)
     run_dirs = sorted(p.parent for p in runs_dir.glob(f"*/{METRICS_FILE}"))
     datasets = _dataset_names(runs_dir)
+    if datasets:
+        run_dirs = [d for d in run_dirs if d.name in datasets]
     rows, group_rows = [], []
     for metrics in _read_metrics(run_dirs):
         config = metrics["config"]

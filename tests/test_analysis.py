@@ -137,6 +137,10 @@ def test_collect_results_reads_complete_run_directories_only(tmp_path):
     assert len(groups) == 12
     assert groups.loc[(groups["run_id"] == "run_a") & (groups["test_set"] == "iid")
                       & (groups["group"] == "sex=F"), "auc"].item() == pytest.approx(0.75)
+    # with the grid's cell index, runs outside the grid are left out and datasets come from it
+    pd.DataFrame({"run_id": ["run_a"], "dataset": ["my_data"]}).to_csv(tmp_path / "cells.csv", index=False)
+    indexed = collect_results(tmp_path)
+    assert set(indexed["run_id"]) == {"run_a"} and set(indexed["dataset"]) == {"my_data"}
     written = save_results(table, tmp_path / "results.csv")
     assert [p.name for p in written] == ["results.csv", "results.parquet"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "results.parquet"), table)
