@@ -794,6 +794,9 @@ def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, repo
     import submitit
 
     slurm = spec.slurm
+    if cluster is None and shutil.which("sbatch") is None:
+        raise GridError("the slurm executor needs SLURM's sbatch, which is not on PATH here; run on a "
+                        "cluster login node, or use --slurm-local to try the same path on this machine")
     folder = spec.runs_dir / "_submitit" / "%j"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = {
@@ -862,7 +865,7 @@ def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kern
 
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
-                               kernel_name=kernel_name, progress_bar=False,
+                               kernel_name=kernel_name, progress_bar=sys.stderr.isatty(),
                                execution_timeout=timeout_s, cwd=str(cwd or notebook.parent))
 
 
@@ -925,7 +928,7 @@ def run_grid(
 
     executor "local" uses ``workers`` processes ("auto": one per GPU, or a share of the CPU
     cores); "slurm" submits job arrays with submitit (``slurm_cluster="local"`` runs them on this
-    machine, "debug" in-process). Failures are recorded in the run directories and listed in the
+    machine, "debug" in-process; None requires SLURM). Failures are recorded in the run directories and listed in the
     report; they do not stop the grid.
     """
     start = time.perf_counter()
