@@ -629,7 +629,7 @@ def _local_worker(settings: RunnerSettings, tasks, results, parent_pid: int) -> 
                 if os.getppid() != parent_pid:  # the grid process is gone: stop
                     return
                 continue
-            if cell is None:
+            if cell is None or os.getppid() != parent_pid:  # done, or the grid process is gone
                 return
             results.put(("start", os.getpid(), cell.run_id))
             results.put(("done", os.getpid(), runner.run(cell)))
