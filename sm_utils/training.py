@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .evaluation import binary_auc
 OPTIMIZERS = ("adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 THREADS_ENV = "SM_NUM_THREADS"
+# Seconds between progress-bar updates on a terminal (notebooks and logs get fewer lines).
+PROGRESS_INTERVAL_S = 1.0
 
 
 class TrainingError(ValueError):
@@ -210,7 +213,7 @@ def train_model(
         model.train()
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress,
-                   mininterval=5.0)
+                   mininterval=PROGRESS_INTERVAL_S if sys.stderr.isatty() else 30.0)
         for images, labels in bar:
             labels = labels.to(device, non_blocking=True)
             with _autocast(device):
