@@ -24,6 +24,14 @@ def _load(args) -> grid_module.GridSpec:
                                  check_paths=not args.no_check_paths)
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the current folder when it lies inside it (shorter to read)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _figures_written_since(folder: Path, since: float) -> list[Path]:
     if not folder.exists():
         return []
@@ -57,7 +65,7 @@ def cmd_run(args) -> int:
         print(f"analysis notebook: {spec.runs_dir / '04_analysis.ipynb'}")
         print("tables: " + ", ".join(str(t) for t in tables if t.exists()))
         if figures:
-            print("figures:\n  " + "\n  ".join(str(f) for f in figures))
+            print("figures:\n  " + "\n  ".join(_shown(f) for f in figures))
         else:
             print(f"no figures were written to {spec.figures_dir} (see the analysis notebook)")
     return 1 if report.failures else 0

@@ -224,3 +224,16 @@ def test_submitit_local_executor_runs_a_small_grid(tmp_path):
     assert report.succeeded == 2 and not report.failures, report.summary()
     assert all(c.done and (c.run_dir / "notebook.ipynb").exists() for c in cells)
     assert len(list((spec.runs_dir / "_submitit").glob("*"))) >= 2  # one folder per array task
+
+
+def test_one_worker_per_visible_gpu(monkeypatch):
+    from sm_utils.grid import worker_environments
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    envs = worker_environments("auto", None)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: CPU workers, one thread each
+    envs = worker_environments("auto", 1)
+    assert len(envs) == (os.cpu_count() or 1)
+    assert all(e["OMP_NUM_THREADS"] == "1" and "CUDA_VISIBLE_DEVICES" not in e for e in envs)
+    assert len(worker_environments(3, None)) == 3
