@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 import sys
@@ -594,8 +595,6 @@ def _describe_error(err: BaseException) -> str:
 
 
 def _train_seconds(run_dir: Path) -> float:
-    import json
-
     try:
         metrics = json.loads((run_dir / METRICS_FILE).read_text())
     except (OSError, ValueError):
@@ -879,7 +878,14 @@ def prepare(spec: GridSpec, log=print) -> float:
     start = time.perf_counter()
     prepare_dir = spec.runs_dir / "_prepare"
     for dataset in spec.datasets:
+        recorded = dataset.manifest.parent / "grid_dataset_params.json"
         if dataset.manifest.exists():
+            # a manifest built by an earlier grid with other parameters would silently be reused
+            if recorded.exists() and json.loads(recorded.read_text()) != dataset.params:
+                raise GridError(
+                    f"{dataset.manifest} was built with parameters {json.loads(recorded.read_text())}, "
+                    f"but the grid asks for {dataset.params}; delete {dataset.manifest.parent} to "
+                    "rebuild it, or give this grid another manifest path")
             continue
         log(f"building dataset {dataset.name!r} with {spec.notebooks['data']} -> {dataset.manifest}")
         _execute_once(
@@ -890,6 +896,7 @@ def prepare(spec: GridSpec, log=print) -> float:
         if not dataset.manifest.exists():
             raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
                             f"at {dataset.manifest}; see {prepare_dir}")
+        atomic_write_json(recorded, dataset.params)
     for source in spec.sources:
         if source.weights is None or source.weights.exists() or not source.build:
             continue

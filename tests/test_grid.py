@@ -237,3 +237,23 @@ def test_one_worker_per_visible_gpu(monkeypatch):
     assert len(envs) == (os.cpu_count() or 1)
     assert all(e["OMP_NUM_THREADS"] == "1" and "CUDA_VISIBLE_DEVICES" not in e for e in envs)
     assert len(worker_environments(3, None)) == 3
+
+
+def test_datasets_are_built_once_and_never_reused_with_other_parameters(tmp_path):
+    from sm_utils.grid import prepare
+
+    path = write_grid(tmp_path, datasets=[{"name": "phantom_cxr", "manifest": "data/ph/manifest.csv",
+                                           "params": {"n_patients": 7}}],
+                      notebooks={"data": str(FIXTURES / "fake_data_preparation.ipynb"),
+                                 "fine_tuning": str(FAKE_NOTEBOOK)})
+    spec = load_grid(path, check_names=False)
+    prepare(spec, log=lambda message: None)
+    manifest = tmp_path / "data/ph/manifest.csv"
+    assert manifest.read_text() == "image_id\n# phantom_cxr 7\n"  # notebook 01 got the parameters
+    assert (spec.runs_dir / "_prepare" / "01_phantom_cxr.ipynb").exists()
+    before = manifest.stat().st_mtime_ns
+    prepare(spec, log=lambda message: None)  # built already: not rebuilt
+    assert manifest.stat().st_mtime_ns == before
+    spec.datasets[0].params["n_patients"] = 8
+    with pytest.raises(GridError, match=r"was built with parameters \{'n_patients': 7\}"):
+        prepare(spec, log=lambda message: None)
