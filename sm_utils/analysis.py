@@ -331,8 +331,9 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                     line = line.sort_values("p")
                     label = source if here["arch"].nunique() == 1 else f"{source}/{arch}"
                     ax.plot(line["p"], line["mean_auc"], marker="o", color=colours[source], label=label)
-                    ax.fill_between(line["p"], line["ci_low"], line["ci_high"], color=colours[source],
-                                    alpha=0.2, linewidth=0)
+                    # AUC lives in [0, 1]; with few folds the t interval reaches far beyond
+                    ax.fill_between(line["p"], line["ci_low"].clip(0, 1), line["ci_high"].clip(0, 1),
+                                    color=colours[source], alpha=0.15, linewidth=0)
                 if reference is not None and not reference.empty:
                     ref = reference[(reference["dataset"] == dataset) & (reference["confounder"] == confounder)
                                     & (reference["test_set"] == test_set) & (reference["source"] == source)]
@@ -357,8 +358,9 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                 labels.append(label)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
                bbox_to_anchor=(0.5, -0.01))
-    if title:
-        fig.suptitle(title)
+    n_folds = int(means["n_folds"].max())
+    note = f"mean over {n_folds} fold(s); band: {100 * confidence:g} % t interval over folds"
+    fig.suptitle((f"{title}: " if title else "") + note, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
