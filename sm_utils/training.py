@@ -224,7 +224,7 @@ def train_model(
             opt.step()
             total += float(loss.detach()) * len(labels)
             count += len(labels)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         probs, val_labels = predict(model, prep, val_loader, device)
         val_loss, val_auc = _val_metrics(probs, val_labels)
         seconds = time.perf_counter() - tic
