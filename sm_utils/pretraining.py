@@ -47,7 +47,6 @@ from .io import atomic_write_json, sha256_file
 from .manifest import load_manifest
 from .phantoms import (
     LUNG_WINDOW,
-    MIN_SIZE,
     render_ct_hu,
     render_cxr,
     sample_patient,
@@ -63,6 +62,7 @@ SOFT_TISSUE_WINDOW = (40.0, 400.0)
 PHANTOM_CLASSES = ("cxr/normal", "cxr/opacity", "ct_lung/benign", "ct_lung/malignant",
                    "ct_soft/benign", "ct_soft/malignant")
 INITS = ("random", "imagenet_lite0")
+RENDER_SIZE = 128
 # Pretraining phantoms use seeds far from the datasets' (0, 1, 2, ...): other patients.
 SEED_OFFSET = 1_000_003
 
@@ -108,7 +108,9 @@ def render_phantom_class(name: str, index: int, *, size: int, difficulty: float,
     patient = sample_patient(seed + SEED_OFFSET, class_id * 1_000_000 + index)
     rng = np.random.default_rng(np.random.SeedSequence([seed, SEED_OFFSET, class_id, index]))
     positive = finding in ("opacity", "malignant")
-    render_size = max(size, MIN_SIZE)  # the renderers start at 64 px; smaller is resized
+    # Rendered at >= 128 px and resized, like the demo's fine-tuning data (rendered at 128 px,
+    # cached at the training size): the same look, and less pixel noise than a 64 px render.
+    render_size = max(size, RENDER_SIZE)
     if kind == "cxr":
         image = render_cxr(patient, size=render_size, finding=positive, difficulty=difficulty,
                            rng=rng)
