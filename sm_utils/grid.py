@@ -463,6 +463,27 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
     return cells
 
 
+def stale_cells(cells: Sequence[Cell]) -> list[Cell]:
+    """Finished cells whose weights file no longer has the sha256 their config.json recorded."""
+    from .io import sha256_file
+
+    current: dict[str, str | None] = {}
+    stale = []
+    for cell in cells:
+        weights = cell.params.get("weights")
+        if not weights or not cell.done:
+            continue
+        if weights not in current:
+            current[weights] = sha256_file(weights) if Path(weights).is_file() else None
+        try:
+            recorded = json.loads((cell.run_dir / "config.json").read_text())["source"]["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # nothing recorded to compare with
+        if current[weights] is not None and recorded != current[weights]:
+            stale.append(cell)
+    return stale
+
+
 def cells_table(cells: Sequence[Cell]):
     """One row per cell: run id, dataset, the grid axes and the current status."""
     import pandas as pd
@@ -919,10 +940,14 @@ def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
 
     cells = expand_cells(spec) if cells is None else cells
     table = cells_table(cells)
+    stale = {c.run_id for c in stale_cells(cells)}
+    table.loc[table["run_id"].isin(stale), "status"] = "stale"  # done, but with older weights
     counts = table["status"].value_counts().to_dict()
     with pd.option_context("display.max_rows", None, "display.width", 200):
         text = table.to_string(index=False)
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "failed", "partial", "pending"))
+    if stale:
+        summary += f", {len(stale)} stale"
     return f"grid {spec.name!r}: {len(cells)} cells ({summary}); runs in {spec.runs_dir}\n{text}"
 
 
@@ -950,6 +975,11 @@ def run_grid(
     cells = expand_cells(spec)
     spec.runs_dir.mkdir(parents=True, exist_ok=True)
     write_cells_index(spec, cells)
+    stale = stale_cells(cells)
+    if stale:  # run ids name the weights path, not its content: a rebuilt file means new runs
+        log(f"{len(stale)} finished cell(s) used weights that have changed since; they run again")
+        for cell in stale:
+            shutil.rmtree(cell.run_dir)
     todo = [c for c in cells if not c.done]
     report = GridReport(total=len(cells), already_done=len(cells) - len(todo), prepare_seconds=report_prepare)
     log(f"grid {spec.name!r}: {len(cells)} cells, {report.already_done} already done, {len(todo)} to run")

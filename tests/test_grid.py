@@ -257,3 +257,18 @@ def test_datasets_are_built_once_and_never_reused_with_other_parameters(tmp_path
     spec.datasets[0].params["n_patients"] = 8
     with pytest.raises(GridError, match=r"was built with parameters \{'n_patients': 7\}"):
         prepare(spec, log=lambda message: None)
+
+
+def test_cells_rerun_when_their_weights_file_changes(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"first weights")
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"], prevalences=[1], folds=[0],
+                                sources=["random", {"name": "imagenet_lite0", "weights": str(weights)}]),
+                     check_names=False)
+    first = run_grid(spec, workers=1, analyse=False, progress=False)
+    assert first.succeeded == 2
+    again = run_grid(spec, workers=1, analyse=False, progress=False)
+    assert again.already_done == 2 and again.succeeded == 0
+    weights.write_bytes(b"rebuilt weights")  # same path, new content: the old run is stale
+    rebuilt = run_grid(spec, workers=1, analyse=False, progress=False)
+    assert rebuilt.already_done == 1 and rebuilt.succeeded == 1
