@@ -894,6 +894,13 @@ def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kern
                                execution_timeout=timeout_s, cwd=str(cwd or notebook.parent))
 
 
+def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: str) -> None:
+    """Refuse a file an earlier grid built with other parameters (it would silently be reused)."""
+    if recorded.exists() and json.loads(recorded.read_text()) != params:
+        raise GridError(f"{built} was built with {json.loads(recorded.read_text())}, but the grid "
+                        f"asks for {params}; {fix}")
+
+
 def prepare(spec: GridSpec, log=print) -> float:
     """Notebook 01 once per dataset whose manifest is missing; source builds whose weights are."""
     start = time.perf_counter()
@@ -901,12 +908,9 @@ def prepare(spec: GridSpec, log=print) -> float:
     for dataset in spec.datasets:
         recorded = dataset.manifest.parent / "grid_dataset_params.json"
         if dataset.manifest.exists():
-            # a manifest built by an earlier grid with other parameters would silently be reused
-            if recorded.exists() and json.loads(recorded.read_text()) != dataset.params:
-                raise GridError(
-                    f"{dataset.manifest} was built with parameters {json.loads(recorded.read_text())}, "
-                    f"but the grid asks for {dataset.params}; delete {dataset.manifest.parent} to "
-                    "rebuild it, or give this grid another manifest path")
+            _check_built_with(recorded, dataset.params, dataset.manifest,
+                              f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
+                              "another manifest path")
             continue
         log(f"building dataset {dataset.name!r} with {spec.notebooks['data']} -> {dataset.manifest}")
         _execute_once(
@@ -919,7 +923,14 @@ def prepare(spec: GridSpec, log=print) -> float:
                             f"at {dataset.manifest}; see {prepare_dir}")
         atomic_write_json(recorded, dataset.params)
     for source in spec.sources:
-        if source.weights is None or source.weights.exists() or not source.build:
+        if source.weights is None or not source.build:
+            continue
+        build = dict(source.build)
+        recorded = source.weights.with_name(source.weights.name + ".grid_build.json")
+        if source.weights.exists():
+            _check_built_with(recorded, build, source.weights,
+                              f"delete {source.weights} to rebuild it, or give this source "
+                              "another weights path")
             continue
         notebook = _resolve(spec.root, source.build["notebook"])
         log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
@@ -931,6 +942,7 @@ def prepare(spec: GridSpec, log=print) -> float:
         if not source.weights.exists():
             raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
                             f"{source.weights}; see {prepare_dir}")
+        atomic_write_json(recorded, build)
     return time.perf_counter() - start
 
 

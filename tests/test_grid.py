@@ -255,7 +255,32 @@ def test_datasets_are_built_once_and_never_reused_with_other_parameters(tmp_path
     prepare(spec, log=lambda message: None)  # built already: not rebuilt
     assert manifest.stat().st_mtime_ns == before
     spec.datasets[0].params["n_patients"] = 8
-    with pytest.raises(GridError, match=r"was built with parameters \{'n_patients': 7\}"):
+    with pytest.raises(GridError, match=r"was built with \{'n_patients': 7\}"):
+        prepare(spec, log=lambda message: None)
+
+
+def test_source_weights_are_built_once_and_never_reused_with_other_build_parameters(tmp_path):
+    import nbformat
+
+    from sm_utils.grid import prepare
+
+    builder = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('out = "w.bin"\nepochs = 1', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from pathlib import Path\nPath(out).write_text(f'epochs={epochs}')"),
+    ])
+    builder.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(builder, tmp_path / "build.ipynb")
+    build = {"notebook": "build.ipynb", "parameters": {"out": "{weights}", "epochs": 3}}
+    path = write_grid(tmp_path, sources=[{"name": "radiology_phantom", "weights": "w.bin", "build": build}])
+    spec = load_grid(path, check_names=False)
+    prepare(spec, log=lambda message: None)
+    weights = tmp_path / "w.bin"
+    assert weights.read_text() == "epochs=3"  # the build notebook got the parameters
+    before = weights.stat().st_mtime_ns
+    prepare(spec, log=lambda message: None)  # built already: not rebuilt
+    assert weights.stat().st_mtime_ns == before
+    spec.sources[0].build["parameters"]["epochs"] = 5
+    with pytest.raises(GridError, match=r"w.bin was built with .*'epochs': 3.*delete .*w.bin"):
         prepare(spec, log=lambda message: None)
 
 
