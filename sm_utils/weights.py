@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_path
+from .io import atomic_write_bytes
 
 # How many names each list in an error message shows before "... and N more".
 _MAX_LISTED = 12
@@ -163,17 +163,32 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write a state dict atomically as safetensors; non-string metadata values become JSON."""
-    from safetensors.torch import save_file
+    """Write a state dict atomically as safetensors; non-string metadata values become JSON.
+
+    The same tensors and metadata always give the same bytes (and so the same sha256).
+    """
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     text_meta = {
         str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         for k, v in (metadata or {}).items()
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=text_meta)
-    return Path(path)
+    return atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=text_meta)))
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map, so the key order, and with it the file's
+    bytes, change from one save to the next. Offsets are absolute within the data section, so
+    reordering the header leaves the tensors valid.
+    """
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + blob[8 + length:]
 
 
 # ------------------------------------------------------------------ loading into a model

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import struct
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -65,6 +68,24 @@ def test_state_dict_round_trip_in_every_format(tmp_path, state, fmt):
     assert_same(loaded, state)
     if fmt == "safetensors":
         assert metadata == {"provenance": "unit test", "preprocessing": '{"a": 1}'}
+
+
+def test_safetensors_files_are_byte_identical_across_saves_and_processes(tmp_path, state):
+    # safetensors orders its header from a hash map; without canonicalisation these differ
+    metadata = {name: f"value {i}" for i, name in enumerate("abcdefgh")}
+    paths = [save_state_dict(tmp_path / f"w{i}.safetensors", state, metadata) for i in range(4)]
+    script = ("import sys, torch; from sm_utils.weights import save_state_dict; "
+              "state = torch.load(sys.argv[1], weights_only=True); "
+              f"save_state_dict(sys.argv[2], state, {metadata!r})")
+    torch.save(state, tmp_path / "state.pt")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "state.pt"),
+                    str(tmp_path / "other_process.safetensors")], check=True)
+    paths.append(tmp_path / "other_process.safetensors")
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert struct.unpack("<Q", paths[0].read_bytes()[:8])[0] % 8 == 0  # header stays aligned
+    loaded, read_metadata = read_state_dict(paths[-1])
+    assert_same(loaded, state)
+    assert read_metadata == metadata
 
 
 def test_checkpoint_with_state_dict_key_is_unwrapped(tmp_path, state):
