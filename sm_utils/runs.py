@@ -73,7 +73,7 @@ class RunConfig:
     seed: int = 812
     device: str = "auto"
     num_workers: int = 0
-    runs_dir: str = "runs/demo"
+    runs_dir: str = "runs/single"  # one-off runs; a grid passes its own
 
     def __post_init__(self) -> None:
         # Normalise types so that e.g. p=1 and p=1.0 give the same run id.

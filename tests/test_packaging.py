@@ -1,9 +1,12 @@
-"""The conda environment and pyproject must name the same runtime dependencies."""
+"""Project files: the conda environment matches pyproject, CI runs the README command, notebooks
+parse."""
 
+import json
 import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +43,21 @@ def test_ci_runs_the_readme_test_command_offline():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make demo" in readme
     assert "make test" in ci and "HF_HUB_OFFLINE=1" in ci
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")),
+                         ids=lambda path: path.stem)
+def test_every_parameter_of_every_notebook_is_readable_by_papermill(notebook, caplog):
+    # papermill reads the parameters cell to list parameters (--help-notebook) and to warn about
+    # unknown ones; a line it cannot parse is dropped from both, with a warning in every grid run
+    from papermill.translators import PythonTranslator
+
+    cells = json.loads(notebook.read_text())["cells"]
+    parameters = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+    assert len(parameters) == 1, f"{notebook.name}: expected one cell tagged 'parameters'"
+    source = "".join(parameters[0]["source"])
+    assignments = [line for line in source.splitlines() if re.match(r"^\w+\s*=", line)]
+    with caplog.at_level("WARNING"):
+        parsed = PythonTranslator.inspect({"source": source})
+    assert [p.name for p in parsed] == [line.split("=")[0].strip() for line in assignments]
+    assert "Unable to parse" not in caplog.text
