@@ -204,6 +204,26 @@ def _mean_difference(x, y, axis=-1):
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
+def _permutation_t_test(x: np.ndarray, y: np.ndarray, n_permutations: int,
+                        seed: int) -> tuple[float, float]:
+    """Two-sided Student t statistic and its permutation p-value.
+
+    When neither sample varies (e.g. o.o.d. AUC 0 in every fold of two sources) t is 0/0 or
+    +-inf and scipy's t-test returns p = 0. Given the pooled values, |t| rises with |mean
+    difference|, so the permutation test of the mean difference has the same p-value and stays
+    defined there: 1 for identical samples, 2 / C(n_a + n_b, n_a) for two different constants.
+    """
+    method = stats.PermutationMethod(n_resamples=n_permutations, rng=seed)
+    if np.ptp(x) > 0 or np.ptp(y) > 0:
+        result = stats.ttest_ind(x, y, method=method)
+        return float(result.statistic), float(result.pvalue)
+    difference = float(x[0] - y[0])
+    statistic = np.nan if difference == 0 else float(np.copysign(np.inf, difference))
+    result = stats.permutation_test((x, y), _mean_difference, permutation_type="independent",
+                                    vectorized=True, n_resamples=n_permutations, rng=seed)
+    return statistic, float(result.pvalue)
+
+
 def compare_sources(
     table: pd.DataFrame,
     test_sets: Sequence[str] = ("ood", "iid", "clean"),
@@ -218,7 +238,9 @@ def compare_sources(
 
     The test is scipy's two-sided Student t-test with a permutation null
     (``ttest_ind(a, b, method=PermutationMethod(n_resamples, rng=seed))``; exact when the number
-    of distinct permutations is at most ``n_permutations``), folds as replicates, as in the paper.
+    of distinct permutations is at most ``n_permutations``), folds as replicates, as in the paper
+    (when neither sample varies, the equivalent test of the mean difference: see
+    ``_permutation_t_test``).
     p-values are Holm-corrected (statsmodels ``multipletests``) within each group of rows that
     share the ``family`` columns (default: all confounders and p of one dataset and test set).
     The mean difference (a minus b) gets a percentile bootstrap interval (scipy ``bootstrap``,
@@ -238,9 +260,7 @@ def compare_sources(
                    "mean_b": y.mean() if len(y) else np.nan}
             row["mean_difference"] = row["mean_a"] - row["mean_b"]
             if len(x) >= 2 and len(y) >= 2:
-                result = stats.ttest_ind(
-                    x, y, method=stats.PermutationMethod(n_resamples=n_permutations, rng=seed))
-                row["statistic"], row["p_value"] = float(result.statistic), float(result.pvalue)
+                row["statistic"], row["p_value"] = _permutation_t_test(x, y, n_permutations, seed)
                 boot = stats.bootstrap((x, y), _mean_difference, n_resamples=n_bootstrap,
                                        confidence_level=confidence, method="percentile", rng=seed,
                                        vectorized=True)

@@ -88,6 +88,24 @@ def test_exact_permutation_p_value_for_separated_folds():
     assert (same["p_value"] > 0.01).all() and not same["reject_holm"].any()
 
 
+def test_sources_with_constant_folds_get_exact_p_values_not_zero():
+    # o.o.d. AUC 0 in every fold of two sources (a full shortcut): scipy's t-test gives t = nan
+    # and p = 0, which Holm would call significant. The samples are identical: p must be 1.
+    rows = [{"run_id": f"{source}{fold}", "dataset": "phantom_cxr", "confounder": "tag",
+             "strength": 1.0, "arch": "default", "seed": 812, "p": 1.0, "source": source,
+             "fold": fold, "test_set": "ood", "auc": auc}
+            for source, auc in (("imagenet_lite0", 0.0), ("radiology_phantom", 0.0), ("random", 1.0))
+            for fold in range(3)]
+    result = compare_sources(pd.DataFrame(rows), test_sets=["ood"], n_permutations=9999,
+                             n_bootstrap=99).set_index(["source_a", "source_b"])
+    same = result.loc[("imagenet_lite0", "radiology_phantom")]
+    assert same["p_value"] == 1.0 and np.isnan(same["statistic"]) and not same["reject_holm"]
+    # two different constants: of the C(6,3) = 20 relabellings only the observed one and its
+    # mirror are as extreme, so the exact p is 2/20, with t = -inf
+    apart = result.loc[("imagenet_lite0", "random")]
+    assert apart["p_value"] == pytest.approx(2 / 20) and apart["statistic"] == -np.inf
+
+
 def test_robustness_summary_finds_where_ood_auc_falls_below_half():
     summary = robustness_summary(known_table()).set_index(["confounder", "source"])
     # imagenet: 0.85 - 0.8 p -> 0.45 at p = 0.5; radiology: 0.85 - 0.4 p -> 0.45 at p = 1
