@@ -227,6 +227,9 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
     conf = get_run_confounder(config)
     splits = split_rows(config, manifest, conf)
     cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir)
+    if conf is not None and conf.memoise and conf.cache_dir is None:
+        # e.g. ct_noise: seconds per image, the same output every epoch, fold and p (nested)
+        conf = conf.with_cache(cache.path.parent / "confounders")
 
     def dataset(name: str, augment: bool) -> ConfoundedImageDataset:
         return ConfoundedImageDataset(splits[name], cache, confounder=conf, seed=config.seed,

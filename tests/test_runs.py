@@ -118,6 +118,33 @@ def test_sampled_confounder_and_no_confounder(phantom_cxr, tmp_path, cache_dir):
     assert sets["iid"]["auc"] == sets["ood"]["auc"] == sets["clean"]["auc"]
 
 
+def test_slow_confounders_are_computed_once_and_give_the_same_metrics(phantom_cxr, tmp_path,
+                                                                      monkeypatch):
+    from sm_utils.confounders import get_confounder
+
+    conf_cache = tmp_path / "image_cache" / "confounders" / "ct_noise"
+    overrides = {"confounder": "ct_noise", "p": 0.5, "epochs": 2,
+                 "confounder_params": {"n_angles": 16}}
+    config = _config(phantom_cxr, tmp_path, **overrides)
+    assert get_confounder("ct_noise").memoise and not get_confounder("tag").memoise
+    first = execute_run(config, progress=False, cache_dir=tmp_path / "image_cache", n_boot=20)
+    cached = sorted(conf_cache.rglob("*.png"))
+    predictions = pd.read_csv(first / "predictions.csv")
+    # one file per distinct (image, confounded) pair seen, whatever the epochs: train and val
+    # images, plus the test images in each confounded state they appear in
+    n_train_val = sum(json.loads((first / "config.json").read_text())["split_sizes"][s]["n"]
+                      for s in ("train", "val"))
+    n_test = len(predictions[["image_id", "confounded"]].drop_duplicates())
+    assert len(cached) == n_train_val + n_test
+    mtimes = [path.stat().st_mtime_ns for path in cached]
+    # the rerun reads the cache (nothing rewritten) and gets the metrics of the first run
+    second = execute_run(_config(phantom_cxr, tmp_path / "again", **overrides), progress=False,
+                         cache_dir=tmp_path / "image_cache", n_boot=20)
+    assert [path.stat().st_mtime_ns for path in sorted(conf_cache.rglob("*.png"))] == mtimes
+    metrics = [json.loads((d / "metrics.json").read_text())["test_sets"] for d in (first, second)]
+    assert metrics[0] == metrics[1]
+
+
 def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, monkeypatch):
     config = _config(phantom_cxr, tmp_path, epochs=1)
     run_dir = config.run_dir()

@@ -271,7 +271,7 @@ def _ct_baseline(image, rng, *, strength, n0, reference_size, dose_scaling, fbp_
 
 
 register_confounder(
-    "ct_noise", _ct_noise, baseline=_ct_baseline, category="environment/acquisition",
+    "ct_noise", _ct_noise, baseline=_ct_baseline, category="environment/acquisition", memoise=True,
     description=("A low-dose CT protocol: Poisson photon noise in the sinogram (LoDoPaB-CT "
                  "style, 4096 photons per detector bin) reconstructed by filtered back-projection, "
                  "giving the streaky, correlated noise of low-dose scanners."),

@@ -49,6 +49,7 @@ class ConfounderSpec:
     fn: ImageFn | None = None
     baseline_fn: ImageFn | None = None
     strength_range: tuple[float, float] = (0.0, 1.0)
+    memoise: bool = False   # slow (seconds per image): runs keep its output on disk
 
 
 _REGISTRY: dict[str, ConfounderSpec] = {}
@@ -64,6 +65,7 @@ def register_confounder(
     kind: str = "synthetic",
     baseline: ImageFn | None = None,
     strength_range: tuple[float, float] = (0.0, 1.0),
+    memoise: bool = False,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -71,6 +73,8 @@ def register_confounder(
     of the same shape; ``baseline`` (same signature) is what every *non*-confounded image gets
     (X-ray dose noise: the normal dose). ``description`` is one sentence on the real-world
     effect the confounder models. Sampled confounders pass ``kind="sampled"`` and no function.
+    ``memoise=True`` marks a confounder too slow to recompute every epoch: fine-tuning runs
+    then keep its output on disk (:meth:`Confounder.with_cache`).
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -85,7 +89,7 @@ def register_confounder(
         _REGISTRY[name] = ConfounderSpec(
             name=name, category=category, kind=kind, description=description,
             defaults=dict(defaults or {}), fn=function, baseline_fn=baseline,
-            strength_range=tuple(strength_range),
+            strength_range=tuple(strength_range), memoise=bool(memoise),
         )
         return function
 
@@ -175,6 +179,11 @@ class Confounder:
         """True when non-confounded images may be changed too (X-ray dose noise; CT noise with
         ``fbp_baseline``); call :meth:`inject` for every image and this needs no checking."""
         return self._spec is not None and self._spec.baseline_fn is not None
+
+    @property
+    def memoise(self) -> bool:
+        """True when the confounder is slow enough that runs should cache it on disk."""
+        return self._spec is not None and self._spec.memoise
 
     def _require_synthetic(self, what: str) -> None:
         if self.kind != "synthetic":
