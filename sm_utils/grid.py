@@ -18,6 +18,7 @@ Relative paths in a grid file are resolved against its ``root``: by default the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -560,10 +561,8 @@ class CellRunner:
 
     def close(self) -> None:
         if self.km is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead kernel cannot be shut down; no matter
                 self.km.shutdown_kernel(now=True)
-            except Exception:  # a dead kernel cannot be shut down; nothing else to release
-                pass
             self.km = None
 
     def _ensure_kernel(self) -> None:
@@ -593,7 +592,7 @@ class CellRunner:
                 km=self.km, progress_bar=False, execution_timeout=self.settings.cell_timeout_s,
                 log_output=False,
             )
-        except Exception as err:  # recorded per cell so that the rest of the grid continues
+        except Exception as err:  # noqa: BLE001 (recorded per cell; the rest of the grid goes on)
             error = _describe_error(err)
         wall = time.perf_counter() - start
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -854,7 +853,7 @@ def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, repo
             batch = pending_jobs.pop(job)
             try:
                 results, kernel_seconds = job.result()
-            except Exception as err:  # the whole task failed (time limit, node failure, ...)
+            except Exception as err:  # noqa: BLE001 (the whole task failed: time limit, node, ...)
                 message = f"job {job.job_id} failed: {str(err).strip()[-2000:]}"
                 results = [CellResult(c.run_id, c.label(), c.done, 0.0, error="" if c.done else message)
                            for c in batch]
@@ -1024,7 +1023,7 @@ def run_grid(
                            "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir),
                            "results_csv": ""},
                           spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (a failed analysis must not hide the grid's report)
             report.failures.append(("analysis notebook", _describe_error(err)))
         report.analysis_seconds = time.perf_counter() - analysis_start
     report.wall_seconds = time.perf_counter() - start

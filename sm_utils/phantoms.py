@@ -134,8 +134,9 @@ def render_cxr(
     side = patient.finding_side
     # Finding parameters are drawn for every image, so an image with and without the finding
     # share pose, anatomy and noise (the random stream does not depend on the label).
-    lesion = dict(scale=rng.uniform(0.6, 1.2), cy=rng.uniform(0.15, 0.40), cx=rng.uniform(0.32, 0.50),
-                  ry=rng.uniform(0.12, 0.22), rx=rng.uniform(0.10, 0.18))
+    lesion = {"scale": rng.uniform(0.6, 1.2), "cy": rng.uniform(0.15, 0.40),
+              "cx": rng.uniform(0.32, 0.50), "ry": rng.uniform(0.12, 0.22),
+              "rx": rng.uniform(0.10, 0.18)}
     lesion_texture = _blur(rng.normal(0, 1, (size, size)).astype(np.float32), 0.04)
     strength = (1.0 - 0.85 * difficulty) * float(lesion["scale"]) if finding else 0.0
 

@@ -15,7 +15,7 @@ from .manifest import ManifestError, find_leakage, fold_columns, format_leakage
 
 def _first_group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
     """(keep, held_out) index arrays, held_out ~ ``fraction`` of the rows, grouped."""
-    n_splits = max(2, int(round(1.0 / fraction)))
+    n_splits = max(2, round(1.0 / fraction))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return next(splitter.split(np.zeros(len(labels)), labels, groups))
 
@@ -58,7 +58,7 @@ def make_splits(
     dev_idx, test_idx = _first_group_split(labels, groups, test_fraction, seed)
     dev_labels, dev_groups = labels[dev_idx], groups[dev_idx]
 
-    n_val_splits = max(2, int(round(1.0 / val_fraction)))
+    n_val_splits = max(2, round(1.0 / val_fraction))
     if n_folds <= n_val_splits:
         splitter = StratifiedGroupKFold(n_splits=n_val_splits, shuffle=True, random_state=seed)
         val_sets = [val for _, val in splitter.split(dev_idx, dev_labels, dev_groups)][:n_folds]

@@ -181,8 +181,8 @@ def canonical_safetensors(blob: bytes) -> bytes:
     """The same safetensors file with its JSON header's keys sorted.
 
     safetensors writes the header from a hash map, so the key order, and with it the file's
-    bytes, change from one save to the next. Offsets are absolute within the data section, so
-    reordering the header leaves the tensors valid.
+    bytes, change from one save to the next. Tensor offsets count from the end of the header,
+    so reordering (and re-padding) it leaves the tensors valid.
     """
     (length,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + length])

@@ -10,10 +10,9 @@ from sm_utils.io import atomic_path, atomic_write_csv, atomic_write_json, stable
 def test_failed_write_leaves_target_untouched_and_no_temp_file(tmp_path):
     target = tmp_path / "metrics.json"
     atomic_write_json(target, {"auc": 0.5})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert target.read_text() == '{\n  "auc": 0.5\n}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 

@@ -6,7 +6,12 @@ import pytest
 from PIL import Image
 
 from sm_utils.manifest import (
-    Manifest, ManifestError, check_split_files, find_leakage, load_manifest, save_manifest,
+    Manifest,
+    ManifestError,
+    check_split_files,
+    find_leakage,
+    load_manifest,
+    save_manifest,
     validate_manifest,
 )
 

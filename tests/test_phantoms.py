@@ -6,7 +6,12 @@ import pytest
 from sm_utils.datasets import build_dataset, list_datasets
 from sm_utils.manifest import ManifestError, load_manifest
 from sm_utils.phantoms import (
-    PhantomConfig, phantom_table, render_ct_hu, render_cxr, render_row, sample_patient,
+    PhantomConfig,
+    phantom_table,
+    render_ct_hu,
+    render_cxr,
+    render_row,
+    sample_patient,
 )
 
 
@@ -61,7 +66,7 @@ def test_sizes_outside_range_are_rejected():
 
 def test_finding_changes_the_lung_region_and_difficulty_scales_it():
     patient = sample_patient(0, 3)
-    rng = lambda: np.random.default_rng(11)  # noqa: E731  same pose and noise in each render
+    rng = lambda: np.random.default_rng(11)
     clean = render_cxr(patient, size=128, finding=False, difficulty=0.0, rng=rng()).astype(float)
     easy = render_cxr(patient, size=128, finding=True, difficulty=0.0, rng=rng()).astype(float)
     hard = render_cxr(patient, size=128, finding=True, difficulty=1.0, rng=rng()).astype(float)

@@ -8,8 +8,8 @@ as ``out_dir/manifest.csv``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..manifest import Manifest, ManifestError, save_manifest
 
@@ -81,4 +81,4 @@ def build_from_notebook(
     return build_dataset(name, out_dir, **params), skipped
 
 
-from . import phantom, nih, published, lidc  # noqa: E402,F401  (registers the built-in builders)
+from . import lidc, nih, phantom, published  # noqa: F401  (registers the built-in builders)
