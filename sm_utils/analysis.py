@@ -391,10 +391,13 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
 
 
 def save_figure(fig, base: str | os.PathLike) -> list[Path]:
-    """Save ``base``.png (150 dpi) and ``base``.pdf atomically; returns both paths."""
+    """Save ``base``.png (150 dpi) and ``base``.pdf atomically; returns both paths.
+
+    No creation date is written, so the same figure gives the same bytes on every rerun.
+    """
     base = Path(base)
     written = []
-    for suffix, kwargs in ((".png", {"dpi": 150}), (".pdf", {})):
+    for suffix, kwargs in ((".png", {"dpi": 150}), (".pdf", {"metadata": {"CreationDate": None}})):
         target = base.with_suffix(suffix)
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", **kwargs)

@@ -187,3 +187,10 @@ def test_reference_lines_use_our_names_and_the_figure_draws_them(tmp_path):
     assert len(solid) == 3 and list(solid[0].get_xdata()) == [0.0, 0.5, 1.0]
     paths = save_figure(fig, tmp_path / "figures" / "grid_auc_vs_p")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
+    # a PDF creation date would make every demo rerun change the committed figure
+    first = save_figure(plot_auc_vs_p(known_table()), tmp_path / "a" / "fig")
+    second = save_figure(plot_auc_vs_p(known_table()), tmp_path / "b" / "fig")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
