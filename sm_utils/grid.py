@@ -534,11 +534,6 @@ class CellRunner:
     """Executes cells one after another in a warm Jupyter kernel, one executed notebook each."""
 
     def __init__(self, settings: RunnerSettings):
-        import logging
-
-        # papermill warns about parameter comments it cannot parse, once per cell; the cell's
-        # parameters are RunConfig's fields, checked by the notebook itself
-        logging.getLogger("papermill").setLevel(logging.ERROR)
         self.settings = settings
         self.km = None
         self.cells_in_kernel = 0
