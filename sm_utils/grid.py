@@ -890,9 +890,11 @@ def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kern
 
 def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: str) -> None:
     """Refuse a file an earlier grid built with other parameters (it would silently be reused)."""
-    if recorded.exists() and json.loads(recorded.read_text()) != params:
-        raise GridError(f"{built} was built with {json.loads(recorded.read_text())}, but the grid "
-                        f"asks for {params}; {fix}")
+    if not recorded.exists():
+        return
+    built_with = json.loads(recorded.read_text())
+    if built_with != params:
+        raise GridError(f"{built} was built with {built_with}, but the grid asks for {params}; {fix}")
 
 
 def prepare(spec: GridSpec, log=print) -> float:
