@@ -123,6 +123,35 @@ class KerasResNet50(nn.Module):
         return self.fc(self.head_drop(self.forward_features(x)))
 
 
+def keras_initialise_(model: nn.Module) -> nn.Module:
+    """Re-initialise ``model`` in place as Keras initialises a freshly built layer; return it.
+
+    Keras' defaults (those of ``keras.applications.ResNet50(weights=None)`` and of a new
+    ``Dense`` head): Conv2D and Dense kernels glorot_uniform, biases zeros; BatchNormalization
+    gamma ones, beta zeros, moving mean 0, moving variance 1. Every ``nn.Conv2d`` and
+    ``nn.Linear`` (kernels and biases) and every batch norm of ``model`` is reset; other
+    modules are left alone. Draws from torch's global RNG (seed it first).
+    """
+    # Glorot uniform draws from U(-l, l), l = sqrt(6 / (fan_in + fan_out)). Keras takes the
+    # fans of a (kh, kw, in, out) conv kernel as in*kh*kw and out*kh*kw, and of a Dense
+    # (in, out) kernel as in and out; torch's xavier_uniform_ (gain 1: bound
+    # sqrt(3) * sqrt(2 / (fan_in + fan_out)), the same l) reads the same fans off the
+    # transposed (out, in, kh, kw) and (out, in) weights: size(1) * kh * kw and
+    # size(0) * kh * kw. So the two draw from the same distribution (checked in
+    # tests/test_keras_resnet.py against the Keras formula written out there).
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()  # mean 0, variance 1 (and the step counter 0)
+            if module.affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+    return model
+
+
 def check_input_size(size) -> None:
     """Raise a clear error for an image too small for the Keras ResNet50 stem and stages."""
     h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
@@ -159,6 +188,36 @@ def keras_layer_to_module(layer: str) -> str | None:
         stage, block, index, kind = match.groups()
         return f"{stage}.block{int(block)}.{kind}{index}"
     return None
+
+
+_MODULE = re.compile(r"^(conv[2-5])\.block(\d+)\.(conv|bn)([0-3])$")
+_TO_KERAS_PARAM = {
+    "conv": {"weight": "kernel", "bias": "bias"},
+    "bn": {v: k for k, v in _BN_PARAMS.items()},
+    "fc": {"weight": "kernel", "bias": "bias"},
+}
+
+
+def module_key_to_keras(key: str) -> str:
+    """Keras ``<layer>/<weight>`` name of a :class:`KerasResNet50` state-dict key.
+
+    ``conv4.block2.bn2.running_mean`` -> ``conv4_block2_2_bn/moving_mean``; the inverse of
+    :func:`keras_layer_to_module` plus the parameter names, for messages. Unknown keys are
+    returned unchanged.
+    """
+    module, _, param = key.rpartition(".")
+    if module in ("conv1.conv", "conv1.bn"):
+        layer, kind = module.replace(".", "_"), module.split(".")[1]
+    elif module == "fc":
+        layer, kind = "predictions", "fc"
+    else:
+        match = _MODULE.match(module)
+        if not match:
+            return key
+        stage, block, kind, index = match.groups()
+        layer = f"{stage}_block{block}_{index}_{kind}"
+    name = _TO_KERAS_PARAM[kind].get(param)
+    return f"{layer}/{name}" if name else key
 
 
 def _decode(values) -> list[str]:
@@ -263,7 +322,17 @@ def convert_keras_arrays(
             "(keras.applications.ResNet50(weights=<this file>).save_weights(...)) or use the "
             "current Keras file."
         )
-    if kind != "ResNet50":
+    resnet_like = any(keras_layer_to_module(layer) for layer in weight_layers)
+    if kind == "unknown" and not resnet_like:
+        raise WeightsError(
+            f"{origin} holds a Keras model this loader does not recognise; its layers with "
+            f"weights are: {', '.join(weight_layers[:12])}"
+            + (f", ... ({len(weight_layers)} in all)" if len(weight_layers) > 12 else "")
+            + f". Supported: {SUPPORTED_H5}."
+        )
+    # A ResNet50 file with layers missing is "unknown" to identify_keras_model; the layout
+    # check below names what is missing.
+    if kind not in ("ResNet50", "unknown"):
         raise WeightsError(
             f"{origin} holds a Keras {kind} model, which cannot be loaded here. Supported: "
             f"{SUPPORTED_H5}. RadImageNet's DenseNet121, InceptionV3 and InceptionResNetV2 "
@@ -300,7 +369,19 @@ def convert_keras_arrays(
     if unused or missing or mismatched:
         details = []
         if missing:
-            details.append(f"missing ({len(missing)}): {', '.join(missing[:12])}")
+            keras_layers = list(
+                dict.fromkeys(module_key_to_keras(k).split("/")[0] for k in missing)
+            )
+            details.append(
+                f"Keras layers missing or incomplete ({len(keras_layers)}): "
+                f"{', '.join(keras_layers[:12])}"
+                + (f", ... and {len(keras_layers) - 12} more" if len(keras_layers) > 12 else "")
+            )
+            details.append(
+                f"missing ({len(missing)}): "
+                + ", ".join(f"{k} [{module_key_to_keras(k)}]" for k in missing[:12])
+                + (f", ... and {len(missing) - 12} more" if len(missing) > 12 else "")
+            )
         if unused:
             details.append(f"not used ({len(unused)}): {', '.join(unused[:12])}")
         if mismatched:

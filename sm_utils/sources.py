@@ -11,6 +11,9 @@ mean/std for timm, (x - 127) / 128 for EfficientNet-Lite), so each source carrie
 A new source is one :class:`Source` (its default architecture, provenance text, a function
 that finds its weights file, one that loads it into a model, and one that gives its
 preprocessing) passed to :func:`register_source`.
+
+:func:`check_source_arch` checks a (source, architecture) pair and returns the architecture a
+run will use, without reading any weights file: a grid can check every pair up front.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ __all__ = [
     "SourceError",
     "WeightsError",
     "check_image_size",
+    "check_source_arch",
     "create_model",
     "describe_source",
     "get_source",
     "list_sources",
     "make_architecture",
     "register_source",
+    "timm_pretrained_tag",
 ]
 
 KERAS_ARCH = "keras_resnet50"
@@ -217,16 +222,26 @@ class Source:
     of ``model`` (built by :func:`make_architecture`); :func:`create_model` then loads it with
     every key and shape checked (the source's classifier is dropped for a fresh head);
     ``preprocessing(arch, path) -> Preprocessing``.
+    ``provenance``: text, or ``provenance(arch) -> text`` where it depends on the arch.
     ``archs``: the architectures it supports (None: any).
+    ``init(model)``: re-initialises the freshly built model in place (torch's global RNG) when
+    the source loads no weights (``random``); None keeps the architecture's own init.
+    ``resolve_arch(arch) -> arch``: makes a checked arch name explicit (``imagenet`` turns a
+    timm name without a pretrained tag into timm's default tag) or raises SourceError.
     """
 
     name: str
     default_arch: str | None
-    provenance: str
+    provenance: str | Callable[[str], str]
     find_weights: Callable[[str, Path | None], Path | None]
     load: Callable[[nn.Module, Path, Path | None], dict[str, torch.Tensor]] | None
     preprocessing: Callable[[str, Path | None], Preprocessing]
     archs: tuple[str, ...] | None = None
+    init: Callable[[nn.Module], object] | None = None
+    resolve_arch: Callable[[str], str] | None = None
+
+    def provenance_for(self, arch: str) -> str:
+        return self.provenance(arch) if callable(self.provenance) else self.provenance
 
 
 _SOURCES: dict[str, Source] = {}
@@ -249,7 +264,16 @@ def get_source(name: str) -> Source:
     return _SOURCES[name]
 
 
-def _resolve(source: str, arch: str | None, weights) -> tuple[Source, str, Path | None]:
+def check_source_arch(source: str, arch: str | None = None) -> str:
+    """Check that ``source`` exists and can fill ``arch``; return the arch a run will use.
+
+    ``arch=None`` (or "") takes the source's default. No weights file is looked for or read,
+    so a grid can check every (source, arch) pair before it starts. Raises SourceError saying
+    which architectures the source accepts and how to fix the pair. The returned name is
+    explicit: ``imagenet`` with a timm name without a pretrained tag (``"resnet50"``) returns
+    timm's default tag (``"resnet50.a1_in1k"`` in timm 1.0), so a run records exactly which
+    weights; see :func:`timm_pretrained_tag`.
+    """
     spec = get_source(source)
     arch = arch or spec.default_arch
     if arch is None:
@@ -258,11 +282,28 @@ def _resolve(source: str, arch: str | None, weights) -> tuple[Source, str, Path 
             f"({KERAS_ARCH!r} or a timm model name)."
         )
     if spec.archs is not None and arch not in spec.archs:
+        accepted = ", ".join(repr(a) for a in spec.archs)
+        why = ""
+        if KERAS_ARCH in spec.archs:
+            why = (
+                f" Its weights are Keras ResNet50 (\"v1\") files, which only the Keras-layout "
+                f"{KERAS_ARCH!r} can hold (torchvision/timm resnet50 is \"v1.5\", a different "
+                "layout)."
+            )
+        elif arch == KERAS_ARCH:
+            why = f" {KERAS_ARCH!r} is the Keras layout; this source's weights are not."
         raise SourceError(
-            f"Source {source!r} supports the architecture(s) {', '.join(spec.archs)}, "
-            f"not {arch!r}. Leave arch=None for its default."
+            f"Source {source!r} supports only the architecture(s) {accepted}, not {arch!r}."
+            f"{why} Fix: set arch to {spec.archs[0]!r} or leave it empty (None) for the "
+            f"source's default {spec.default_arch!r}."
         )
     _check_arch(arch)
+    return spec.resolve_arch(arch) if spec.resolve_arch is not None else arch
+
+
+def _resolve(source: str, arch: str | None, weights) -> tuple[Source, str, Path | None]:
+    arch = check_source_arch(source, arch)
+    spec = get_source(source)
     path = spec.find_weights(arch, Path(weights).expanduser() if weights is not None else None)
     return spec, arch, path
 
@@ -280,7 +321,9 @@ def create_model(
     """Build ``arch`` with the weights of ``source`` and a fresh dropout + linear head.
 
     The head (and the whole model for ``random``) is initialised from torch's global RNG,
-    so seed torch before calling. ``image_size``, if given, is checked against the arch.
+    so seed torch before calling; a source that loads no weights applies its ``init``
+    (``random``: Keras' initialisers for keras_resnet50, timm's own for timm archs).
+    ``image_size``, if given, is checked against the arch.
     ``keep_pretrained_head=True`` loads the source's own classifier too (``num_classes`` must
     then match it, e.g. 1000 for ImageNet): for checking a source, not for fine-tuning.
     """
@@ -288,6 +331,8 @@ def create_model(
     if image_size is not None:
         check_image_size(arch, image_size)
     model = make_architecture(arch, num_classes=num_classes, drop_rate=drop_rate)
+    if (spec.load is None or path is None) and spec.init is not None:
+        spec.init(model)
     if spec.load is not None and path is not None:
         state = spec.load(model, path, Path(cache_dir) if cache_dir is not None else None)
         heads = () if keep_pretrained_head else _classifier_prefixes(model)
@@ -306,7 +351,7 @@ def describe_source(
 ) -> dict:
     """What a run records about its source: name, arch, weights file and sha256, provenance."""
     spec, arch, path = _resolve(source, arch, weights)
-    provenance = spec.provenance
+    provenance = spec.provenance_for(arch)
     if path is not None and path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -425,15 +470,65 @@ def _find_imagenet_weights(arch: str, weights: Path | None) -> Path:
         ) from exc
 
 
+def timm_pretrained_tag(arch: str) -> str:
+    """``arch`` with its timm pretrained tag: a name without one gets timm's default tag.
+
+    ``"resnet50"`` -> ``"resnet50.a1_in1k"`` (timm 1.0's default for resnet50, NOT
+    ``resnet50.tv_in1k``); a tagged name is returned as it is. Reads timm's registry only
+    (no network). Raises SourceError if timm has no pretrained weights for ``arch``.
+    """
+    _check_arch(arch)
+    if arch == KERAS_ARCH:
+        raise SourceError(f"{KERAS_ARCH!r} is not a timm model; it has no timm pretrained tag.")
+    cfg = _timm_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise SourceError(
+            f"timm has no pretrained weights for {arch!r}; timm.list_pretrained("
+            f"'{arch.split('.')[0]}*') lists the tags that have them. For weights of your own, "
+            f"use source='file' with arch={arch!r}."
+        )
+    if "." in arch or not cfg.tag:
+        return arch
+    return f"{cfg.architecture}.{cfg.tag}"
+
+
+def _imagenet_arch(arch: str) -> str:
+    if arch == KERAS_ARCH:
+        raise SourceError(
+            "Source 'imagenet' holds timm (PyTorch) ImageNet weights, which do not fit "
+            f"{KERAS_ARCH!r}. For Keras' ImageNet weights in {KERAS_ARCH!r} (the paper's "
+            "ImageNet arm) use source='imagenet_keras' with "
+            "weights=<resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5>; or give 'imagenet' "
+            "a timm name such as 'resnet50.tv_in1k'."
+        )
+    return timm_pretrained_tag(arch)
+
+
+def _imagenet_provenance(arch: str) -> str:
+    text = (
+        f"ImageNet weights from timm, pretrained tag {arch!r}: a timm/PyTorch ImageNet variant, "
+        "NOT the paper's Keras ImageNet ResNet50 weights (those are source 'imagenet_keras')."
+    )
+    if arch.split(".")[-1] == "tv_in1k":
+        text += (
+            " tv_in1k is torchvision's original recipe, the closest timm tag to the paper's "
+            "Keras ImageNet weights (but torchvision's ResNet50 is 'v1.5', Keras' 'v1')."
+        )
+    return text + (
+        " An arch given without a tag is recorded as timm's default pretrained tag for it. "
+        "With weights=<file> the file is loaded into this architecture as it is."
+    )
+
+
 register_source(
     Source(
         name="imagenet",
         default_arch="resnet50.tv_in1k",
-        provenance="ImageNet-1k supervised weights from timm (default resnet50.tv_in1k: "
-        "torchvision's original ResNet50 recipe, the closest to the paper's Keras ImageNet weights).",
+        provenance=_imagenet_provenance,
         find_weights=_find_imagenet_weights,
         load=_load_file,
         preprocessing=lambda arch, path: timm_preprocessing(arch),
+        resolve_arch=_imagenet_arch,
     )
 )
 
@@ -550,15 +645,39 @@ register_source(
 
 # --- random and file ---------------------------------------------------------------------
 
+def _random_init(model: nn.Module) -> None:
+    # timm models keep the init timm.create_model gave them.
+    if isinstance(model, KerasResNet50):
+        keras_resnet.keras_initialise_(model)
+
+
+def _random_provenance(arch: str) -> str:
+    if arch == KERAS_ARCH:
+        init = (
+            "Keras' initialisers, as the paper's random arm: conv and dense kernels "
+            "glorot_uniform, biases zero, batch norm gamma 1, beta 0, moving mean 0, moving "
+            "variance 1 (sm_utils.keras_resnet.keras_initialise_)"
+        )
+    else:
+        init = (
+            f"timm's own initialisation of {arch} (not Keras' glorot_uniform of the paper's "
+            "random arm)"
+        )
+    return (
+        f"Random initialisation (no pretraining) with {init}, drawn from torch's global RNG "
+        "seeded by the caller."
+    )
+
+
 register_source(
     Source(
         name="random",
         default_arch=KERAS_ARCH,
-        provenance="Random initialisation (no pretraining), drawn from torch's global RNG seeded "
-        "by the caller.",
+        provenance=_random_provenance,
         find_weights=_no_weights("random"),
         load=None,
         preprocessing=lambda arch, path: default_preprocessing(arch),
+        init=_random_init,
     )
 )
 

@@ -1,11 +1,11 @@
 """Keras ResNet50 .h5 -> PyTorch conversion, checked against an independent numpy reference.
 
-The .h5 files are written here with h5py in the layout Keras uses for weight files (root
-attribute ``layer_names``; per layer a group with attribute ``weight_names`` such as
-``conv2_block1_1_conv/kernel:0``; the dataset at ``/<layer>/<layer>/kernel:0``), with the real
-ResNet50 shapes and seeded random values. The reference forward pass is plain numpy in Keras'
-own conventions (NHWC activations, HWIO kernels, ZeroPadding2D + valid conv, zero-padded max
-pool), so it shares no code with the converter or the PyTorch module. Where TensorFlow is
+The .h5 files are written by tests/fakes/keras_h5.py with h5py in the layout Keras uses for
+weight files (root attribute ``layer_names``; per layer a group with attribute ``weight_names``
+such as ``conv2_block1_1_conv/kernel:0``; the dataset at ``/<layer>/<layer>/kernel:0``), with
+the real ResNet50 shapes and seeded random values. The reference forward pass is plain numpy in
+Keras' own conventions (NHWC activations, HWIO kernels, ZeroPadding2D + valid conv, zero-padded
+max pool), so it shares no code with the converter or the PyTorch module. Where TensorFlow is
 available (here, or in a separate environment named by $SM_TF_PYTHON), real tf.keras ResNet50
 files and outputs are compared too; otherwise that test is skipped.
 """
@@ -13,6 +13,7 @@ files and outputs are compared too; otherwise that test is skipped.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fakes.keras_h5 import (
+    RESNET50,
+    keras_resnet50_layers,
+    random_weights,
+    write_keras_h5,
+    write_keras_resnet50_h5,
+)
 
 from sm_utils import keras_resnet
 from sm_utils.keras_resnet import KerasResNet50, cached_conversion, convert_keras_h5
@@ -30,79 +38,8 @@ from sm_utils.weights import WeightsError
 torch.set_num_threads(1)
 
 EPS = 1.001e-5
-# (stage, bottleneck width, blocks, stride of block 1) of Keras ResNet50, written out again
-# here rather than imported, so that a wrong table in the module would be caught.
-RESNET50 = [("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2)]
 # Keras' model.summary() of ResNet50(include_top=False): 23,587,712 parameters in all.
 KERAS_RESNET50_NOTOP_PARAMS = 23_587_712
-
-
-# ------------------------------------------------------------------ writing Keras h5 files
-
-
-def keras_resnet50_layers(top: bool = False) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
-    """Keras ResNet50 layers in creation order, each with its weights' shapes ({} if none)."""
-
-    def conv(name, k, cin, cout):
-        return [(name, {"kernel": (k, k, cin, cout), "bias": (cout,)})]
-
-    def bn(name, c):
-        shapes = {p: (c,) for p in ("gamma", "beta", "moving_mean", "moving_variance")}
-        return [(name, shapes)]
-
-    layers = [("input_1", {}), ("conv1_pad", {})]
-    layers += conv("conv1_conv", 7, 3, 64) + bn("conv1_bn", 64)
-    layers += [("conv1_relu", {}), ("pool1_pad", {}), ("pool1_pool", {})]
-    cin = 64
-    for stage, width, blocks, _ in RESNET50:
-        for b in range(1, blocks + 1):
-            name = f"{stage}_block{b}"
-            if b == 1:  # Keras builds the shortcut conv first
-                layers += conv(f"{name}_0_conv", 1, cin, 4 * width) + bn(f"{name}_0_bn", 4 * width)
-            layers += conv(f"{name}_1_conv", 1, cin, width) + bn(f"{name}_1_bn", width)
-            layers += [(f"{name}_1_relu", {})]
-            layers += conv(f"{name}_2_conv", 3, width, width) + bn(f"{name}_2_bn", width)
-            layers += [(f"{name}_2_relu", {})]
-            layers += conv(f"{name}_3_conv", 1, width, 4 * width) + bn(f"{name}_3_bn", 4 * width)
-            layers += [(f"{name}_add", {}), (f"{name}_out", {})]
-            cin = 4 * width
-    if top:
-        layers += [("avg_pool", {}), ("predictions", {"kernel": (2048, 1000), "bias": (1000,)})]
-    return layers
-
-
-def random_weights(layers, seed: int) -> dict[tuple[str, str], np.ndarray]:
-    """Seeded values that keep activations in a sane range through 50 layers."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for layer, shapes in layers:
-        for param, shape in shapes.items():
-            if param == "kernel":
-                fan_in = int(np.prod(shape[:-1]))
-                value = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-            elif param in ("gamma", "moving_variance"):
-                value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-            else:  # bias, beta, moving_mean
-                value = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-            arrays[(layer, param)] = value
-    return arrays
-
-
-def write_keras_h5(path, layers, arrays, *, nested_under_model_weights=False, skip=()):
-    """Write ``arrays`` as Keras does; ``skip`` names (layer, param) pairs to leave out."""
-    with h5py.File(path, "w") as fh:
-        root = fh.create_group("model_weights") if nested_under_model_weights else fh
-        root.attrs["layer_names"] = np.array([n.encode() for n, _ in layers])
-        root.attrs["backend"] = b"tensorflow"
-        root.attrs["keras_version"] = b"2.6.0"
-        for layer, shapes in layers:
-            group = root.create_group(layer)
-            names = [f"{layer}/{p}:0" for p in shapes if (layer, p) not in skip]
-            group.attrs["weight_names"] = np.array([n.encode() for n in names])
-            for param in shapes:
-                if (layer, param) not in skip:
-                    group.create_dataset(f"{layer}/{param}:0", data=arrays[(layer, param)])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +65,83 @@ def test_h5_fixture_uses_keras_nesting(notop):
         assert fh["conv1_bn/conv1_bn/moving_variance:0"].shape == (64,)
         assert b"conv1_pad" in list(fh.attrs["layer_names"])
     assert sum(a.size for a in arrays.values()) == KERAS_RESNET50_NOTOP_PARAMS
+
+
+def test_public_fake_writer_matches_the_published_notop_layout(tmp_path):
+    path = write_keras_resnet50_h5(tmp_path / "RadImageNet-ResNet50_notop.h5", seed=4)
+    with h5py.File(path, "r") as fh:
+        names = [n.decode() for n in fh.attrs["layer_names"]]
+        assert names[:3] == ["input_1", "conv1_pad", "conv1_conv"]
+        assert names[-1] == "conv5_block3_out"
+        assert list(fh["conv2_block1_1_conv"].attrs["weight_names"]) == [
+            b"conv2_block1_1_conv/kernel:0",
+            b"conv2_block1_1_conv/bias:0",
+        ]
+        assert len(fh["conv1_relu"].attrs["weight_names"]) == 0
+        kernel = fh["conv2_block1_1_conv/conv2_block1_1_conv/kernel:0"][()]
+    state = convert_keras_h5(path)
+    expected = torch.from_numpy(kernel).permute(3, 2, 0, 1)
+    assert torch.equal(state["conv2.block1.conv1.weight"], expected)
+    again = write_keras_resnet50_h5(tmp_path / "again.h5", seed=4)
+    assert torch.equal(convert_keras_h5(again)["conv1.conv.weight"], state["conv1.conv.weight"])
+    full = write_keras_resnet50_h5(tmp_path / "full.h5", top=True, nested_under_model_weights=True)
+    assert convert_keras_h5(full)["fc.weight"].shape == (1000, 2048)
+
+
+# ------------------------------------------------------------------ Keras' random initialisers
+
+
+def keras_compute_fans(shape):
+    """Keras' fans (keras.initializers: _compute_fans) of a Keras kernel shape."""
+    if len(shape) == 2:  # Dense (in, out)
+        return shape[0], shape[1]
+    receptive_field = math.prod(shape[:-2])  # Conv (kh, kw, in, out)
+    return shape[-2] * receptive_field, shape[-1] * receptive_field
+
+
+@pytest.mark.parametrize(
+    "keras_shape", [(7, 7, 3, 64), (1, 1, 256, 64), (3, 3, 512, 512), (1, 1, 1024, 2048), (2048, 2)]
+)
+def test_torch_xavier_uniform_draws_keras_glorot_uniform(keras_shape):
+    torch.manual_seed(0)
+    # The same kernel in PyTorch's layout: (out, in, kh, kw) or (out, in).
+    torch_shape = (*keras_shape[-1:-3:-1], *keras_shape[:-2])
+    weight = torch.nn.init.xavier_uniform_(torch.empty(torch_shape, dtype=torch.float64))
+    fan_in, fan_out = keras_compute_fans(keras_shape)
+    limit = math.sqrt(6 / (fan_in + fan_out))  # Keras GlorotUniform: U(-limit, limit)
+    assert weight.abs().max() <= limit
+    assert weight.abs().max() > 0.99 * limit  # the full range is used, not a narrower one
+    assert abs(weight.var().item() / (limit**2 / 3) - 1) < 0.10
+
+
+def test_keras_initialise_resets_convs_dense_and_batch_norm_of_any_module():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 5),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 300),
+        torch.nn.BatchNorm1d(300),
+    )
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(5)
+    assert keras_resnet.keras_initialise_(model) is model
+    conv, bn2, _, dense, bn1 = model
+    for layer, fans in ((conv, (3 * 25, 32 * 25)), (dense, (32, 300))):
+        limit = math.sqrt(6 / sum(fans))
+        assert 0.9 * limit < layer.weight.abs().max() <= limit * (1 + 1e-6)  # float32 bound
+        assert torch.count_nonzero(layer.bias) == 0
+    for bn in (bn2, bn1):
+        assert torch.equal(bn.weight.detach(), torch.ones_like(bn.weight))
+        assert torch.count_nonzero(bn.bias) == 0 and torch.count_nonzero(bn.running_mean) == 0
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert bn.num_batches_tracked.item() == 0
+    torch.manual_seed(2)
+    first = keras_resnet.keras_initialise_(KerasResNet50()).state_dict()
+    torch.manual_seed(2)
+    second = keras_resnet.keras_initialise_(KerasResNet50()).state_dict()
+    assert all(torch.equal(v, second[k]) for k, v in first.items())
 
 
 # ------------------------------------------------------------------ layout and transposes
@@ -384,6 +398,30 @@ def test_missing_dataset_is_named(tmp_path, notop):
         convert_keras_h5(path)
 
 
+@pytest.mark.parametrize(
+    ("dropped", "named"),
+    [
+        ("conv5_block3_", ["conv5_block3_1_conv", "conv5_block3_3_bn", "conv5.block3.conv1.weight"]),
+        ("conv3_block2_2_conv", ["conv3_block2_2_conv", "conv3.block2.conv2.bias"]),
+    ],
+)
+def test_missing_layers_are_named_in_keras_and_module_terms(tmp_path, notop, dropped, named):
+    _, layers, arrays = notop
+    kept = [(n, shapes) for n, shapes in layers if not n.startswith(dropped)]
+    path = write_keras_h5(tmp_path / "cut.h5", kept, arrays)
+    with pytest.raises(WeightsError, match="Keras layers missing or incomplete") as info:
+        convert_keras_h5(path)
+    message = str(info.value)
+    assert all(name in message for name in named), message
+    assert "does not match the Keras ResNet50 layout" in message
+
+
+def test_unrecognised_keras_model_lists_its_layers(tmp_path):
+    path = _tiny_h5(tmp_path / "vgg16_notop.h5", ["input_1"], ["block1_conv1", "block5_conv3"])
+    with pytest.raises(WeightsError, match="does not recognise.*block1_conv1, block5_conv3"):
+        convert_keras_h5(path)
+
+
 def test_unknown_extra_tensor_is_reported_not_dropped(tmp_path, notop):
     _, layers, arrays = notop
     extra = [("my_custom_dense", {"kernel": (2048, 7), "bias": (7,)})]
@@ -421,6 +459,12 @@ def _tiny_h5(path, layer_names, weight_layers):
             ["input_1", "mixed_5b", "block35_1_mixed"],
             ["conv2d", "block35_1_conv", "conv_7b"],
             "InceptionResNetV2",
+        ),
+        (
+            "ResNet101_notop.h5",
+            ["input_1", "conv4_block23_out"],
+            ["conv1_conv", "conv4_block23_3_conv", "conv5_block3_3_conv"],
+            "ResNet101",
         ),
     ],
 )

@@ -6,21 +6,27 @@ torch hub caches point into tmp_path, and the downloader is replaced by a functi
 
 from __future__ import annotations
 
+import math
+
+import h5py
 import numpy as np
 import pytest
 import skimage.data
 import timm
 import torch
 import torchvision
+from fakes.keras_h5 import IMAGENET_NOTOP_NAME, RADIMAGENET_NOTOP_NAME, write_keras_resnet50_h5
 from torch import nn
 
 from sm_utils import sources
 from sm_utils.io import sha256_file
+from sm_utils.keras_resnet import KerasResNet50
 from sm_utils.sources import (
     Preprocessing,
     Source,
     SourceError,
     check_image_size,
+    check_source_arch,
     create_model,
     describe_source,
     get_source,
@@ -95,10 +101,115 @@ def test_unknown_architecture_lists_close_timm_names():
 
 
 def test_source_refuses_an_architecture_it_cannot_fill():
-    with pytest.raises(
-        SourceError, match="supports the architecture.*keras_resnet50.*not 'resnet50'"
-    ):
+    # Refused before the (absent) weights file is looked at.
+    with pytest.raises(SourceError, match="supports only the architecture.*not 'resnet50'"):
         create_model("radimagenet", arch="resnet50", weights="x.h5")
+
+
+# ------------------------------------------------------------------ checking (source, arch)
+
+
+@pytest.mark.parametrize("source", ["radimagenet", "imagenet_keras"])
+def test_keras_weight_sources_refuse_a_torchvision_resnet50_up_front(source):
+    with pytest.raises(SourceError) as info:
+        check_source_arch(source, "resnet50")
+    message = str(info.value)
+    assert f"Source {source!r} supports only the architecture(s) 'keras_resnet50'" in message
+    assert "not 'resnet50'" in message and "v1.5" in message
+    assert "Fix: set arch to 'keras_resnet50' or leave it empty" in message
+    assert check_source_arch(source) == check_source_arch(source, "keras_resnet50")
+    assert check_source_arch(source, "") == "keras_resnet50"
+
+
+def test_check_source_arch_refuses_the_other_mismatched_pairs():
+    with pytest.raises(SourceError, match="use source='imagenet_keras'"):
+        check_source_arch("imagenet", "keras_resnet50")
+    with pytest.raises(SourceError, match="supports only.*'resnet50', not 'keras_resnet50'"):
+        check_source_arch("radimagenet_torch", "keras_resnet50")
+    with pytest.raises(SourceError, match="'file' needs an architecture"):
+        check_source_arch("file")
+    with pytest.raises(SourceError, match="Unknown source 'radimagnet'.*radimagenet"):
+        check_source_arch("radimagnet", "keras_resnet50")
+    with pytest.raises(SourceError, match="Unknown architecture 'resnet5O'"):
+        check_source_arch("random", "resnet5O")
+    # timm knows coatnet_0_224 but has no pretrained weights for it.
+    with pytest.raises(SourceError, match="no pretrained weights for 'coatnet_0_224'.*'file'"):
+        check_source_arch("imagenet", "coatnet_0_224")
+    assert check_source_arch("random", "coatnet_0_224") == "coatnet_0_224"
+    assert check_source_arch("file", "resnet18") == "resnet18"
+
+
+def test_imagenet_arch_without_tag_is_resolved_to_timms_default_tag(tmp_path, offline):
+    # Offline with an empty cache: no weights file is needed to check the pair.
+    resolved = check_source_arch("imagenet", "resnet50")
+    assert resolved.startswith("resnet50.") and resolved != "resnet50.tv_in1k"
+    assert resolved in timm.list_pretrained("resnet50.*")
+    # The tag names the very file timm.create_model("resnet50", pretrained=True) would load.
+    untagged = timm.models.get_pretrained_cfg("resnet50")
+    tagged = timm.models.get_pretrained_cfg(resolved)
+    assert (tagged.hf_hub_id, tagged.url) == (untagged.hf_hub_id, untagged.url)
+    assert check_source_arch("imagenet", "resnet50.tv_in1k") == "resnet50.tv_in1k"
+    assert check_source_arch("imagenet") == "resnet50.tv_in1k"
+    # The run record names the tag and says these are not the paper's weights.
+    weights = tmp_path / "resnet50_imagenet.pth"
+    weights.write_bytes(b"not read by describe_source")
+    info = describe_source("imagenet", arch="resnet50", weights=weights)
+    assert info["arch"] == resolved
+    assert f"pretrained tag {resolved!r}" in info["provenance"]
+    assert "NOT the paper's Keras ImageNet" in info["provenance"]
+    assert info["weights_sha256"] == sha256_file(weights)
+    tv = describe_source("imagenet", weights=weights)
+    assert tv["arch"] == "resnet50.tv_in1k" and "torchvision's original recipe" in tv["provenance"]
+
+
+# ------------------------------------------------------------------ the paper's three arms
+
+
+@pytest.fixture(scope="module")
+def paper_h5(tmp_path_factory):
+    """Fake Keras ImageNet and RadImageNet notop files, named like the published ones."""
+    folder = tmp_path_factory.mktemp("paper_h5")
+    imagenet = write_keras_resnet50_h5(folder / IMAGENET_NOTOP_NAME, seed=11)
+    radimagenet = write_keras_resnet50_h5(folder / RADIMAGENET_NOTOP_NAME, seed=12)
+    return {"imagenet_keras": imagenet, "radimagenet": radimagenet, "random": None}
+
+
+def test_the_papers_three_arms_are_one_network_with_their_preprocessing(paper_h5, tmp_path):
+    caffe_bgr_means = (103.939, 116.779, 123.68)
+    scales = {"imagenet_keras": 1.0, "radimagenet": 1 / 255, "random": 1.0}
+    models = {}
+    for source, path in paper_h5.items():
+        torch.manual_seed(812)
+        model, prep = create_model(source, weights=path, cache_dir=tmp_path / "cache")
+        assert type(model) is KerasResNet50, source
+        assert prep.channel_order == "BGR" and prep.mean == caffe_bgr_means, source
+        assert prep.std == (1.0, 1.0, 1.0) and prep.scale == pytest.approx(scales[source])
+        assert prep == {1.0: sources.CAFFE, 1 / 255: sources.CAFFE_RESCALED}[scales[source]]
+        info = describe_source(source, weights=path)
+        assert info["arch"] == "keras_resnet50"
+        assert info["weights_sha256"] == (sha256_file(path) if path else None)
+        with torch.no_grad():
+            out = model.eval()(prep(torch.full((1, 64, 64), 100, dtype=torch.uint8)))
+        assert out.shape == (1, 2) and torch.isfinite(out).all()
+        models[source] = model
+    shapes = {
+        source: {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for source, model in models.items()
+    }
+    assert shapes["imagenet_keras"] == shapes["radimagenet"] == shapes["random"]
+    # Each pretrained arm holds its own file's weights (Keras HWIO kernel -> OIHW).
+    for source in ("imagenet_keras", "radimagenet"):
+        with h5py.File(paper_h5[source], "r") as fh:
+            kernel = fh["conv3_block2_2_conv/conv3_block2_2_conv/kernel:0"][()]
+            moving_var = fh["conv5_block3_3_bn/conv5_block3_3_bn/moving_variance:0"][()]
+        model = models[source]
+        assert torch.equal(
+            model.conv3.block2.conv2.weight.detach(), torch.from_numpy(kernel).permute(3, 2, 0, 1)
+        )
+        assert torch.equal(model.conv5.block3.bn3.running_var, torch.from_numpy(moving_var))
+    assert not torch.equal(
+        models["imagenet_keras"].conv1.conv.weight, models["radimagenet"].conv1.conv.weight
+    )
 
 
 def test_a_new_source_is_a_small_function_and_a_registration(monkeypatch, tmp_path):
@@ -293,6 +404,54 @@ def test_random_default_is_the_keras_resnet50_with_caffe_preprocessing():
     info = describe_source("random")
     assert info["arch"] == "keras_resnet50" and info["weights"] is None
     assert info["preprocessing"]["name"] == "keras_caffe"
+    assert "Keras' initialisers" in info["provenance"] and "glorot_uniform" in info["provenance"]
+
+
+def keras_glorot_fans(weight: torch.Tensor) -> tuple[int, int]:
+    """Keras' fans of the same kernel in Keras' own layout (kh, kw, in, out) or (in, out)."""
+    shape = tuple(weight.permute(2, 3, 1, 0).shape if weight.ndim == 4 else weight.t().shape)
+    receptive_field = math.prod(shape[:-2])
+    return shape[-2] * receptive_field, shape[-1] * receptive_field
+
+
+def test_random_keras_resnet50_uses_keras_initialisers():
+    torch.manual_seed(812)
+    model, _ = create_model("random", arch="keras_resnet50")
+    kernels = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(kernels) == 54 and len(norms) == 53  # 53 convs and the Dense head
+    for layer in kernels:
+        fan_in, fan_out = keras_glorot_fans(layer.weight)
+        w = layer.weight.detach().double()
+        limit = math.sqrt(6 / (fan_in + fan_out))
+        assert w.abs().max() <= limit * (1 + 1e-6)  # float32 rounding of the bound
+        assert abs(w.var().item() / (2 / (fan_in + fan_out)) - 1) < 0.10, layer
+        assert w.mean().abs() < 0.1 * limit
+        assert torch.count_nonzero(layer.bias) == 0
+    for bn in norms:
+        assert torch.equal(bn.weight.detach(), torch.ones_like(bn.weight))
+        assert torch.count_nonzero(bn.bias) == 0 and torch.count_nonzero(bn.running_mean) == 0
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_random_keras_resnet50_follows_the_seed():
+    states = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        states.append(create_model("random")[0].state_dict())
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+    key = "conv4.block3.conv2.weight"
+    assert not torch.equal(states[0][key], states[2][key])
+
+
+def test_random_timm_arch_keeps_timms_own_init():
+    torch.manual_seed(0)
+    model, _ = create_model("random", arch="resnet18")
+    weight = model.layer1[0].conv1.weight.detach()  # (64, 64, 3, 3)
+    # timm's ResNet: kaiming normal, fan_out mode -> variance 2 / (64 * 9), twice Glorot's.
+    assert abs(weight.var().item() / (2 / (64 * 9)) - 1) < 0.10
+    provenance = describe_source("random", "resnet18")["provenance"]
+    assert "timm's own initialisation of resnet18" in provenance
 
 
 def test_file_source_loads_any_timm_arch_and_metadata_preprocessing(tmp_path):
