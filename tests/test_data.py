@@ -84,11 +84,23 @@ def phantom(phantom_cxr, tmp_path_factory):
     return manifest, cache
 
 
+def test_nearest_cache_keeps_stored_pixels_as_keras_does(odd_images, tmp_path):
+    cache = ImageCache.for_manifest(odd_images, 40, tmp_path / "cache", resize="nearest")
+    stored = np.asarray(Image.open(tmp_path / "im0.png").convert("L"))
+    assert np.array_equal(cache.get("im0"), np.asarray(Image.fromarray(stored).resize(
+        (40, 40), Image.Resampling.NEAREST)))
+    assert np.isin(cache.get("im0"), stored).all()
+    bilinear = ImageCache.for_manifest(odd_images, 40, tmp_path / "cache")
+    assert bilinear.path != cache.path and not np.array_equal(bilinear.get("im0"), cache.get("im0"))
+    with pytest.raises(Exception, match="resize method must be one of"):
+        ImageCache.for_manifest(odd_images, 40, tmp_path / "cache", resize="cubic")
+
+
 def test_dataset_applies_the_confounder_to_confounded_rows_only(phantom):
     manifest, cache = phantom
     conf = get_confounder("tag")
     rows = apply_prevalence(manifest.rows(0, "train"), conf, 1.0, 5, "train")
-    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5)
+    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5, root=manifest.root)
     for i in range(len(data)):
         raw = cache.get(rows.iloc[i]["image_id"])
         image, label = data[i]
@@ -99,13 +111,39 @@ def test_dataset_applies_the_confounder_to_confounded_rows_only(phantom):
     assert rows["confounded"].sum() == rows["label"].sum() > 0
 
 
+def test_confounder_at_the_stored_resolution_then_resized_like_the_rest(phantom, tmp_path):
+    """A native-resolution confounder works on the stored file, and its output reaches the
+    model input by the same resize as the unchanged images (here the cache's bilinear)."""
+    from sm_utils.imaging import load_grey, resize_grey
+
+    manifest, _ = phantom
+    cache = ImageCache.for_manifest(manifest, 32, tmp_path)
+    conf = get_confounder("lowpass")
+    rows = apply_prevalence(manifest.rows(0, "train"), conf, 0.5, 5, "train").reset_index(drop=True)
+    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5, root=manifest.root)
+    confounded = int(np.flatnonzero(rows["confounded"])[0])
+    clean = int(np.flatnonzero(~rows["confounded"])[0])
+    stored = load_grey(manifest.image_path(rows.at[confounded, "path"]))
+    assert stored.shape[0] > 32  # the phantom is stored larger than the model input
+    expected = resize_grey(conf.inject(stored, True, 5, rows.at[confounded, "image_id"]), 32,
+                           "bilinear")
+    assert np.array_equal(data.image(confounded), expected)
+    assert np.array_equal(data.image(clean), cache.get(rows.at[clean, "image_id"]))
+    at_input = ConfoundedImageDataset(rows, cache, confounder=get_confounder(
+        "lowpass", resolution="input"), seed=5)
+    assert not np.array_equal(at_input.image(confounded), data.image(confounded))
+    with pytest.raises(DataError, match="acts on the stored images.*pass root="):
+        ConfoundedImageDataset(rows, cache, confounder=conf, seed=5)
+
+
 def test_dose_noise_baseline_reaches_every_image(phantom):
     manifest, cache = phantom
     conf = get_confounder("xray_noise")
     rows = apply_prevalence(manifest.rows(0, "test"), conf, 0.0, 5, "clean")
-    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5)
+    data = ConfoundedImageDataset(rows, cache, confounder=conf, seed=5, root=manifest.root)
     assert not rows["confounded"].any()
-    assert not np.array_equal(data.image(0), cache.get(rows.iloc[0]["image_id"]))
+    assert all(not np.array_equal(data.image(i), cache.get(rows.iloc[i]["image_id"]))
+               for i in range(len(rows)))
 
 
 def test_augmentation_is_seeded_by_epoch_and_row_not_by_workers(phantom):

@@ -10,7 +10,7 @@ from sm_utils.runs import RunConfig, RunError, execute_run
 
 CONTRACT_FIELDS = [
     "manifest", "confounder", "strength", "confounder_params", "p", "fold", "source", "weights",
-    "arch", "image_size", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience",
+    "arch", "image_size", "resize", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience",
     "augment", "drop_rate", "seed", "device", "num_workers", "runs_dir",
 ]
 
@@ -38,6 +38,8 @@ def test_bad_configs_are_refused():
         RunConfig.from_dict({"manifest": "m.csv", "learning_rate": 0.1})
     with pytest.raises(RunError, match=r"\[0, 1\]"):
         RunConfig(p=1.5)
+    with pytest.raises(RunError, match="resize must be one of.*'nearest'"):
+        RunConfig(resize="lanczos")
 
 
 def _config(manifest, tmp_path, **overrides):

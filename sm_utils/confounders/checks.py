@@ -61,9 +61,13 @@ def _tag(conf, image, base, out):
 def _lowpass(conf, image, base, out):
     disc = lowpass_disc(image.shape, conf.params["diameter"], conf.params["reference_size"])
     before, after = high_frequency_fraction(base, disc), high_frequency_fraction(out, disc)
-    mean_shift = abs(float(out.mean()) - float(base.mean()))
-    return _record(f"spectral energy outside the disc (mean shift {mean_shift:.2f})", before,
-                   after, "< 1 % of clean, mean kept", after < 0.01 * before and mean_shift < 0.5)
+    # Clipping to 0..255 and 8-bit storage put a little energy back outside the disc (more
+    # on images with black borders, where the filter's ringing is clipped).
+    # The paper truncates to uint8: the mean falls by about half a grey level.
+    mean_shift = float(out.mean()) - float(base.mean())
+    return _record(f"share of spectral energy outside the disc (mean shift {mean_shift:+.2f})",
+                   before, after, "< 5 % of clean, mean -0.5",
+                   after < 0.05 * before and -0.75 < mean_shift < -0.25)
 
 
 def _xray(conf, image, base, out):

@@ -1,9 +1,13 @@
 """The paper's synthetic confounders: tag, denoising (low-pass), X-ray dose noise, CT dose noise.
 
-Every parameter is given for the paper's native image size (``reference_size``: 1024 px for
-CXR tag and low-pass, 512 px for the dose models) and scaled to the size of the image that
-arrives, so a 256 px image gets the same *relative* tag size and cut-off frequency.
-``strength`` is 1 for the paper's setting and 0 for no effect.
+Where they act (``resolution``) follows the paper: tag and low-pass on the stored radiograph
+(NIH: 1024 px), X-ray dose noise after resizing it to 512 px with OpenCV's bilinear, and the
+result is then resized to the model input (``nearest`` in the paper's Keras pipeline); see
+:meth:`sm_utils.confounders.Confounder.prepare`. Every parameter is given for the paper's image
+size (``reference_size``: 1024 px for tag and low-pass, 512 px for the dose models) and scaled
+to the size of the image the confounder receives, so at the paper's resolution nothing is
+scaled, and on a 256 px phantom the tag has the same *relative* size. ``strength`` is 1 for
+the paper's setting and 0 for no effect.
 """
 
 from __future__ import annotations
@@ -48,16 +52,18 @@ def load_font(font: str, size_px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size_px)
 
 
-def text_mask(shape, text, xy, font, size_px) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Anti-aliased coverage (0..1) of ``text`` with its glyph box's top-left at ``xy``.
+def text_mask(shape, text, xy, font, size_px,
+              anchor: str = "lt") -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Anti-aliased coverage (0..1) of ``text`` placed at ``xy`` by Pillow's ``anchor``
+    ("lt": the glyph box's top-left; "la": Pillow's default, left and ascender line).
 
     Returns the mask and the box (top, left, bottom, right) that holds every non-zero pixel.
     """
     canvas = Image.new("L", (shape[1], shape[0]), 0)
     draw = ImageDraw.Draw(canvas)
     face = load_font(font, max(1, round(size_px)))
-    draw.text(xy, text, fill=255, font=face, anchor="lt")
-    left, top, right, bottom = draw.textbbox(xy, text, font=face, anchor="lt")
+    draw.text(xy, text, fill=255, font=face, anchor=anchor)
+    left, top, right, bottom = draw.textbbox(xy, text, font=face, anchor=anchor)
     box = (int(np.floor(top)), int(np.floor(left)), int(np.ceil(bottom)), int(np.ceil(right)))
     return np.asarray(canvas, np.float32) / 255.0, box
 
@@ -77,12 +83,16 @@ def tag_geometry(shape, *, font_size, position, reference_size):
     return font_size * scale, (x * w / reference_size, y * h / reference_size)
 
 
+# The paper draws with Pillow's default anchor: x is the left edge, y the font's ascender line.
+TAG_ANCHOR = "la"
+
+
 def tag_box(shape, *, text="R", font_size=64.0, position=(200.0, 200.0),
             reference_size=1024, font="DejaVuSans.ttf", **_) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the tag on an image of ``shape`` (for checks and tests)."""
     size_px, xy = tag_geometry(shape, font_size=font_size, position=position,
                                reference_size=reference_size)
-    return text_mask(shape, text, xy, font, size_px)[1]
+    return text_mask(shape, text, xy, font, size_px, anchor=TAG_ANCHOR)[1]
 
 
 @register_confounder(
@@ -90,45 +100,56 @@ def tag_box(shape, *, text="R", font_size=64.0, position=(200.0, 200.0),
     description=("A burned-in text marker (the paper's white 'R') stands for the laterality or "
                  "hospital tags that some sites print on every image."),
     defaults={"text": "R", "font_size": 64.0, "position": (200.0, 200.0), "colour": 255,
-              "reference_size": 1024, "font": "DejaVuSans.ttf"},
+              "reference_size": 1024, "font": "DejaVuSans.ttf", "resolution": "native"},
 )
 def tag(image, rng, *, strength, text, font_size, position, colour, reference_size, font):
-    """White sans-serif "R", 64 px, top-left corner at (x, y) = (200, 200) on 1024 px.
+    """White sans-serif "R", 64 px, drawn at (x, y) = (200, 200) on 1024 px as the paper does
+    (``ImageDraw.text((200, 200), "R", fill="white")``, Pillow's default anchor).
 
-    ``strength`` is the tag's opacity. Pixels outside the glyphs are not changed.
+    The paper asks matplotlib for a light sans-serif font; with matplotlib's own fonts that is
+    DejaVu Sans, used here. ``strength`` is the tag's opacity. Pixels outside the glyphs are
+    not changed.
     """
     size_px, xy = tag_geometry(image.shape, font_size=font_size, position=position,
                                reference_size=reference_size)
-    mask, _ = text_mask(image.shape, text, xy, font, size_px)
+    mask, _ = text_mask(image.shape, text, xy, font, size_px, anchor=TAG_ANCHOR)
     return blend(image, mask, colour, strength)
 
 
 # --- denoising: ideal low-pass -----------------------------------------------------------
 
 def lowpass_disc(shape, diameter: float, reference_size: int) -> np.ndarray:
-    """Boolean mask of the kept frequencies in the centred (fftshift-ed) spectrum."""
+    """Boolean mask of the kept frequencies in the centred (fftshift-ed) spectrum.
+
+    Drawn as the paper does: a Pillow ellipse filling the box of side ``diameter`` (scaled from
+    ``reference_size`` to the image) centred on (width / 2, height / 2); on a 1024 px image
+    with diameter 500 that is the box (262, 262, 762, 762).
+    """
     h, w = shape
-    ry, rx = diameter / 2 * h / reference_size, diameter / 2 * w / reference_size
-    ky = (np.arange(h) - h // 2)[:, None]
-    kx = (np.arange(w) - w // 2)[None, :]
-    return (ky / ry) ** 2 + (kx / rx) ** 2 <= 1.0
+    ex, ey = diameter * w / reference_size, diameter * h / reference_size
+    canvas = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(canvas).ellipse((w / 2 - ex / 2, h / 2 - ey / 2, w / 2 + ex / 2, h / 2 + ey / 2),
+                                   fill=1)
+    return np.asarray(canvas, dtype=bool)
 
 
 @register_confounder(
     "lowpass", category="environment/processing",
     description=("An ideal low-pass filter stands for vendor denoising/smoothing that some "
                  "devices apply before storing the image, removing fine texture."),
-    defaults={"diameter": 500.0, "reference_size": 1024},
+    defaults={"diameter": 500.0, "reference_size": 1024, "resolution": "native"},
 )
 def lowpass(image, rng, *, strength, diameter, reference_size):
     """Ideal circular low-pass in the centred 2-D FFT: disc diameter 500 px on 1024 px.
 
-    Real part of the inverse, blended with the input by ``strength``, rounded, clipped.
+    Real part of the inverse, blended with the input by ``strength``, clipped to 0..255 and
+    truncated to uint8, as the paper does (``astype(np.uint8)``; truncation lowers the mean by
+    about half a grey level, part of the paper's cue).
     """
     spectrum = np.fft.fftshift(np.fft.fft2(image.astype(np.float64)))
     spectrum *= lowpass_disc(image.shape, diameter, reference_size)
     filtered = np.fft.ifft2(np.fft.ifftshift(spectrum)).real
-    return to_uint8(image + strength * (filtered - image))
+    return np.clip(image + strength * (filtered - image), 0, 255).astype(np.uint8)
 
 
 # --- X-ray dose noise --------------------------------------------------------------------
@@ -201,7 +222,8 @@ def _xray_baseline(image, rng, *, strength, n0_baseline, n0_confounded, **params
 
 
 XRAY_DEFAULTS = {"n0_baseline": 2e7, "n0_confounded": 1.5e7, "hu_min": -1200.0,
-                 "hu_max": 800.0, "reference_size": 512, "dose_scaling": "area"}
+                 "hu_max": 800.0, "reference_size": 512, "dose_scaling": "area",
+                 "resolution": 512}
 
 register_confounder(
     "xray_noise", _xray_noise, baseline=_xray_baseline, category="environment/acquisition",
@@ -213,7 +235,8 @@ register_confounder(
     "xray_noise_ct", _xray_noise, baseline=_xray_baseline, category="environment/acquisition",
     description=("The paper's X-ray dose-noise model applied to CT slices: a subtle, "
                  "image-domain noise increase that is not how CT noise really looks."),
-    defaults=XRAY_DEFAULTS, strength_range=(0.0, 100.0),
+    # LIDC-IDRI slices are stored at 512 px, the model's reference size: act on them as stored
+    defaults={**XRAY_DEFAULTS, "resolution": "native"}, strength_range=(0.0, 100.0),
 )
 
 
@@ -275,8 +298,11 @@ register_confounder(
     description=("A low-dose CT protocol: Poisson photon noise in the sinogram (LoDoPaB-CT "
                  "style, 4096 photons per detector bin) reconstructed by filtered back-projection, "
                  "giving the streaky, correlated noise of low-dose scanners."),
+    # fbp_baseline: every slice, confounded or not, goes through the same projection and
+    # reconstruction (1000 angles, as LoDoPaB-CT), so only the dose differs; without it the
+    # reconstruction's blur alone would mark the confounded slices.
     defaults={"n0": 4096.0, "reference_size": 512, "dose_scaling": "area", "window_centre": -600.0,
-              "window_width": 1500.0, "fov_cm": 35.0, "mu_water": 0.2, "n_angles": 0,
-              "fbp_baseline": False},
+              "window_width": 1500.0, "fov_cm": 35.0, "mu_water": 0.2, "n_angles": 1000,
+              "fbp_baseline": True, "resolution": "native"},
     strength_range=(0.0, 100.0),
 )

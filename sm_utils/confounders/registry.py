@@ -29,6 +29,10 @@ CATEGORIES = (
     "environment/marker",
 )
 MIN_IMAGE_SIDE = 8
+# Where a synthetic confounder acts (its ``resolution`` parameter): on the model-input image,
+# on the stored image at its own resolution, or on the stored image resized to N x N pixels
+# (an integer; e.g. 512 for the paper's X-ray dose noise).
+RESOLUTIONS = ("input", "native")
 
 ImageFn = Callable[..., np.ndarray]
 
@@ -74,7 +78,9 @@ def register_confounder(
     (X-ray dose noise: the normal dose). ``description`` is one sentence on the real-world
     effect the confounder models. Sampled confounders pass ``kind="sampled"`` and no function.
     ``memoise=True`` marks a confounder too slow to recompute every epoch: fine-tuning runs
-    then keep its output on disk (:meth:`Confounder.with_cache`).
+    then keep its output on disk (:meth:`Confounder.with_cache`). Every synthetic confounder
+    takes a ``resolution`` parameter (default from ``defaults``, else ``"input"``): where in
+    the pipeline it acts (see :meth:`Confounder.prepare`); ``fn`` never receives it.
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -85,10 +91,14 @@ def register_confounder(
     if name in _REGISTRY:
         raise ConfounderError(f"confounder {name!r} is already registered; choose another name.")
 
+    values = dict(defaults or {})
+    if kind == "synthetic":
+        values["resolution"] = check_resolution(name, values.get("resolution", "input"))
+
     def add(function: ImageFn | None) -> ImageFn | None:
         _REGISTRY[name] = ConfounderSpec(
             name=name, category=category, kind=kind, description=description,
-            defaults=dict(defaults or {}), fn=function, baseline_fn=baseline,
+            defaults=values, fn=function, baseline_fn=baseline,
             strength_range=tuple(strength_range), memoise=bool(memoise),
         )
         return function
@@ -142,6 +152,19 @@ def _check_type(name: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def check_resolution(name: str, value: Any) -> str | int:
+    """``"input"``, ``"native"`` or a side in pixels (an integer >= 8, or its digits)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value in RESOLUTIONS or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                                and value >= MIN_IMAGE_SIDE):
+        return value if isinstance(value, str) else int(value)
+    raise ConfounderError(
+        f"confounder {name!r}: resolution must be 'input' (the model-input image), 'native' "
+        f"(the stored image) or a side in pixels >= {MIN_IMAGE_SIDE} (e.g. 512); got {value!r}."
+    )
+
+
 def check_image(image: Any, who: str = "confounder") -> np.ndarray:
     """Raise unless ``image`` is a 2-D uint8 array of at least 8 x 8 pixels."""
     if not isinstance(image, np.ndarray):
@@ -181,6 +204,16 @@ class Confounder:
         return self._spec is not None and self._spec.baseline_fn is not None
 
     @property
+    def resolution(self) -> str | int:
+        """Where it acts: "input", "native" or a side in pixels (sampled ones: "input")."""
+        return self.params.get("resolution", "input")
+
+    @property
+    def image_params(self) -> dict[str, Any]:
+        """The parameters the image function takes (all but ``resolution``)."""
+        return {k: v for k, v in self.params.items() if k != "resolution"}
+
+    @property
     def memoise(self) -> bool:
         """True when the confounder is slow enough that runs should cache it on disk."""
         return self._spec is not None and self._spec.memoise
@@ -196,7 +229,7 @@ class Confounder:
         """The confounded version of ``image`` (uint8 (H, W) in, same shape out)."""
         self._require_synthetic("pixel function")
         check_image(image, f"confounder {self.name!r}")
-        out = self._spec.fn(image, rng, **self.params)
+        out = self._spec.fn(image, rng, **self.image_params)
         return _check_output(out, image, self.name)
 
     def baseline(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -205,42 +238,75 @@ class Confounder:
         check_image(image, f"confounder {self.name!r}")
         if not self.has_baseline:
             return image
-        out = self._spec.baseline_fn(image, rng, **self.params)
+        out = self._spec.baseline_fn(image, rng, **self.image_params)
         return _check_output(out, image, self.name)
 
     def inject(self, image: np.ndarray, confounded: bool, seed: int, image_id: Any) -> np.ndarray:
-        """What the data pipeline should call for every image of every split.
+        """``apply`` when the row is confounded, ``baseline`` otherwise, with the image's own rng.
 
-        ``apply`` when the row is confounded, ``baseline`` otherwise, with the image's own rng.
-        The result is a pure function of (parameters, seed, image id, image), so with a
-        :meth:`with_cache` folder it is computed once and read back in later epochs and runs.
+        A pure function of (parameters, seed, image id, image), on the image as given:
+        :meth:`prepare` decides at which resolution that image is.
         """
-        if self.cache_dir is None:
-            rng = self.image_rng(seed, image_id)
-            return self.apply(image, rng) if confounded else self.baseline(image, rng)
-        return self._cached_inject(image, bool(confounded), seed, image_id)
+        rng = self.image_rng(seed, image_id)
+        return self.apply(image, rng) if confounded else self.baseline(image, rng)
+
+    def prepare(self, original: np.ndarray | Callable[[], np.ndarray], confounded: bool,
+                seed: int, image_id: Any, *, size: int, resize: str,
+                original_key: str | None = None) -> np.ndarray:
+        """The model-input image (``size`` x ``size`` uint8) of a stored image, confounded or not.
+
+        ``resolution`` decides where the confounder acts: ``"input"``: the image is resized to
+        the model input with ``resize`` first (a confounder with parameters for
+        ``reference_size`` is scaled to it); ``"native"``: on the stored image, then resized;
+        an integer N: the stored image is first brought to N x N px as the paper did (OpenCV's
+        bilinear, :mod:`sm_utils.imaging`), confounded there, then resized to the input.
+        ``original`` may be a function that loads the image, so that with a cache
+        (:meth:`with_cache`) and an ``original_key`` (a digest of the stored file) a cached
+        result is returned without decoding the original.
+        """
+        from ..imaging import resize_grey
+
+        if self.cache_dir is not None:
+            return self._cached_prepare(original, confounded, seed, image_id, size, resize,
+                                        original_key)
+        image = check_image(original() if callable(original) else original,
+                            f"confounder {self.name!r}")
+        if self.resolution == "input":
+            return self.inject(resize_grey(image, size, resize), confounded, seed, image_id)
+        if self.resolution != "native":
+            image = resize_grey(image, self.resolution, "cv2_linear")
+        return resize_grey(self.inject(image, confounded, seed, image_id), size, resize)
 
     def with_cache(self, cache_dir: str | os.PathLike | None) -> Confounder:
-        """The same confounder, memoising :meth:`inject` as PNG files under ``cache_dir``.
+        """The same confounder, memoising :meth:`prepare` as PNG files under ``cache_dir``.
 
-        Worth it for slow confounders (``ct_noise`` takes seconds per 512 px image).
+        Worth it for slow confounders (``ct_noise`` takes seconds per 512 px image) and for
+        those acting on the stored full-resolution image (decoding and filtering 1024 px).
         """
         return replace(self, cache_dir=None if cache_dir is None else str(cache_dir))
 
-    def _cached_inject(self, image, confounded, seed, image_id) -> np.ndarray:
+    def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
+                        original_key) -> np.ndarray:
         from PIL import Image
 
         from ..io import atomic_path
 
-        check_image(image, f"confounder {self.name!r}")
+        image = None
+        if original_key is None:
+            image = check_image(original() if callable(original) else original,
+                                f"confounder {self.name!r}")
+            original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps(
-            [self.spec(), _check_seed(seed), str(image_id), confounded, list(image.shape)],
-            sort_keys=True, default=str).encode() + image.tobytes()).hexdigest()
+            [self.spec(), _check_seed(seed), str(image_id), bool(confounded), int(size), resize,
+             original_key], sort_keys=True, default=str).encode()).hexdigest()
         path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
         if path.is_file():
             with Image.open(path) as cached:
                 return np.asarray(cached).copy()
-        out = replace(self, cache_dir=None).inject(image, confounded, seed, image_id)
+        if image is None:
+            image = original() if callable(original) else original
+        out = replace(self, cache_dir=None).prepare(image, confounded, seed, image_id,
+                                                    size=size, resize=resize)
         with atomic_path(path) as tmp:
             Image.fromarray(out).save(tmp, format="PNG")
         return out
@@ -296,7 +362,8 @@ def get_confounder(name: str, strength: float = 1.0, **params: Any) -> Confounde
             f"confounder {name!r}: strength must be a number in [{lo}, {hi}] (1 = the paper's "
             f"setting, 0 = no effect); got {strength!r}."
         )
-    values = {k: _check_type(name, k, params.get(k, v), v) for k, v in spec.defaults.items()}
+    values = {k: check_resolution(name, params.get(k, v)) if k == "resolution"
+              else _check_type(name, k, params.get(k, v), v) for k, v in spec.defaults.items()}
     values["strength"] = float(strength)
     return Confounder(name=spec.name, category=spec.category, kind=spec.kind,
                       description=spec.description, params=values, _spec=spec)
