@@ -118,24 +118,41 @@ def test_sex_task_is_leak_free_with_paper_structure(tmp_path):
     write_data_entry(root / "Data_Entry_2017_v2020.csv", records)
     write_pngs(root, records)
     sizes = {"n_dev_female_positive": 8, "n_dev_male_positive": 8, "n_dev_male_negative": 8,
-                 "n_test_male_positive": 8, "n_test_female_negative": 8}
+             "n_test_male_positive": 8, "n_test_female_negative": 8, "n_iid_test_per_group": 4}
     build_dataset("nih_sex_task", tmp_path / "out", root=root, n_folds=5,
-                             val_fraction=0.15, seed=812, **sizes)
+                  val_fraction=0.15, seed=812, **sizes)
     table = load_manifest(tmp_path / "out" / "manifest.csv").table
     test = table[table["fold_0"] == "test_ood"]
-    dev = table[table["fold_0"] != "test_ood"]
+    iid = table[table["fold_0"] == "test"]
+    dev = table[table["fold_0"].isin(["train", "val"])]
     assert sorted(zip(test["sex"], test["label"])) == [("F", 0)] * 8 + [("M", 1)] * 8
     cells = dev.groupby(["sex", "label"]).size().to_dict()
     assert cells == {("F", 1): 8, ("M", 1): 8, ("M", 0): 8}
-    assert set(dev["patient_id"]).isdisjoint(test["patient_id"])
+    # our i.i.d. pool: every sex/class group, so a run can draw any p and a balanced clean set
+    assert iid.groupby(["sex", "label"]).size().to_dict() == {
+        ("F", 0): 4, ("F", 1): 4, ("M", 0): 4, ("M", 1): 4}
+    for a, b in ((dev, test), (dev, iid), (iid, test)):
+        assert set(a["patient_id"]).isdisjoint(b["patient_id"])
     assert find_leakage(table) == []
     assert "00000999_000.png" not in set(table["image_id"])
     for k in range(5):
-        assert set(table[f"fold_{k}"]) == {"train", "val", "test_ood"}
+        assert set(table[f"fold_{k}"]) == {"train", "val", "test_ood", "test"}
         assert (table[f"fold_{k}"] == "test_ood").sum() == 16
     meta = json.loads((tmp_path / "out" / "manifest.meta.json").read_text())
     assert meta["counts"]["test_ood_M_1"] == 8 and meta["counts"]["dev_F_1"] == 8
+    assert meta["counts"]["test_F_0"] == 4 and meta["iid_test"].startswith("ours")
     assert meta["patients_in_dev_and_test"] == 0
+
+
+def test_sex_task_without_the_iid_pool_is_the_papers_structure(tmp_path):
+    root = tmp_path / "nih"
+    make_nih_root(root, n_patients=120, seed=3)
+    sizes = {"n_dev_female_positive": 8, "n_dev_male_positive": 8, "n_dev_male_negative": 8,
+             "n_test_male_positive": 3, "n_test_female_negative": 3, "n_iid_test_per_group": 0}
+    build_dataset("nih_sex_task", tmp_path / "out", root=root, n_folds=2, seed=1,
+                  val_fraction=0.25, **sizes)
+    table = load_manifest(tmp_path / "out" / "manifest.csv").table
+    assert set(table["fold_0"]) == {"train", "val", "test_ood"}
 
 
 def test_sex_task_too_few_images_says_what_is_available(tmp_path):
