@@ -3,7 +3,9 @@
     sm run configs/demo.yaml                 run a grid (resumable), then notebook 04
     sm run configs/demo.yaml --dry-run       list the cells and which are done
     sm run CONFIG --executor slurm           submit the cells as SLURM job arrays (submitit)
-    sm validate configs/paper_cxr.yaml       check a grid file (--no-check-paths: names only)
+    sm validate configs/paper_cxr.yaml       check a grid file and every cell (--no-check-paths:
+                                             without manifests and weights)
+    sm run CONFIG --override configs/smoke.yaml   the same grid, tiny and fast (end-to-end check)
     sm analyse configs/demo.yaml             results table, statistics and figures of a grid
     sm check-splits data/x/manifest.csv      no patient in two of train/val/test
     sm list                                  registered datasets, confounders and sources
@@ -19,9 +21,10 @@ from pathlib import Path
 from . import grid as grid_module
 
 
-def _load(args) -> grid_module.GridSpec:
+def _load(args, check_paths: bool | None = None) -> grid_module.GridSpec:
+    check_paths = not args.no_check_paths if check_paths is None else check_paths
     return grid_module.load_grid(args.config, check_names=not args.no_check_names,
-                                 check_paths=not args.no_check_paths)
+                                 check_paths=check_paths, overrides=args.override)
 
 
 def _shown(path: Path) -> str:
@@ -41,7 +44,7 @@ def _figures_written_since(folder: Path, since: float) -> list[Path]:
 
 def cmd_run(args) -> int:
     if args.dry_run:  # a listing: missing files are worth a warning, not a refusal
-        spec = grid_module.load_grid(args.config, check_names=not args.no_check_names, check_paths=False)
+        spec = _load(args, check_paths=False)
         try:
             grid_module.validate_grid(spec, check_names=False, check_paths=not args.no_check_paths)
         except grid_module.GridError as err:
@@ -54,14 +57,15 @@ def cmd_run(args) -> int:
     report = grid_module.run_grid(
         spec, executor=args.executor, workers=args.workers, analyse=not args.no_analysis,
         progress=progress, slurm_cluster="local" if args.slurm_local else None,
-        slurm_timeout_s=args.slurm_timeout,
+        slurm_timeout_s=args.slurm_timeout, check=not args.no_check_names,
     )
     grid_module.write_report(spec, report)
     print(report.summary())
     print(f"run directories: {spec.runs_dir}")
     if not args.no_analysis:
         figures = _figures_written_since(spec.figures_dir, start)
-        tables = [spec.runs_dir / name for name in ("results.csv", "comparisons.csv", "robustness.csv")]
+        tables = [spec.runs_dir / name for name in ("results.csv", "paper_test.csv", "comparisons.csv",
+                                                   "robustness.csv")]
         print(f"analysis notebook: {spec.runs_dir / '04_analysis.ipynb'}")
         print("tables: " + ", ".join(str(t) for t in tables if t.exists()))
         if figures:
@@ -72,8 +76,29 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    spec = _load(args)
+    """Every problem at once: missing files, then each cell resolved against the registries,
+    manifests and weights."""
+    from .preflight import check_cells
+
+    spec = _load(args, check_paths=False)
     cells = grid_module.expand_cells(spec)
+    problems = []
+    if not args.no_check_paths:
+        try:
+            grid_module.validate_grid(spec, check_names=False, check_paths=True)
+        except grid_module.GridError as err:
+            problems.append(str(err))
+    if not args.no_check_names:
+        report = check_cells(spec, cells, load_weights=not args.no_check_paths,
+                             check_files=not args.no_check_paths)
+        for note in report.notes:
+            print(f"note: {note}")
+        if report.problems:
+            problems.append(report.text())
+    if problems:
+        print(f"{args.config}: {len(cells)} cells; not valid:\n" + "\n".join(problems),
+              file=sys.stderr)
+        return 2
     print(f"{args.config}: valid; {len(cells)} cells; runs in {spec.runs_dir}")
     return 0
 
@@ -84,7 +109,7 @@ def cmd_analyse(args) -> int:
     target = Path(args.target)
     reference = None
     if target.suffix in (".yaml", ".yml"):
-        spec = grid_module.load_grid(target, check_paths=False)
+        spec = grid_module.load_grid(target, check_paths=False, overrides=args.override)
         runs_dir, name = spec.runs_dir, spec.name
         figures_dir = Path(args.figures_dir) if args.figures_dir else spec.figures_dir
         reference = spec.reference.get("datasets")
@@ -127,12 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def override_argument(sub):
+        sub.add_argument("--override", action="append", default=[], metavar="YAML",
+                         help="a YAML file laid over the grid file (repeatable; e.g. "
+                              "configs/smoke.yaml for a quick end-to-end check); named entries "
+                              "(datasets, confounders, sources) merge by name")
+
     def grid_arguments(sub):
         sub.add_argument("config", help="grid YAML file, e.g. configs/demo.yaml")
         sub.add_argument("--no-check-paths", action="store_true",
                          help="do not require weights, manifests and notebooks to exist")
         sub.add_argument("--no-check-names", action="store_true",
-                         help="do not check names against the registries")
+                         help="do not check names against the registries, nor resolve the cells "
+                              "against the manifests and weights before the grid starts")
+        override_argument(sub)
 
     run = commands.add_parser("run", help="run a grid (skips finished cells), then notebook 04")
     grid_arguments(run)
@@ -161,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyse.add_argument("--permutations", type=int, default=9999)
     analyse.add_argument("--bootstrap", type=int, default=9999)
     analyse.add_argument("--seed", type=int, default=0)
+    override_argument(analyse)
     analyse.set_defaults(func=cmd_analyse)
 
     check = commands.add_parser("check-splits", help="check a manifest for patients shared between splits")

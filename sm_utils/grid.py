@@ -48,6 +48,7 @@ DEFAULT_NOTEBOOKS = {
 # Training knobs of notebook 03 (docs/RUNS.md) that a grid may set in its `training` block.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "image_size": 64,
+    "resize": "bilinear",
     "epochs": 4,
     "batch_size": 32,
     "lr": 1e-3,
@@ -94,9 +95,14 @@ class GridError(ValueError):
 
 @dataclass
 class DatasetSpec:
-    name: str
+    name: str                   # the grid's name for it (results, figures, reference lines)
     manifest: Path
     params: dict[str, Any] = field(default_factory=dict)   # builder parameters for notebook 01
+    builder: str | None = None  # the registered builder (default: the name)
+
+    @property
+    def builder_name(self) -> str:
+        return self.builder or self.name
 
 
 @dataclass
@@ -111,6 +117,7 @@ class ConfounderSpec:
 class SourceSpec:
     name: str
     weights: Path | None = None
+    arch: str | None = None     # this source's architecture; overrides the grid-level list
     # How to make missing weights: {"notebook": path, "parameters": {...}}, run once before the
     # cells; its parameters must make it write the file named by `weights` (a parameter whose
     # value is "{weights}" receives that path).
@@ -166,6 +173,19 @@ def _registry_names(kind: str) -> list[str] | None:
     raise ValueError(f"unknown registry {kind!r}")
 
 
+def _settings_block(raw: dict[str, Any], key: str, defaults: dict[str, Any],
+                    problems: list[str]) -> dict[str, Any]:
+    """``defaults`` updated by the mapping ``raw[key]``; unknown keys are reported."""
+    given = raw.get(key) or {}
+    if not isinstance(given, dict):
+        problems.append(f"{key}: must be a mapping of settings; found {given!r}")
+        return dict(defaults)
+    extra = sorted(set(given) - set(defaults))
+    if extra:
+        problems.append(f"{key}: unknown key(s) {extra}; valid: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
 def _parse_entries(raw: Any, kind: str, problems: list[str]) -> list[dict[str, Any]]:
     """Entries may be plain names or mappings with a ``name`` key."""
     entries = []
@@ -202,10 +222,12 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
     datasets = []
     for entry in _parse_entries(raw.get("datasets"), "datasets", problems):
         manifest = entry.get("manifest", f"data/{entry['name']}/manifest.csv")
-        extra = sorted(set(entry) - {"name", "manifest", "params"})
+        extra = sorted(set(entry) - {"name", "manifest", "params", "builder"})
         if extra:
-            problems.append(f"datasets[{entry['name']}]: unknown key(s) {extra}; valid: manifest, params")
-        datasets.append(DatasetSpec(entry["name"], _resolve(root, manifest), dict(entry.get("params") or {})))
+            problems.append(f"datasets[{entry['name']}]: unknown key(s) {extra}; valid: manifest, "
+                            "params, builder")
+        datasets.append(DatasetSpec(entry["name"], _resolve(root, manifest),
+                                    dict(entry.get("params") or {}), builder=entry.get("builder")))
 
     confounders = []
     for entry in _parse_entries(raw.get("confounders"), "confounders", problems):
@@ -225,12 +247,13 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
 
     sources = []
     for entry in _parse_entries(raw.get("sources"), "sources", problems):
-        extra = sorted(set(entry) - {"name", "weights", "build"})
+        extra = sorted(set(entry) - {"name", "weights", "build", "arch"})
         if extra:
-            problems.append(f"sources[{entry['name']}]: unknown key(s) {extra}; valid: weights, build")
+            problems.append(f"sources[{entry['name']}]: unknown key(s) {extra}; valid: weights, "
+                            "build, arch")
         weights = entry.get("weights")
         sources.append(SourceSpec(entry["name"], _resolve(root, weights) if weights else None,
-                                  entry.get("build")))
+                                  arch=entry.get("arch"), build=entry.get("build")))
 
     prevalences = [float(v) for v in _as_list(raw.get("prevalences"))]
     if not prevalences:
@@ -247,33 +270,10 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
     architectures = _as_list(raw.get("architectures")) or [None]
     seeds = [int(s) for s in _as_list(raw.get("seeds", 812))]
 
-    training = dict(TRAINING_DEFAULTS)
-    given = dict(raw.get("training") or {})
-    extra = sorted(set(given) - set(TRAINING_DEFAULTS))
-    if extra:
-        problems.append(f"training: unknown key(s) {extra}; valid: {sorted(TRAINING_DEFAULTS)}")
-    training.update(given)
-
-    run = dict(RUN_DEFAULTS)
-    given = dict(raw.get("run") or {})
-    extra = sorted(set(given) - set(RUN_DEFAULTS))
-    if extra:
-        problems.append(f"run: unknown key(s) {extra}; valid: {sorted(RUN_DEFAULTS)}")
-    run.update(given)
-
-    slurm = dict(SLURM_DEFAULTS)
-    given = dict(raw.get("slurm") or {})
-    extra = sorted(set(given) - set(SLURM_DEFAULTS))
-    if extra:
-        problems.append(f"slurm: unknown key(s) {extra}; valid: {sorted(SLURM_DEFAULTS)}")
-    slurm.update(given)
-
-    notebooks = dict(DEFAULT_NOTEBOOKS)
-    given = dict(raw.get("notebooks") or {})
-    extra = sorted(set(given) - set(DEFAULT_NOTEBOOKS))
-    if extra:
-        problems.append(f"notebooks: unknown key(s) {extra}; valid: {sorted(DEFAULT_NOTEBOOKS)}")
-    notebooks.update(given)
+    training = _settings_block(raw, "training", TRAINING_DEFAULTS, problems)
+    run = _settings_block(raw, "run", RUN_DEFAULTS, problems)
+    slurm = _settings_block(raw, "slurm", SLURM_DEFAULTS, problems)
+    notebooks = _settings_block(raw, "notebooks", DEFAULT_NOTEBOOKS, problems)
 
     dataset_names = [d.name for d in datasets]
     for confounder in confounders:
@@ -286,8 +286,8 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
     return GridSpec(
         name=name,
         root=root,
-        runs_dir=_resolve(root, raw.get("runs_dir", f"runs/{name}")),
-        figures_dir=_resolve(root, raw.get("figures_dir", "figures")),
+        runs_dir=_resolve(root, str(raw.get("runs_dir", "runs/{name}")).replace("{name}", name)),
+        figures_dir=_resolve(root, str(raw.get("figures_dir", "figures")).replace("{name}", name)),
         datasets=datasets,
         confounders=confounders,
         prevalences=prevalences,
@@ -318,7 +318,7 @@ def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = 
     problems: list[str] = []
     if check_names:
         for kind, names in (
-            ("datasets", [d.name for d in spec.datasets]),
+            ("datasets", [d.builder_name for d in spec.datasets]),
             ("confounders", [c.name for c in spec.confounders if c.name != "none"]),
             ("sources", [s.name for s in spec.sources]),
         ):
@@ -352,16 +352,62 @@ def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = 
         raise GridError(_problem_text(spec.path, problems))
 
 
-def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bool = True) -> GridSpec:
-    """Read, parse and validate a grid YAML file."""
-    path = Path(path)
+NAMED_LISTS = ("datasets", "confounders", "sources")
+
+
+def merge_grid(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it (a grid file plus e.g. configs/smoke.yaml).
+
+    Mappings merge key by key; the named lists (datasets, confounders, sources) merge entry by
+    entry on ``name``: an override changes the entries the grid has and ignores the others (so
+    one override, e.g. configs/smoke.yaml, serves several grids); any other value is replaced.
+    """
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out[key] = merge_grid(old, value)
+        elif key in NAMED_LISTS and isinstance(old, list) and isinstance(value, list):
+            def named(entry):
+                return {"name": entry} if isinstance(entry, str) else entry
+            merged = [named(e) for e in old]
+            index = {e.get("name"): i for i, e in enumerate(merged) if isinstance(e, dict)}
+            for entry in map(named, value):
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if name in index:
+                    merged[index[name]] = merge_grid(merged[index[name]], entry)
+            out[key] = merged
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.exists():
-        raise GridError(f"no grid file at {path}; configs/ holds demo.yaml, paper_cxr.yaml, paper_ct.yaml")
+        raise GridError(f"no {what} at {path}; configs/ holds demo.yaml, paper_cxr.yaml, "
+                        "paper_ct.yaml and the smoke override smoke.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise GridError(f"grid file {path} is not valid YAML: {err}") from err
-    spec = parse_grid(raw or {}, _default_root(path), path.resolve())
+        raise GridError(f"{what} {path} is not valid YAML: {err}") from err
+    if raw is not None and not isinstance(raw, dict):
+        raise GridError(f"{what} {path} must be a YAML mapping; found {type(raw).__name__}")
+    return raw or {}
+
+
+def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bool = True,
+              overrides: Sequence[str | os.PathLike | dict[str, Any]] = ()) -> GridSpec:
+    """Read, parse and validate a grid YAML file, with override files/mappings laid over it.
+
+    Relative paths, the overrides' included, resolve against the grid file's ``root``.
+    """
+    path = Path(path)
+    raw = _read_yaml(path, "grid file")
+    for override in overrides:
+        if not isinstance(override, dict):
+            override = _read_yaml(Path(override), "override file")
+        raw = merge_grid(raw, override)
+    spec = parse_grid(raw, _default_root(path), path.resolve())
     validate_grid(spec, check_names=check_names, check_paths=check_paths)
     return spec
 
@@ -429,16 +475,43 @@ class Cell:
                 f"{p['source']}" + (f"/{p['arch']}" if p.get("arch") else "") + f" seed={p['seed']}")
 
 
+def _accepted_archs(kind: str) -> tuple[str, ...] | None:
+    """Architectures the registered source ``kind`` can fill (None: any, or unknown source)."""
+    try:
+        from .sources import SourceError, get_source
+    except ImportError:
+        return None
+    try:
+        return get_source(kind).archs
+    except SourceError:
+        return None  # an unknown name is reported by validation
+
+
+def source_archs(spec: GridSpec, source: SourceSpec) -> list[str | None]:
+    """The architectures ``source`` runs with: its own ``arch``, else the grid-level ones it
+    accepts, else its default (None)."""
+    if source.arch:
+        return [source.arch]
+    accepted = _accepted_archs(source.name)
+    archs = [a for a in spec.architectures if a is None or accepted is None or a in accepted]
+    return archs or [None]
+
+
 def expand_cells(spec: GridSpec) -> list[Cell]:
-    """Every cell of the grid, in a stable order (datasets, confounders, p, folds, sources, ...)."""
+    """Every cell of the grid, in a stable order (datasets, confounders, p, folds, sources, ...).
+
+    A source with its own ``arch`` uses it; the grid-level ``architectures`` apply only to the
+    sources that accept them (e.g. not to ``radimagenet``, which takes only keras_resnet50);
+    a source that accepts none of them runs with its default architecture.
+    """
     cells = []
     seen: set[str] = set()
+    pairs = [(source, arch) for source in spec.sources for arch in source_archs(spec, source)]
     for dataset, confounder in itertools.product(spec.datasets, spec.confounders):
         if confounder.datasets is not None and dataset.name not in confounder.datasets:
             continue
-        for strength, p, fold, source, arch, seed in itertools.product(
-            confounder.strengths, spec.prevalences, spec.folds, spec.sources, spec.architectures,
-            spec.seeds,
+        for strength, p, fold, (source, arch), seed in itertools.product(
+            confounder.strengths, spec.prevalences, spec.folds, pairs, spec.seeds,
         ):
             params = {
                 "manifest": str(dataset.manifest),
@@ -908,10 +981,12 @@ def prepare(spec: GridSpec, log=print) -> float:
                               f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
                               "another manifest path")
             continue
-        log(f"building dataset {dataset.name!r} with {spec.notebooks['data']} -> {dataset.manifest}")
+        log(f"building dataset {dataset.name!r} ({dataset.builder_name}) with "
+            f"{spec.notebooks['data']} -> {dataset.manifest}")
         _execute_once(
             spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
-            {"dataset": dataset.name, "out_dir": str(dataset.manifest.parent), **dataset.params},
+            {"dataset": dataset.builder_name, "out_dir": str(dataset.manifest.parent),
+             **dataset.params},
             spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
         )
         if not dataset.manifest.exists():
@@ -942,6 +1017,15 @@ def prepare(spec: GridSpec, log=print) -> float:
     return time.perf_counter() - start
 
 
+def refuse_unrunnable(spec: GridSpec, cells: Sequence[Cell], *, load_weights: bool) -> None:
+    """Raise GridError listing every cell that cannot run (see :mod:`sm_utils.preflight`)."""
+    from .preflight import check_cells
+
+    report = check_cells(spec, cells, load_weights=load_weights)
+    if report.problems:
+        raise GridError(f"grid {spec.name!r} refused before any cell started: {report.text()}")
+
+
 def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
     """A listing of the cells and what is already done."""
     import pandas as pd
@@ -968,19 +1052,27 @@ def run_grid(
     slurm_cluster: str | None = None,
     slurm_timeout_s: float | None = None,
     log=print,
+    check: bool = True,
 ) -> GridReport:
     """Run every cell of ``spec`` that is not done, then the analysis notebook.
 
     executor "local" uses ``workers`` processes ("auto": one per GPU, or a share of the CPU
     cores); "slurm" submits job arrays with submitit (``slurm_cluster="local"`` runs them on this
     machine, "debug" in-process; None requires SLURM). Failures are recorded in the run directories and listed in the
-    report; they do not stop the grid.
+    report; they do not stop the grid. With ``check`` every cell is first resolved against the
+    registries (before anything is built) and then against the manifests and weights (after
+    preparation, before any cell starts); a grid with cells that cannot run is refused with
+    every problem listed (:mod:`sm_utils.preflight`).
     """
     start = time.perf_counter()
     if executor not in ("local", "slurm"):
         raise GridError(f"unknown executor {executor!r}; valid: local, slurm")
-    report_prepare = prepare(spec, log=log)
     cells = expand_cells(spec)
+    if check:
+        refuse_unrunnable(spec, cells, load_weights=False)
+    report_prepare = prepare(spec, log=log)
+    if check:
+        refuse_unrunnable(spec, [c for c in cells if not c.done], load_weights=True)
     spec.runs_dir.mkdir(parents=True, exist_ok=True)
     write_cells_index(spec, cells)
     stale = stale_cells(cells)

@@ -134,7 +134,42 @@ def test_shipped_configs_validate(name):
     if name.startswith("paper"):
         assert spec.prevalences == [0.0, 0.1, 0.2, 0.5, 0.8, 1.0]
         assert len(spec.folds) == 5
-        assert {s.name for s in spec.sources} >= {"imagenet", "radimagenet", "random"}
+        # the paper's three arms, all one Keras ResNet50
+        assert {s.name for s in spec.sources} == {"imagenet_keras", "radimagenet", "random"}
+        from sm_utils.sources import check_source_arch
+
+        assert {check_source_arch(c.params["source"], c.params["arch"]) for c in cells} == {
+            "keras_resnet50"}
+        assert spec.training["resize"] == "nearest" and spec.training["drop_rate"] == 0.5
+
+
+def test_grid_level_architectures_apply_only_to_sources_that_accept_them(tmp_path):
+    raw = yaml.safe_load(write_grid(tmp_path).read_text())
+    raw["sources"] = ["radimagenet", "random", {"name": "imagenet", "arch": "resnet50.tv_in1k"}]
+    raw["architectures"] = ["resnet18"]
+    spec = parse_grid(raw, tmp_path)
+    archs = {(c.params["source"], c.params["arch"]) for c in expand_cells(spec)}
+    # radimagenet takes only keras_resnet50: its default; imagenet names its own
+    assert archs == {("radimagenet", None), ("random", "resnet18"),
+                     ("imagenet", "resnet50.tv_in1k")}
+
+
+def test_override_files_merge_named_entries_and_replace_the_rest(tmp_path):
+    base = write_grid(tmp_path, datasets=[{"name": "phantom_cxr", "manifest": "m.csv",
+                                           "params": {"n_patients": 50, "seed": 1}}])
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({
+        "runs_dir": "elsewhere/{name}", "prevalences": [0.5], "training": {"epochs": 9},
+        "datasets": [{"name": "phantom_cxr", "params": {"n_patients": 8}},
+                     {"name": "not_in_this_grid", "manifest": "x.csv"}],
+        "sources": [{"name": "random", "arch": "resnet18"}]}))
+    spec = load_grid(base, check_names=False, check_paths=False, overrides=[override])
+    assert spec.runs_dir == tmp_path.resolve() / "elsewhere" / "fake"
+    assert spec.prevalences == [0.5] and spec.training["epochs"] == 9
+    assert spec.training["image_size"] == 32  # untouched keys stay
+    assert [d.name for d in spec.datasets] == ["phantom_cxr"]  # unknown names are not added
+    assert spec.datasets[0].params == {"n_patients": 8, "seed": 1}
+    assert {s.name: s.arch for s in spec.sources} == {"imagenet_lite0": None, "random": "resnet18"}
 
 
 # --------------------------------------------------------------------------- execution
@@ -143,7 +178,7 @@ def test_shipped_configs_validate(name):
 def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_FAKE_FAIL_SOURCE", "random")
     spec = load_grid(write_grid(tmp_path, confounders=["tag"]), check_names=False)
-    report = run_grid(spec, workers=1, analyse=False, progress=False)
+    report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     cells = expand_cells(spec)
     failed = [c for c in cells if c.params["source"] == "random"]
     assert report.succeeded == 4 and len(report.failures) == 4
@@ -160,7 +195,7 @@ def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
 
     # Relaunched without the fault: only the failed cells run, and their error files go.
     monkeypatch.delenv("SM_FAKE_FAIL_SOURCE")
-    report = run_grid(spec, workers=1, analyse=False, progress=False)
+    report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert report.already_done == 4 and report.succeeded == 4 and not report.failures
     assert all(c.done and not (c.run_dir / "error.txt").exists() for c in cells)
 
@@ -170,7 +205,7 @@ def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
     reference_dir.mkdir()
     killed_dir.mkdir()
     reference = load_grid(write_grid(reference_dir, folds=[0]), check_names=False)
-    run_grid(reference, workers=2, analyse=False, progress=False)
+    run_grid(reference, workers=2, analyse=False, progress=False, check=False)
     expected = collect_results(reference.runs_dir)
     assert len(expected) == 8 * 3
 
@@ -184,7 +219,7 @@ def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
     (stale / "predictions.csv").write_text("half a file")
     env = {**os.environ, "SM_FAKE_HANG_RUN_ID": hang.run_id}
     code = ("import sys; from sm_utils.grid import load_grid, run_grid; "
-            "run_grid(load_grid(sys.argv[1], check_names=False), workers=1, analyse=False, progress=False)")
+            "run_grid(load_grid(sys.argv[1], check_names=False), workers=1, analyse=False, progress=False, check=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -201,7 +236,7 @@ def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
     assert 0 < len(done_before) < 8
     mtimes = {c.run_id: (c.run_dir / "metrics.json").stat().st_mtime_ns for c in cells if c.done}
 
-    report = run_grid(spec, workers=1, analyse=False, progress=False)
+    report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert report.already_done == len(done_before) and not report.failures
     assert all(c.done for c in cells)
     # finished cells were not redone
@@ -218,7 +253,7 @@ def test_submitit_local_executor_runs_a_small_grid(tmp_path):
                                 slurm={"cells_per_job": 1, "time_min": 2, "array_parallelism": 2}),
                      check_names=False)
     report = run_grid(spec, executor="slurm", slurm_cluster="local", slurm_timeout_s=120,
-                      analyse=False, progress=False)
+                      analyse=False, progress=False, check=False)
     cells = expand_cells(spec)
     assert len(cells) == 2
     assert report.succeeded == 2 and not report.failures, report.summary()
@@ -290,10 +325,10 @@ def test_cells_rerun_when_their_weights_file_changes(tmp_path):
     spec = load_grid(write_grid(tmp_path, confounders=["tag"], prevalences=[1], folds=[0],
                                 sources=["random", {"name": "imagenet_lite0", "weights": str(weights)}]),
                      check_names=False)
-    first = run_grid(spec, workers=1, analyse=False, progress=False)
+    first = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert first.succeeded == 2
-    again = run_grid(spec, workers=1, analyse=False, progress=False)
+    again = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert again.already_done == 2 and again.succeeded == 0
     weights.write_bytes(b"rebuilt weights")  # same path, new content: the old run is stale
-    rebuilt = run_grid(spec, workers=1, analyse=False, progress=False)
+    rebuilt = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert rebuilt.already_done == 1 and rebuilt.succeeded == 1

