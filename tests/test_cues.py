@@ -58,6 +58,7 @@ def test_ct_noise_changes_only_the_noise_not_the_sharpness(images):
     assert shared["confounded"] == pytest.approx(1.0, abs=0.05)
     noise = float(shared["cue"].split("noise added ")[1].split(" HU")[0])
     assert noise > 5
+    assert "without the shared reconstruction" in old["cue"]
 
 
 def test_sharpness_ratio_sees_blur_and_ignores_noise():

@@ -63,7 +63,7 @@ def sm(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 1500
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SM_CACHE_DIR": str(cwd / "cache"),
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "sm_utils", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def run_paper_grid(config: str, downloads, out: Path):
