@@ -332,3 +332,18 @@ def test_cells_rerun_when_their_weights_file_changes(tmp_path):
     weights.write_bytes(b"rebuilt weights")  # same path, new content: the old run is stale
     rebuilt = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert rebuilt.already_done == 1 and rebuilt.succeeded == 1
+
+
+def test_a_grid_with_unrunnable_cells_is_refused_before_anything_starts(tmp_path):
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"],
+                                sources=["random", {"name": "radimagenet", "arch": "resnet50",
+                                                    "weights": "w.h5"}]),
+                     check_paths=False)
+    with pytest.raises(GridError) as info:
+        run_grid(spec, workers=1, analyse=False, progress=False)
+    message = str(info.value)
+    assert "refused before any cell started" in message
+    # 4 radimagenet cells (2 p x 2 folds), and every cell, since the stand-in manifest is empty
+    assert "4 cell(s): source 'radimagenet' with arch 'resnet50'" in message
+    assert "8 cell(s) cannot run (2 cause(s))" in message
+    assert not spec.runs_dir.exists()  # nothing was prepared or run
