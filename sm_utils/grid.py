@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from .claims import CellClaim
 from .io import atomic_write_csv, atomic_write_json, atomic_write_text, stable_hash
 
 METRICS_FILE = "metrics.json"
@@ -567,6 +568,7 @@ class CellResult:
     wall_seconds: float          # papermill execution of the notebook, kernel start excluded
     train_seconds: float = 0.0   # from metrics.json (training + evaluation inside the notebook)
     error: str = ""
+    elsewhere: str = ""          # not run here: another launch holds the cell (its claim)
 
 
 @dataclass
@@ -618,11 +620,24 @@ class CellRunner:
             self._start_kernel()
 
     def run(self, cell: Cell) -> CellResult:
-        import papermill
-
+        """Run ``cell`` unless it is done or another launch holds its claim (sm_utils.claims)."""
         run_dir = cell.run_dir
         if cell.done:
             return CellResult(cell.run_id, cell.label(), True, 0.0, _train_seconds(run_dir))
+        claim = CellClaim(run_dir.parent, cell.run_id)
+        if not claim.acquire():
+            return CellResult(cell.run_id, cell.label(), False, 0.0, elsewhere=claim.describe())
+        try:
+            if cell.done:  # finished by another launch between the check and the claim
+                return CellResult(cell.run_id, cell.label(), True, 0.0, _train_seconds(run_dir))
+            return self._execute(cell)
+        finally:
+            claim.release()
+
+    def _execute(self, cell: Cell) -> CellResult:
+        import papermill
+
+        run_dir = cell.run_dir
         if run_dir.exists():  # left by an interrupted or failed attempt: start clean
             shutil.rmtree(run_dir)
         executing = run_dir.parent / ".executing"
@@ -749,6 +764,7 @@ class GridReport:
     already_done: int
     succeeded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    elsewhere: list[tuple[str, str]] = field(default_factory=list)  # run by another launch
     wall_seconds: float = 0.0
     cells_wall_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -765,7 +781,9 @@ class GridReport:
     def summary(self) -> str:
         lines = [
             (f"cells: {self.total} in the grid, {self.already_done} already done, "
-             f"{self.succeeded} run now, {len(self.failures)} failed"),
+             f"{self.succeeded} run now, {len(self.failures)} failed"
+             + (f", {len(self.elsewhere)} left to another launch that holds them"
+                if self.elsewhere else "")),
             (f"wall time {self.wall_seconds:.1f} s (preparation {self.prepare_seconds:.1f} s, "
              f"analysis {self.analysis_seconds:.1f} s); worker time: kernels start-up "
              f"{self.kernel_start_seconds:.1f} s, notebooks {self.cells_wall_seconds:.1f} s, of which "
@@ -851,6 +869,8 @@ def _account(result: CellResult, report: GridReport) -> None:
     report.train_seconds += result.train_seconds
     if result.ok:
         report.succeeded += 1
+    elif result.elsewhere:
+        report.elsewhere.append((result.label, result.elsewhere))
     else:
         report.failures.append((result.label, result.error))
 

@@ -286,6 +286,52 @@ def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
     assert not (stale / "predictions.csv").read_text().startswith("half")
 
 
+def test_two_launches_at_once_run_each_cell_once(tmp_path):
+    path = write_grid(tmp_path)
+    spec = load_grid(path, check_names=False)
+    env = {**os.environ, "SM_FAKE_SLEEP_S": "0.3"}
+    code = ("import sys; from sm_utils.grid import load_grid, run_grid; "
+            "r = run_grid(load_grid(sys.argv[1], check_names=False), workers=1, analyse=False, "
+            "progress=False, check=False); print('ELSEWHERE', len(r.elsewhere))")
+    launches = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                for _ in range(2)]
+    outputs = [launch.communicate(timeout=240)[0] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs
+    executions = [line.split() for line in (spec.runs_dir / "executions.log").read_text().splitlines()]
+    counts = pd.Series([run_id for run_id, _ in executions]).value_counts()
+    assert len(counts) == 16 and (counts == 1).all()  # every cell ran, and only once
+    assert len({pid for _, pid in executions}) == 2  # both launches did some of the work
+    assert all(c.done for c in expand_cells(spec))
+    assert sum(int(o.split("ELSEWHERE")[1]) for o in outputs) > 0  # and each left some to the other
+    assert not list((spec.runs_dir / ".claims").glob("*.json"))  # every claim released
+
+
+def test_claims_of_dead_or_silent_processes_are_taken_over(tmp_path):
+    from sm_utils.claims import CellClaim
+
+    mine = CellClaim(tmp_path, "abc")
+    assert mine.acquire()
+    assert not CellClaim(tmp_path, "abc").acquire()  # held by a live process
+    mine.release()
+    assert not mine.path.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)
+    mine.path.write_text(json.dumps({"host": __import__("socket").gethostname(),
+                                     "pid": int(dead.stdout), "since": 0}))
+    other = CellClaim(tmp_path, "abc")
+    assert other.acquire()  # the process that claimed it is gone: taken over
+    other.release()
+    mine.path.write_text(json.dumps({"host": "node-17", "pid": 1, "since": 0}))
+    assert not CellClaim(tmp_path, "abc").acquire()  # another host, heartbeat fresh
+    old = time.time() - 20 * 60
+    os.utime(mine.path, (old, old))
+    taken = CellClaim(tmp_path, "abc")
+    assert taken.acquire()  # its heartbeat stopped 20 min ago
+    assert json.loads(taken.path.read_text())["pid"] == os.getpid()
+    taken.release()
+
+
 def test_submitit_local_executor_runs_a_small_grid(tmp_path):
     spec = load_grid(write_grid(tmp_path, confounders=["tag"], folds=[0], sources=["random"],
                                 slurm={"cells_per_job": 1, "time_min": 2, "array_parallelism": 2}),
