@@ -593,29 +593,45 @@ class CellRunner:
         self.kernel_start_seconds = 0.0
 
     def _start_kernel(self) -> None:
-        from jupyter_client.manager import KernelManager
+        # The async manager: nbclient then polls the kernel with timeouts and notices when it
+        # dies mid-cell (with a blocking client it waits for output forever). IPC transport:
+        # the kernel's sockets are files in a private folder, not TCP ports on this machine.
+        import tempfile
+
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
 
         start = time.perf_counter()
         env = {**os.environ, **self.settings.env}
         cwd = self.settings.kernel_cwd or self.settings.notebook.parent
-        self.km = KernelManager(kernel_name=self.settings.kernel_name)
-        self.km.start_kernel(cwd=str(cwd), env=env)
+        self._sockets = tempfile.mkdtemp(prefix="sm-kernel-")
+        self.km = AsyncKernelManager(kernel_name=self.settings.kernel_name, transport="ipc",
+                                     ip=os.path.join(self._sockets, "k"))
+        run_sync(self.km.start_kernel)(cwd=str(cwd), env=env)
         client = self.km.client()
         client.start_channels()
-        client.wait_for_ready(timeout=120)
+        run_sync(client.wait_for_ready)(timeout=120)
         client.stop_channels()
         self.cells_in_kernel = 0
         self.kernel_start_seconds += time.perf_counter() - start
 
     def close(self) -> None:
+        from jupyter_core.utils import run_sync
+
         if self.km is not None:
             with contextlib.suppress(Exception):  # a dead kernel cannot be shut down; no matter
-                self.km.shutdown_kernel(now=True)
+                run_sync(self.km.shutdown_kernel)(now=True)
             self.km = None
+            shutil.rmtree(self._sockets, ignore_errors=True)
+
+    def _alive(self) -> bool:
+        from jupyter_core.utils import run_sync
+
+        return bool(run_sync(self.km.is_alive)())
 
     def _ensure_kernel(self) -> None:
         recycle = self.cells_in_kernel >= self.settings.cells_per_kernel
-        if self.km is None or recycle or not self.km.is_alive():
+        if self.km is None or recycle or not self._alive():
             self.close()
             self._start_kernel()
 
@@ -950,13 +966,20 @@ def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, repo
 
 def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str,
                   timeout_s: int, cwd: Path | None = None) -> None:
-    """Execute a one-off notebook (data preparation, source build, analysis) with papermill."""
+    """Execute a one-off notebook (data preparation, source build, analysis) with papermill,
+    in a kernel started as the cells' are (IPC transport, dead kernels noticed)."""
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
-                               kernel_name=kernel_name, progress_bar=sys.stderr.isatty(),
-                               execution_timeout=timeout_s, cwd=str(cwd or notebook.parent))
+    runner = CellRunner(RunnerSettings(notebook=notebook, kernel_name=kernel_name,
+                                       kernel_cwd=cwd or notebook.parent))
+    runner._ensure_kernel()
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+                                   km=runner.km, progress_bar=sys.stderr.isatty(),
+                                   execution_timeout=timeout_s)
+    finally:
+        runner.close()
 
 
 def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: str) -> None:

@@ -84,13 +84,14 @@ class Manifest:
 
 def validate_manifest(
     table: pd.DataFrame, root: str | Path | None = None, *, check_files: bool = True,
-    source: str = "manifest",
+    source: str = "manifest", check_leakage: bool = True,
 ) -> pd.DataFrame:
     """Check a manifest table; return it with normalised dtypes or raise ManifestError.
 
     Checks: required columns, binary labels, unique image ids, fold roles, no patient in
-    more than one of train/val/test within any fold, and (if ``check_files``) that every
-    image file exists under ``root``.
+    more than one of train/val/test within any fold (unless ``check_leakage`` is False, for a
+    tool that reports leakage itself), and (if ``check_files``) that every image file exists
+    under ``root``.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
@@ -129,7 +130,7 @@ def validate_manifest(
             )
         table[column] = values
 
-    leaks = find_leakage(table)
+    leaks = find_leakage(table) if check_leakage else []
     if leaks:
         raise ManifestError(f"{source}: patient leakage between splits.\n" + format_leakage(leaks))
 
@@ -234,6 +235,7 @@ def save_manifest(manifest: Manifest, csv_path: str | Path) -> Path:
 
 def load_manifest(
     csv_path: str | Path, root: str | Path | None = None, *, check_files: bool = True,
+    check_leakage: bool = True,
 ) -> Manifest:
     """Read and validate a manifest. ``root`` overrides the root recorded beside it."""
     import json
@@ -252,5 +254,6 @@ def load_manifest(
         root = recorded if recorded.is_absolute() else csv_path.parent / recorded
     table = pd.read_csv(csv_path, dtype={"image_id": str, "patient_id": str, "path": str},
                         keep_default_na=False, na_values=[""])
-    table = validate_manifest(table, root, check_files=check_files, source=str(csv_path))
+    table = validate_manifest(table, root, check_files=check_files, source=str(csv_path),
+                              check_leakage=check_leakage)
     return Manifest(table=table, root=Path(root), meta=meta)

@@ -431,3 +431,45 @@ def test_a_grid_with_unrunnable_cells_is_refused_before_anything_starts(tmp_path
     assert "4 cell(s): source 'radimagenet' with arch 'resnet50'" in message
     assert "8 cell(s) cannot run (2 cause(s))" in message
     assert not spec.runs_dir.exists()  # nothing was prepared or run
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("SM_FAKE_KILL_WORKER_RUN_ID", "died (exit code -9) during this cell"),
+    ("SM_FAKE_EXIT_KERNEL_RUN_ID", "DeadKernelError"),
+    ("SM_FAKE_NO_METRICS_RUN_ID", "finished without writing"),
+])
+def test_a_cell_that_dies_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, fault, expected):
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"]), check_names=False)
+    cells = expand_cells(spec)
+    victim = cells[2]
+    monkeypatch.setenv(fault, victim.run_id)
+    report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
+    assert report.succeeded == len(cells) - 1
+    assert [label for label, _ in report.failures] == [victim.label()]
+    assert expected in report.failures[0][1]
+    assert not victim.done and all(c.done for c in cells if c is not victim)
+    # relaunched without the fault, the victim runs and nothing else does
+    monkeypatch.delenv(fault)
+    again = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
+    assert again.already_done == len(cells) - 1 and again.succeeded == 1
+
+
+def test_a_failing_analysis_notebook_is_reported_after_the_cells(tmp_path):
+    import nbformat
+
+    broken = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('grid_config = ""\nruns_dir = ""\nfigures_dir = ""\nresults_csv = ""',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("raise ValueError('no figure today')")])
+    broken.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                     "language": "python"}
+    nbformat.write(broken, tmp_path / "broken_analysis.ipynb")
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"], folds=[0],
+                                notebooks={"fine_tuning": str(FAKE_NOTEBOOK),
+                                           "analysis": "broken_analysis.ipynb"}),
+                     check_names=False)
+    report = run_grid(spec, workers=1, progress=False, check=False)
+    assert report.succeeded == 4
+    assert report.failures == [("analysis notebook", report.failures[0][1])]
+    assert "ValueError: no figure today" in report.failures[0][1]
+    assert (spec.runs_dir / "04_analysis.ipynb").exists()  # executed, with the error in it
