@@ -551,6 +551,16 @@ def cells_table(cells: Sequence[Cell]):
     return pd.DataFrame(rows)
 
 
+def failed_cells(cells: Sequence[Cell]) -> list[tuple[Cell, str]]:
+    """Each failed cell with its error's type and message (from its run directory)."""
+    out = []
+    for cell in cells:
+        if cell.status == "failed":
+            text = (cell.run_dir / ERROR_FILE).read_text()
+            out.append((cell, error_headline(text.split("\n\n", 1)[-1])))
+    return out
+
+
 def write_cells_index(spec: GridSpec, cells: Sequence[Cell]) -> Path:
     """``runs_dir/cells.csv``: the grid's cells (lets the analysis map run ids to datasets)."""
     table = cells_table(cells).drop(columns=["status"])
@@ -569,6 +579,7 @@ class CellResult:
     train_seconds: float = 0.0   # from metrics.json (training + evaluation inside the notebook)
     error: str = ""
     elsewhere: str = ""          # not run here: another launch holds the cell (its claim)
+    notebook: str = ""           # the executed notebook, with the full traceback of a failure
 
 
 @dataclass
@@ -680,15 +691,23 @@ class CellRunner:
                      f"{run_dir / METRICS_FILE}; it must call sm_utils.runs.execute_run")
         if error:
             atomic_write_text(run_dir / ERROR_FILE, f"{cell.label()}\n\n{error}\n")
-            return CellResult(cell.run_id, cell.label(), False, wall, error=error)
+            executed = run_dir / NOTEBOOK_FILE
+            return CellResult(cell.run_id, cell.label(), False, wall, error=error,
+                              notebook=str(executed) if executed.exists() else "")
         return CellResult(cell.run_id, cell.label(), True, wall, _train_seconds(run_dir))
 
 
 def _describe_error(err: BaseException) -> str:
+    """The exception's type and message on the first line, then its traceback."""
     name = type(err).__name__
     if name == "PapermillExecutionError":  # the traceback from inside the notebook
         return f"{err.ename}: {err.evalue}\n" + "\n".join(getattr(err, "traceback", []) or [])
-    return "".join(traceback.format_exception(err))
+    return f"{name}: {err}\n" + "".join(traceback.format_exception(err))
+
+
+def error_headline(error: str) -> str:
+    """The first non-empty line of an error text (its exception type and message)."""
+    return next((line.strip() for line in error.splitlines() if line.strip()), "unknown error")
 
 
 def _train_seconds(run_dir: Path) -> float:
@@ -781,6 +800,7 @@ class GridReport:
     succeeded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     elsewhere: list[tuple[str, str]] = field(default_factory=list)  # run by another launch
+    notebooks: dict[str, str] = field(default_factory=dict)  # failed cell -> executed notebook
     wall_seconds: float = 0.0
     cells_wall_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -807,8 +827,9 @@ class GridReport:
              f"{100 * self.overhead_share:.1f} %"),
         ]
         for label, error in self.failures:
-            first = error.strip().splitlines()[0] if error.strip() else "unknown error"
-            lines.append(f"  FAILED {label}: {first}")
+            lines.append(f"  FAILED {label}: {error_headline(error)}")
+            if self.notebooks.get(label):
+                lines.append(f"    full traceback: {self.notebooks[label]}")
         return "\n".join(lines)
 
 
@@ -889,6 +910,8 @@ def _account(result: CellResult, report: GridReport) -> None:
         report.elsewhere.append((result.label, result.elsewhere))
     else:
         report.failures.append((result.label, result.error))
+        if result.notebook:
+            report.notebooks[result.label] = result.notebook
 
 
 def _batches(items: Sequence, size: int) -> list[list]:
@@ -1059,7 +1082,10 @@ def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "failed", "partial", "pending"))
     if counts.get("waiting"):
         summary += f", {counts['waiting']} waiting for their manifest or weights to be built"
-    return f"grid {spec.name!r}: {len(cells)} cells ({summary}); runs in {spec.runs_dir}\n{text}"
+    failures = "".join(f"\n  FAILED {cell.label()}: {headline}\n    full traceback: "
+                       f"{cell.run_dir / NOTEBOOK_FILE}" for cell, headline in failed_cells(cells))
+    return (f"grid {spec.name!r}: {len(cells)} cells ({summary}); runs in {spec.runs_dir}\n{text}"
+            + failures)
 
 
 def run_grid(
@@ -1148,6 +1174,10 @@ def iter_run_dirs(runs_dir: str | os.PathLike) -> Iterable[Path]:
 
 
 def write_report(spec: GridSpec, report: GridReport) -> Path:
-    """``runs_dir/grid_report.json``: counts, timings and failures of the last launch."""
-    data = {**dataclasses.asdict(report), "overhead_share": report.overhead_share}
+    """``runs_dir/grid_report.json``: counts, timings and failures of the last launch (each
+    with its exception's type and message and the executed notebook holding the traceback)."""
+    data = {**dataclasses.asdict(report), "overhead_share": report.overhead_share,
+            "failed_cells": [{"cell": label, "error": error_headline(error),
+                              "notebook": report.notebooks.get(label)}
+                             for label, error in report.failures]}
     return atomic_write_json(spec.runs_dir / "grid_report.json", data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,37 @@ def test_check_splits_reports_leaks(tmp_path, capsys):
     assert code == 1  # found and reported by the check, with the split summary
     assert f"fold_0: 1 patient(s) in more than one split: {leaky} (test+train)" in out
     assert "role" in out and "images" in out
+
+
+def test_a_cell_failing_outside_its_notebook_is_summarised_by_its_exception(tmp_path, capsys,
+                                                                              monkeypatch):
+    import shutil
+    import threading
+    import time
+
+    path = fake_grid(tmp_path)
+    monkeypatch.setenv("SM_FAKE_SLEEP_S", "1.5")
+    executing = tmp_path / "runs/clitest/.executing"
+
+    def remove_the_output_folder():  # while the first cell runs, as a careless cleanup would
+        deadline = time.monotonic() + 60
+        while not list(executing.glob("*.ipynb")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(executing, ignore_errors=True)
+
+    thread = threading.Thread(target=remove_the_output_folder)
+    thread.start()
+    code = main(["run", str(path), "--no-check-names", "--workers", "1", "--progress", "off",
+                 "--no-analysis"])
+    thread.join()
+    out = capsys.readouterr().out
+    assert code == 1
+    failed = [line for line in out.splitlines() if line.strip().startswith("FAILED")]
+    assert len(failed) == 1
+    assert "FileNotFoundError" in failed[0] and "doesn't exist" in failed[0]
+    assert "Traceback (most recent call last)" not in failed[0]
+    report = json.loads((tmp_path / "runs/clitest/grid_report.json").read_text())
+    assert report["failed_cells"][0]["error"].startswith("FileNotFoundError")
+    assert main(["run", str(path), "--no-check-names", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "1 failed" in listing and "FileNotFoundError" in listing
