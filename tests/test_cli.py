@@ -145,3 +145,14 @@ def test_a_cell_failing_outside_its_notebook_is_summarised_by_its_exception(tmp_
     assert main(["run", str(path), "--no-check-names", "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "1 failed" in listing and "FileNotFoundError" in listing
+
+
+def test_a_tiny_grid_prints_no_warning(tmp_path):
+    path = fake_grid(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(path), "--no-check-names",
+                             "--workers", "1", "--progress", "off"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "8 run now, 0 failed" in output
+    assert [line for line in output.splitlines() if "warning" in line.lower()] == []

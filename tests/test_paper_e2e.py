@@ -71,6 +71,10 @@ def run_paper_grid(config: str, downloads, out: Path):
     result = sm("run", str(ROOT / "configs" / config), "--override", str(ROOT / "configs/smoke.yaml"),
                 "--override", str(override), "--progress", "off", cwd=out)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # a clean run prints no warning at all (e.g. none of Jupyter's per-kernel TCP warnings)
+    warnings = [line for line in (result.stdout + result.stderr).splitlines()
+                if "warning" in line.lower()]
+    assert warnings == []
     return result
 
 
