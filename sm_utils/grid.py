@@ -12,8 +12,10 @@ executed notebook per cell. Executors: ``local`` (a pool of worker processes, on
 GPU machine) and ``slurm`` (submitit job arrays; ``cluster="local"`` runs the same path on this
 machine, which is how it is tested).
 
-Relative paths in a grid file are resolved against its ``root``: by default the folder above
-``configs/`` when the file lives in a ``configs`` folder, else the file's own folder.
+Relative paths in a grid file are resolved against its ``root``: by default the project the
+file belongs to (the nearest folder above it holding pyproject.toml and notebooks/), or, for a
+file outside any checkout (e.g. in the user's own study folder), the project of the installed
+sm_utils; ``root:`` in the file sets it explicitly (relative to the file).
 """
 
 from __future__ import annotations
@@ -144,9 +146,24 @@ class GridSpec:
     path: Path | None = None
 
 
+def _is_project(folder: Path) -> bool:
+    return (folder / "pyproject.toml").is_file() and (folder / DEFAULT_NOTEBOOKS["fine_tuning"]).is_file()
+
+
 def _default_root(config_path: Path) -> Path:
+    """The project a grid file belongs to: the nearest folder above it holding this compendium
+    (pyproject.toml and notebooks/), else the project of the installed sm_utils."""
+    from .paths import project_root
+
     folder = config_path.resolve().parent
-    return folder.parent if folder.name == "configs" else folder
+    for candidate in (folder, *folder.parents):
+        if _is_project(candidate):
+            return candidate
+    return project_root().resolve()
+
+
+ROOT_HINT = ("set `root:` in the grid file to the project folder that holds notebooks/ (paths in "
+             "the file are relative to it), or give `notebooks: {fine_tuning: <path>}`")
 
 
 def _as_list(value: Any) -> list:
@@ -338,10 +355,11 @@ def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = 
             if not dataset.manifest.exists() and not spec.notebooks["data"].exists():
                 problems.append(
                     f"dataset {dataset.name!r}: no manifest at {dataset.manifest} and no data "
-                    f"notebook at {spec.notebooks['data']} to build it"
+                    f"notebook at {spec.notebooks['data']} to build it; {ROOT_HINT}"
                 )
         if not spec.notebooks["fine_tuning"].exists():
-            problems.append(f"fine-tuning notebook {spec.notebooks['fine_tuning']} does not exist")
+            problems.append(f"fine-tuning notebook {spec.notebooks['fine_tuning']} does not exist; "
+                            f"{ROOT_HINT}")
     workers = spec.run["workers"]
     if workers != "auto" and (not isinstance(workers, int) or workers < 1):
         problems.append(f"run.workers must be 'auto' or a positive integer; found {workers!r}")

@@ -473,3 +473,36 @@ def test_a_failing_analysis_notebook_is_reported_after_the_cells(tmp_path):
     assert report.failures == [("analysis notebook", report.failures[0][1])]
     assert "ValueError: no figure today" in report.failures[0][1]
     assert (spec.runs_dir / "04_analysis.ipynb").exists()  # executed, with the error in it
+
+
+def test_a_grid_file_in_a_folder_of_ones_own_runs(tmp_path, capsys):
+    """No root: the grid belongs to the installed project: its notebooks, its runs folder."""
+    from sm_utils.cli import main
+
+    study = tmp_path / "my_study"
+    study.mkdir()
+    grid = {"name": "outside", "datasets": [{"name": "phantom_cxr",
+                                            "manifest": str(study / "data/manifest.csv"),
+                                            "params": {"n_patients": 24, "image_size": 64,
+                                                       "n_folds": 2}}],
+            "confounders": ["tag"], "prevalences": [1], "folds": [0],
+            "sources": [{"name": "random", "arch": "tf_efficientnet_lite0"}],
+            "training": {"image_size": 32, "epochs": 1, "batch_size": 16, "augment": False}}
+    path = study / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    spec = load_grid(path, check_paths=False)
+    assert spec.notebooks["fine_tuning"] == CONFIGS.parent / "notebooks" / "03_fine_tuning.ipynb"
+    assert spec.runs_dir == CONFIGS.parent / "runs" / "outside"
+    path.write_text(yaml.safe_dump({**grid, "runs_dir": str(study / "runs"),
+                                    "figures_dir": str(study / "figures")}))
+    assert main(["run", str(path), "--workers", "1", "--progress", "off"]) == 0
+    assert "1 run now, 0 failed" in capsys.readouterr().out
+    assert (study / "runs" / "results.csv").exists() and (study / "figures" / "outside_auc_vs_p.png").exists()
+
+
+def test_a_missing_notebook_says_how_to_set_root(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"root": ".", "datasets": ["phantom_cxr"], "confounders": ["tag"],
+                                    "prevalences": [0], "sources": ["random"]}))
+    with pytest.raises(GridError, match=r"03_fine_tuning.ipynb does not exist; set `root:` in the grid"):
+        load_grid(path)
