@@ -21,6 +21,15 @@ from pathlib import Path
 from . import grid as grid_module
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{version('sm_utils')} (Source Matters compendium)"
+    except PackageNotFoundError:
+        return "unknown (sm_utils is not installed; pip install -e .)"
+
+
 def _load(args, check_paths: bool | None = None) -> grid_module.GridSpec:
     check_paths = not args.no_check_paths if check_paths is None else check_paths
     return grid_module.load_grid(args.config, check_names=not args.no_check_names,
@@ -152,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sm", description="Source Matters compendium: run grids of fine-tuning runs and analyse them.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="the compendium's version (as recorded in every run's config.json)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def override_argument(sub):
@@ -168,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not check names against the registries, nor resolve the cells "
                               "against the manifests and weights before the grid starts")
         override_argument(sub)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="on an error, show the full traceback instead of one line")
 
     run = commands.add_parser("run", help="run a grid (skips finished cells), then notebook 04")
     grid_arguments(run)
@@ -214,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as err:  # our errors say what was expected and how to fix it
-        if type(err).__module__.startswith("sm_utils"):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+        if args.debug or not type(err).__module__.startswith("sm_utils"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

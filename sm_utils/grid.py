@@ -163,7 +163,8 @@ def _default_root(config_path: Path) -> Path:
 
 
 ROOT_HINT = ("set `root:` in the grid file to the project folder that holds notebooks/ (paths in "
-             "the file are relative to it), or give `notebooks: {fine_tuning: <path>}`")
+             "the file are relative to it), or give the notebook's path in the grid's `notebooks:` "
+             "block (keys data, fine_tuning, analysis)")
 
 
 def _as_list(value: Any) -> list:
@@ -222,11 +223,18 @@ def _resolve(root: Path, value: Any) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> GridSpec:
-    """Turn the mapping of a grid file into a :class:`GridSpec` (structure checks only)."""
+def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
+               problems: list[str] | None = None) -> GridSpec:
+    """Turn the mapping of a grid file into a :class:`GridSpec` (structure checks only).
+
+    Raises GridError listing every structural problem; with a ``problems`` list, appends them
+    to it instead and returns the spec as far as it could be read (for a caller that checks
+    more before reporting everything at once).
+    """
+    collect = problems is not None
     if not isinstance(raw, dict):
         raise GridError(f"a grid file must be a YAML mapping; found {type(raw).__name__}")
-    problems: list[str] = []
+    problems = [] if problems is None else problems
     unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
     if unknown:
         problems.append(f"unknown top-level key(s) {unknown}; valid keys: {sorted(TOP_LEVEL_KEYS)}")
@@ -271,7 +279,12 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
         sources.append(SourceSpec(entry["name"], _resolve(root, weights) if weights else None,
                                   arch=entry.get("arch"), build=entry.get("build")))
 
-    prevalences = [float(v) for v in _as_list(raw.get("prevalences"))]
+    prevalences = []
+    for value in _as_list(raw.get("prevalences")):
+        try:
+            prevalences.append(float(value))
+        except (TypeError, ValueError):
+            problems.append(f"prevalences must be numbers in [0, 1]; found {value!r}")
     if not prevalences:
         problems.append("prevalences: at least one value in [0, 1] is required, e.g. [0, 0.5, 1]")
     bad = [v for v in prevalences if not 0.0 <= v <= 1.0]
@@ -297,7 +310,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None) -> Gri
         if unknown:
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
-    if problems:
+    if problems and not collect:
         raise GridError(_problem_text(path, problems))
     return GridSpec(
         name=name,
@@ -325,13 +338,15 @@ def _problem_text(path: Path | None, problems: list[str]) -> str:
     return f"{where} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
 
 
-def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = True) -> None:
+def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = True,
+                  problems: list[str] | None = None) -> None:
     """Check names against the registries and (optionally) that files exist; list every problem.
 
     ``check_paths=False`` skips the filesystem (weights, manifests, notebooks), e.g. to validate
-    a paper grid on a machine that has not downloaded the data and weights.
+    a paper grid on a machine that has not downloaded the data and weights. With a
+    ``problems`` list, appends to it and raises with everything found so far.
     """
-    problems: list[str] = []
+    problems = [] if problems is None else problems
     if check_names:
         for kind, names in (
             ("datasets", [d.builder_name for d in spec.datasets]),
@@ -424,8 +439,9 @@ def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bo
         if not isinstance(override, dict):
             override = _read_yaml(Path(override), "override file")
         raw = merge_grid(raw, override)
-    spec = parse_grid(raw, _default_root(path), path.resolve())
-    validate_grid(spec, check_names=check_names, check_paths=check_paths)
+    problems: list[str] = []  # every problem at once: structure, names and files
+    spec = parse_grid(raw, _default_root(path), path.resolve(), problems=problems)
+    validate_grid(spec, check_names=check_names, check_paths=check_paths, problems=problems)
     return spec
 
 
@@ -1005,10 +1021,21 @@ def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, repo
         time.sleep(1.0)
 
 
+class PreparationError(GridError):
+    """A step before the cells (building a dataset or a source) failed; ``__cause__`` holds the
+    notebook's error and ``notebook`` the executed notebook with its full traceback."""
+
+    def __init__(self, message: str, notebook: Path):
+        super().__init__(message)
+        self.notebook = notebook
+
+
 def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str,
-                  timeout_s: int, cwd: Path | None = None) -> None:
+                  timeout_s: int, cwd: Path | None = None, step: str | None = None) -> None:
     """Execute a one-off notebook (data preparation, source build, analysis) with papermill,
-    in a kernel started as the cells' are (IPC transport, dead kernels noticed)."""
+    in a kernel started as the cells' are (IPC transport, dead kernels noticed). With a
+    ``step`` name, a failure is raised as one PreparationError naming the step, the cause's
+    type and message and the executed notebook."""
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -1019,6 +1046,11 @@ def _execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kern
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
                                    km=runner.km, progress_bar=sys.stderr.isatty(),
                                    execution_timeout=timeout_s)
+    except Exception as err:
+        if step is None:
+            raise
+        raise PreparationError(f"{step} failed: {error_headline(_describe_error(err))} "
+                               f"(full traceback: {output})", output) from err
     finally:
         runner.close()
 
@@ -1050,6 +1082,7 @@ def prepare(spec: GridSpec, log=print) -> float:
             {"dataset": dataset.builder_name, "out_dir": str(dataset.manifest.parent),
              **dataset.params},
             spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+            step=f"building dataset {dataset.name!r}",
         )
         if not dataset.manifest.exists():
             raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
@@ -1071,7 +1104,8 @@ def prepare(spec: GridSpec, log=print) -> float:
         params = {k: str(source.weights) if v == "{weights}" else v
                   for k, v in dict(source.build.get("parameters") or {}).items()}
         _execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
-                      spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
+                      spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+                      step=f"building the weights of source {source.name!r}")
         if not source.weights.exists():
             raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
                             f"{source.weights}; see {prepare_dir}")

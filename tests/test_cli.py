@@ -156,3 +156,36 @@ def test_a_tiny_grid_prints_no_warning(tmp_path):
     output = result.stdout + result.stderr
     assert "8 run now, 0 failed" in output
     assert [line for line in output.splitlines() if "warning" in line.lower()] == []
+
+
+def test_a_failed_preparation_ends_in_one_line_naming_the_step_and_cause(tmp_path):
+    spec = yaml.safe_load(fake_grid(tmp_path).read_text())
+    spec["datasets"] = [{"name": "phantom_cxr", "manifest": "built/manifest.csv",
+                         "params": {"image_size": 32, "n_patients": 20}}]
+    spec["notebooks"] = {"fine_tuning": str(FAKE_NOTEBOOK),  # the real notebook 01 builds data
+                         "data": str(ROOT / "notebooks/01_data_preparation.ipynb")}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "sm_utils", "run", str(path), "--no-check-names", "--progress",
+               "off"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: building dataset 'phantom_cxr' failed: ManifestError:")
+    assert "image size must be an integer from 64 to 1024 px; got 32" in lines[0]
+    assert f"full traceback: {tmp_path / 'runs/clitest/_prepare/01_phantom_cxr.ipynb'}" in lines[0]
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_validate_reports_every_problem_of_a_grid_file_at_once(tmp_path, capsys):
+    spec = yaml.safe_load(fake_grid(tmp_path).read_text())
+    spec.update(prevalences=[0, 1.5], confounders=["tagg"], sources=["random", "imagenett"])
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "prevalences must lie in [0, 1]; found [1.5]" in err
+    assert "unknown confounders ['tagg']" in err and "unknown sources ['imagenett']" in err
