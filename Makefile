@@ -40,3 +40,21 @@ sources: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/phantom_learnability.py
+
+# make test-slurm   the SLURM tests (tests/slurm, marker slurm) on a one-node cluster that the
+#                   tests start as their own processes; installs Debian's SLURM and munge first
+#                   when they are missing (root, or sudo)
+SLURM_PROGRAMS := slurmctld slurmd munged sbatch squeue scancel sinfo srun
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: test-slurm
+test-slurm: $(STAMP)
+	@missing=; for p in $(SLURM_PROGRAMS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $(SLURM_PACKAGES) (missing:$$missing)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(SLURM_PACKAGES) >/dev/null; \
+	fi
+	$(BIN)/python -m pytest -m slurm tests

@@ -38,6 +38,7 @@ import yaml
 
 from .claims import CellClaim
 from .io import atomic_write_csv, atomic_write_json, atomic_write_text, stable_hash
+from .slurm import JobWatcher
 
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.txt"
@@ -957,11 +958,14 @@ def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, repo
     import submitit
 
     slurm = spec.slurm
-    if cluster is None and shutil.which("sbatch") is None:
-        raise GridError("the slurm executor needs SLURM's sbatch, which is not on PATH here; run on a "
-                        "cluster login node, or use --slurm-local to try the same path on this machine")
+    missing = [] if cluster else [p for p in ("sbatch", "srun", "squeue") if shutil.which(p) is None]
+    if missing:
+        raise GridError(f"the slurm executor needs SLURM's {', '.join(missing)}, not on PATH here; "
+                        "run on a cluster login node, or use --slurm-local to try the same path on "
+                        "this machine")
     folder = spec.runs_dir / "_submitit" / "%j"
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    # "slurm" named, never guessed: without srun submitit would pick its local executor
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster or "slurm")
     params: dict[str, Any] = {
         "timeout_min": int(slurm["time_min"]),
         "mem_gb": float(slurm["mem_gb"]),
@@ -987,11 +991,21 @@ def _run_slurm(cells: list[Cell], settings: RunnerSettings, spec: GridSpec, repo
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     counted: set[str] = set()
     pending_jobs = dict(zip(jobs, batches))
+    # On SLURM, job states come from squeue: submitit asks sacct, which fails without accounting
+    watcher = JobWatcher.for_submitit(jobs) if cluster is None else None
     while pending_jobs:
-        for job in [j for j in pending_jobs if j.done()]:
+        states = watcher.poll() if watcher is not None else None
+        for job in [j for j in pending_jobs
+                    if (states[j.job_id].done if states is not None else j.done())]:
             batch = pending_jobs.pop(job)
+            state = states[job.job_id] if states is not None else None
             try:
+                if state is not None and not state.has_result:
+                    raise RuntimeError(state.reason)  # nothing to read: cancelled, killed, crashed
                 results, kernel_seconds = job.result()
+                if state is not None and state.state != "COMPLETED":  # e.g. cancelled mid-cell
+                    results = [dataclasses.replace(r, error=f"job {job.job_id} {state.reason}: {r.error}")
+                               if r.error else r for r in results]
             except Exception as err:  # noqa: BLE001 (the whole task failed: time limit, node, ...)
                 message = f"job {job.job_id} failed: {str(err).strip()[-2000:]}"
                 results = [CellResult(c.run_id, c.label(), c.done, 0.0, error="" if c.done else message)
