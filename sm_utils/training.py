@@ -160,6 +160,8 @@ def _val_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
     Two classes: binary AUC of class 1. More (source pretraining): one-vs-rest macro AUC.
     """
+    if not np.isfinite(probs).all():  # non-finite outputs (a diverged model): no loss, no AUC
+        return float("nan"), float("nan")
     p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
     loss = float(-np.log(p).mean())
     if probs.shape[1] == 2:
@@ -188,6 +190,10 @@ def train_model(
 
     Early stopping: training stops after ``patience`` epochs without a lower validation
     loss (``patience <= 0`` never stops early). Epochs are numbered from 1.
+
+    A NaN validation loss (the model's outputs are not finite: it diverged) is recorded in the
+    history but never counts as the best; it is an epoch without improvement. If no epoch
+    has a finite validation loss there is no checkpoint to restore and a TrainingError says so.
     """
     if epochs < 1:
         raise TrainingError(f"epochs must be at least 1; got {epochs}.")
@@ -233,15 +239,23 @@ def train_model(
         if progress:
             tqdm.write(f"epoch {epoch}: train_loss {total / max(count, 1):.4f}  "
                        f"val_loss {val_loss:.4f}  val_auc {val_auc:.4f}")
-        if val_loss < best_loss:
+        if val_loss < best_loss:  # False for NaN: a NaN loss is never the best
             best_loss, best_epoch, stale = val_loss, epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
             stale += 1
             if 0 < patience <= stale:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if best_state is None:
+        losses = ", ".join(f"{row['train_loss']:.4g}" for row in history)
+        raise TrainingError(
+            f"the validation loss was NaN in every one of the {len(history)} epoch(s) run "
+            f"(training loss by epoch: {losses}): the model diverged, so there is no "
+            "checkpoint to restore. "
+            f"Lower the learning rate (lr={lr:g}), or check the images and labels for "
+            "non-finite values."
+        )
+    model.load_state_dict(best_state)
     return TrainResult(history=pd.DataFrame(history), best_epoch=best_epoch,
                        epochs_run=len(history), train_seconds=time.perf_counter() - started,
                        best_val_loss=best_loss)

@@ -36,19 +36,56 @@ def prep(x):
     return x.float().div(255).expand(-1, 3, -1, -1)
 
 
-def _train(seed=0, **kwargs):
+def _train(seed=0, val=None, **kwargs):
     settings = {"epochs": 6, "lr": 0.05, "patience": 0, "progress": False}
     settings.update(kwargs)
     model = _tiny_cnn(seed, batch_norm=settings.pop("batch_norm", True))
     train = make_loader(_easy_task(64, 1), batch_size=16, shuffle=True, seed=seed)
-    val = make_loader(_easy_task(32, 2), batch_size=16, shuffle=False, seed=seed)
+    val = make_loader(_easy_task(32, 2), batch_size=16, shuffle=False, seed=seed) if val is None \
+        else val(model)
     device = torch.device("cpu")
     with configure_device(device, threads=1):
         result = train_model(model, prep, train, val, device=device, **settings)
     return model, result, val
 
 
-def test_learns_and_restores_the_best_checkpoint():
+class SteeredValidation:
+    """A validation loader that sets each epoch's validation loss and records the weights.
+
+    ``plan[e - 1]`` decides epoch e: "low" labels every image as the class the model predicts
+    (loss below log 2), "high" as the other class (loss above log 2), "nan" feeds NaN images
+    (the model's outputs, and so the loss, are NaN). ``states[e - 1]`` is the model's state
+    when epoch e was scored, i.e. the checkpoint train_model would keep for that epoch.
+    """
+
+    def __init__(self, model, plan):
+        self.model, self.plan, self.states = model, plan, []
+        self.images = _easy_task(32, 2).tensors[0]
+        self.dataset = self.images  # train_model checks len(loader.dataset)
+
+    def __iter__(self):
+        kind = self.plan[len(self.states)]
+        self.states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        assert not self.model.training  # scored as predict() scores: eval mode
+        with torch.no_grad():
+            predicted = self.model(prep(self.images)).argmax(dim=1)
+        if kind == "nan":
+            yield torch.full(self.images.shape, float("nan")), predicted
+        else:
+            yield self.images, predicted if kind == "low" else 1 - predicted
+
+
+def steered(plan):
+    return lambda model: SteeredValidation(model, plan)
+
+
+def same_state(model, state):
+    current = model.state_dict()
+    assert current.keys() == state.keys()
+    return all(torch.equal(current[k], state[k]) for k in state)
+
+
+def test_learns_an_easy_task():
     model, result, val = _train()
     history = result.history
     assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "seconds"]
@@ -56,16 +93,60 @@ def test_learns_and_restores_the_best_checkpoint():
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert history["val_auc"].max() > 0.9
     assert result.best_epoch == int(history.loc[history["val_loss"].idxmin(), "epoch"])
+    assert result.best_val_loss == history["val_loss"].min()
     # The model holds the best epoch's weights: its validation loss is the best one.
     probs, labels = predict(model, prep, val, torch.device("cpu"))
     loss = -np.log(probs[np.arange(len(labels)), labels]).mean()
     assert loss == pytest.approx(history["val_loss"].min(), rel=1e-5)
 
 
+def test_restores_the_best_epoch_not_the_last():
+    model, result, val = _train(val=steered(["high", "low", "high", "high", "high"]), epochs=5)
+    losses = result.history["val_loss"].to_numpy()
+    assert losses[1] < np.log(2) < losses[[0, 2, 3, 4]].min()  # the plan was followed
+    assert result.best_epoch == 2 and result.epochs_run == 5
+    assert result.best_val_loss == losses[1]
+    # The model returned holds epoch 2's weights, not the last epoch's (they moved after 2).
+    assert same_state(model, val.states[1])
+    assert not same_state(model, val.states[4])
+
+
 def test_early_stopping_after_patience_epochs_without_improvement():
-    # lr so small that float32 weights cannot move and no batch norm: val loss is constant.
-    _, result, _ = _train(lr=1e-30, patience=2, epochs=10, batch_norm=False)
-    assert result.epochs_run == 3 and result.best_epoch == 1
+    model, result, val = _train(val=steered(["high", "low", "high", "high"] + ["low"] * 6),
+                                epochs=10, patience=2)
+    # Epochs 3 and 4 do not improve on epoch 2: training stops after epoch 4 (never scores 5).
+    assert result.epochs_run == 4 and len(val.states) == 4 and result.best_epoch == 2
+    assert list(result.history["epoch"]) == [1, 2, 3, 4]
+    assert same_state(model, val.states[1])
+    assert not same_state(model, val.states[3])
+    # An improvement restarts the count: epoch 3 improves on 1, so epochs 4 and 5 (not 2 and
+    # 4) are the two without improvement. (NaN and "high" after "low" never improve.)
+    model, result, val = _train(val=steered(["high", "nan", "low", "nan", "high", "low", "low"]),
+                                epochs=7, patience=2)
+    assert result.epochs_run == 5 and result.best_epoch == 3
+    assert same_state(model, val.states[2])
+
+
+def test_a_nan_validation_loss_is_never_the_best():
+    model, result, val = _train(val=steered(["high", "low", "nan", "nan", "nan"]), epochs=5)
+    history = result.history
+    assert history["val_loss"].iloc[:2].notna().all() and history["val_loss"].iloc[2:].isna().all()
+    assert history["val_auc"].iloc[2:].isna().all()
+    assert result.best_epoch == 2 and result.best_val_loss == history["val_loss"].iloc[1]
+    assert same_state(model, val.states[1])
+    # NaN epochs are epochs without improvement: patience stops training after two of them.
+    _, result, val = _train(val=steered(["high", "low", "nan", "nan", "low"]), epochs=5, patience=2)
+    assert result.epochs_run == 4 and result.best_epoch == 2
+
+
+def test_training_that_diverges_in_every_epoch_is_an_error():
+    # lr 1e20 sends the weights to inf in the first step: every validation loss is NaN.
+    with pytest.raises(TrainingError) as error:
+        _train(lr=1e20, epochs=3)
+    message = str(error.value)
+    assert "NaN in every one of the 3 epoch(s)" in message
+    assert "training loss by epoch: nan, nan, nan" in message
+    assert "Lower the learning rate (lr=1e+20)" in message
 
 
 def test_cpu_training_is_reproducible():
