@@ -6,9 +6,13 @@ want files. One fold of a manifest is written as::
     out_dir/images/<role>/<class>/<image_id>.png     role: train, val, test, test_ood, test_clean
     out_dir/manifest.csv (+ manifest.meta.json)      a valid sm_utils manifest with column fold_0
 
-``test`` is the i.i.d. test set (same confounding as training), ``test_ood`` the reversed one
-and ``test_clean`` the unconfounded one. The same source image can be in several test sets,
-so test rows get the image id ``<image_id>__<set>``; ``source_image_id`` keeps the original.
+The rows are exactly those a run of the same fold, confounder, p and seed uses
+(:func:`run_splits`, i.e. :func:`sm_utils.runs.split_rows`): train + val confounded as one
+pool and then split by role; ``test`` is the i.i.d. test set (same confounding as training),
+``test_ood`` the reversed one and ``test_clean`` the unconfounded one, each drawn from the
+manifest's ``test_ood`` / ``test_clean`` rows where it has them and from ``test`` otherwise.
+The same source image can be in several test sets, so test rows get the image id
+``<image_id>__<set>``; ``source_image_id`` keeps the original.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .confounders import Confounder, ConfounderError, apply_prevalence, get_confounder
+from .confounders import Confounder, ConfounderError, get_confounder
 from .io import atomic_path
 from .manifest import Manifest, load_manifest, save_manifest
 
@@ -35,6 +39,21 @@ def load_grey(path: Path, size: int | None = None) -> np.ndarray:
         return np.asarray(img).copy()
 
 
+def run_splits(manifest: Manifest, conf: Confounder, p: float, seed: int,
+               fold: int) -> dict[str, pd.DataFrame]:
+    """The rows a run with ``conf`` at prevalence ``p`` uses, by split: train, val, iid, ood, clean.
+
+    This is :func:`sm_utils.runs.split_rows` itself (imported here, with torch, on first use),
+    so that exports and counts cannot drift from training. A test set whose pool has no rows
+    in the fold is absent, as in a run.
+    """
+    from .runs import RunConfig, split_rows
+
+    config = RunConfig(manifest=str(manifest.root), confounder=conf.name, p=p, seed=seed,
+                       fold=fold)
+    return split_rows(config, manifest, conf)
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
@@ -48,29 +67,40 @@ def export_confounded(
     fold: int,
     out_dir: str | Path,
     *,
-    test_sets: tuple[str, ...] = ("iid", "ood", "clean"),
+    test_sets: tuple[str, ...] | None = None,
     image_size: int | None = None,
 ) -> Manifest:
     """Write fold ``fold`` of ``manifest`` with ``confounder`` at prevalence ``p``.
 
+    The rows are those a run uses (:func:`run_splits`); ``test_sets`` (default: every test
+    set a run of this fold has) chooses which test sets to write. A run's confounding is
+    checked for all its test sets, so a selection a run could not make is refused here too.
     Every image goes through ``confounder.inject`` exactly as the training pipeline does
     (so X-ray dose noise gives every image its baseline noise). Returns the new manifest.
     """
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     conf = get_confounder(confounder) if isinstance(confounder, str) else confounder
-    unknown = [t for t in test_sets if t not in ROLE_OF_TEST_SET]
-    if unknown:
-        raise ConfounderError(f"unknown test set(s) {unknown}; valid: {list(ROLE_OF_TEST_SET)}.")
+    if test_sets is not None:
+        unknown = [t for t in test_sets if t not in ROLE_OF_TEST_SET]
+        if unknown:
+            raise ConfounderError(f"unknown test set(s) {unknown}; valid: {list(ROLE_OF_TEST_SET)}.")
     out_dir = Path(out_dir)
 
-    parts = []
-    for role in ("train", "val"):
-        chosen = apply_prevalence(manifest.rows(fold, role), conf, p, seed, "train")
-        parts.append(chosen.assign(export_role=role, export_suffix=""))
+    splits = run_splits(manifest, conf, p, seed, fold)
+    available = [t for t in ROLE_OF_TEST_SET if t in splits]
+    if test_sets is None:
+        test_sets = tuple(available)
+    missing = [t for t in test_sets if t not in splits]
+    if missing:
+        raise ConfounderError(
+            f"fold {fold} has no rows for test set(s) {missing}, so a run has none either; "
+            f"this manifest's fold has {available}. Ask for those or add test rows."
+        )
+    parts = [splits[role].assign(export_role=role, export_suffix="") for role in ("train", "val")]
     for test_set in test_sets:
-        chosen = apply_prevalence(manifest.rows(fold, "test"), conf, p, seed, test_set)
-        parts.append(chosen.assign(export_role=ROLE_OF_TEST_SET[test_set], export_suffix=f"__{test_set}"))
+        parts.append(splits[test_set].assign(export_role=ROLE_OF_TEST_SET[test_set],
+                                             export_suffix=f"__{test_set}"))
     rows = pd.concat(parts, ignore_index=True)
 
     records = []

@@ -10,26 +10,36 @@ import pandas as pd
 
 from ..manifest import Manifest
 from .checks import check_confounder, check_sampled
-from .prevalence import apply_prevalence
 from .registry import Confounder
 
-# Test sets of the study, with the split of the manifest they are drawn from.
-SETS = (("train", "train", "train"), ("val", "val", "train"), ("test iid", "test", "iid"),
-        ("test ood", "test", "ood"), ("test clean", "test", "clean"))
+# Rows of the count table: a run's splits (sm_utils.runs.split_rows), in this order and name.
+SETS = {"train": "train", "val": "val", "iid": "test iid", "ood": "test ood",
+        "clean": "test clean"}
 
 
 def prevalence_counts(manifest: Manifest, confs: list[Confounder], p: float, seed: int,
                       fold: int) -> pd.DataFrame:
-    """Per confounder and set: rows used, and confounded positives / negatives."""
+    """Per confounder and set: rows used, and confounded positives / negatives.
+
+    The sets are exactly those a run uses (:func:`sm_utils.export.run_splits`): train and
+    val confounded as one pool and then split, each test set from its pool (``test_ood`` /
+    ``test_clean`` rows where the manifest has them, else ``test``); a test set the fold
+    has no rows for is left out. A confounder a run could not use at ``p`` gets one row
+    with its ``error``.
+    """
+    from ..export import run_splits  # imports torch (sm_utils.runs) on first use
+
     records = []
     for conf in confs:
-        for set_name, role, rule in SETS:
-            rows = manifest.rows(fold, role)
-            try:
-                chosen = apply_prevalence(rows, conf, p, seed, rule)
-            except ValueError as error:
-                records.append({"confounder": conf.name, "set": set_name, "error": str(error)})
+        try:
+            splits = run_splits(manifest, conf, p, seed, fold)
+        except ValueError as error:
+            records.append({"confounder": conf.name, "set": "all", "error": str(error)})
+            continue
+        for key, set_name in SETS.items():
+            if key not in splits:
                 continue
+            chosen = splits[key]
             positive = chosen["label"] == 1
             records.append({
                 "confounder": conf.name, "set": set_name, "rows": len(chosen),
@@ -42,8 +52,10 @@ def prevalence_counts(manifest: Manifest, confs: list[Confounder], p: float, see
 
 
 def example_row(manifest: Manifest, conf: Confounder, p: float, seed: int, fold: int) -> pd.Series:
-    """A training row the confounder is put on at ``p`` (any positive when p = 0)."""
-    rows = apply_prevalence(manifest.rows(fold, "train"), conf, max(p, 1e-9), seed, "train")
+    """A training row a run puts the confounder on at ``p`` (any training positive if none)."""
+    from ..export import run_splits
+
+    rows = run_splits(manifest, conf, p, seed, fold)["train"]
     chosen = rows[rows["confounded"] & (rows["label"] == 1)]
     return (chosen if len(chosen) else rows[rows["label"] == 1]).iloc[0]
 
