@@ -101,8 +101,21 @@ def test_ct_nodule_malignant_is_larger():
 
 
 def test_table_is_deterministic_and_labels_follow_patients():
-    a = phantom_table(PhantomConfig(n_patients=50, seed=2))
-    b = phantom_table(PhantomConfig(n_patients=50, seed=2))
+    a = phantom_table(PhantomConfig(n_patients=400, seed=2))
+    b = phantom_table(PhantomConfig(n_patients=400, seed=2))
     assert a.equals(b)
-    # Every positive image belongs to a patient with at least one positive image (diseased).
-    assert a.groupby("patient_id")["sex"].nunique().max() == 1
+    assert not a.equals(phantom_table(PhantomConfig(n_patients=400, seed=3)))
+    # Sex and age are the patient's (sample_patient), the same on every image of a patient.
+    for patient_index, images in a.groupby("patient_index"):
+        patient = sample_patient(2, patient_index)
+        assert set(images["sex"]) == {patient.sex} and set(images["age"]) == {patient.age}
+    # Labels follow the patient's disease: a patient's second image is mostly positive when
+    # the first is (85 % of a diseased patient's images are) and rarely when it is not, far
+    # from the ~34 % of images that are positive overall.
+    pairs = a[a["image_index"] < 2].pivot(index="patient_index", columns="image_index",
+                                          values="label").dropna()
+    assert len(pairs) > 200
+    after_positive = pairs.loc[pairs[0] == 1, 1].mean()
+    after_negative = pairs.loc[pairs[0] == 0, 1].mean()
+    assert after_positive > 0.7 and after_negative < 0.2
+    assert 0.25 < a["label"].mean() < 0.45

@@ -36,17 +36,39 @@ def test_splits_are_grouped_stratified_and_fixed_test():
 def test_splits_are_deterministic_and_seed_dependent():
     base = table()
     a = make_splits(base, n_folds=3, seed=7)
-    b = make_splits(base.sample(frac=1.0, random_state=0).sort_index(), n_folds=3, seed=7)
+    pd.testing.assert_frame_equal(a, make_splits(base, n_folds=3, seed=7))
+    # The same rows in another order: the output keeps that order, and every image gets the
+    # same role in every fold (splits depend on the rows, not on where they are).
+    shuffled = base.sample(frac=1.0, random_state=0)
+    b = make_splits(shuffled, n_folds=3, seed=7)
+    assert list(b["image_id"]) == list(shuffled["image_id"]) != list(a["image_id"])
+    pd.testing.assert_frame_equal(a.set_index("image_id"), b.set_index("image_id").loc[a["image_id"]])
     c = make_splits(base, n_folds=3, seed=8)
-    pd.testing.assert_frame_equal(a, b)
     assert not a["fold_0"].equals(c["fold_0"])
 
 
 def test_many_folds_draw_overlapping_validation_sets():
+    # 4 folds x 40 % cannot be disjoint: each fold draws its own grouped validation set.
     out = make_splits(table(), n_folds=4, val_fraction=0.4, seed=0)
+    folds = fold_columns(out)
+    assert len(folds) == 4
+    dev = out["fold_0"] != "test"
+    patients = {column: {role: set(out.loc[out[column] == role, "patient_id"])
+                         for role in ("train", "val", "test")} for column in folds}
+    # Across folds the validation sets share patients (some pair overlaps) but are not the same
+    # draw (a seed per fold).
+    vals = [patients[column]["val"] for column in folds]
+    shared = [len(a & b) for i, a in enumerate(vals) for b in vals[i + 1:]]
+    assert max(shared) > 0
+    assert len({frozenset(v) for v in vals}) == 4
+    for column in folds:
+        # No patient in two roles of a fold (what find_leakage checks), stated explicitly.
+        roles = patients[column]
+        assert not (roles["train"] & roles["val"] or roles["train"] & roles["test"]
+                    or roles["val"] & roles["test"])
+        # About 40 % of the development rows (1 / round(1 / 0.4) = 1/2 of the groups' split).
+        assert 0.3 < (out.loc[dev, column] == "val").mean() < 0.55
     assert find_leakage(out) == []
-    assert len(fold_columns(out)) == 4
-
 
 def test_too_few_patients_is_a_clear_error():
     with pytest.raises(ManifestError, match="3 patients are too few"):
