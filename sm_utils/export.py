@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from . import imaging
 from .confounders import Confounder, ConfounderError, get_confounder
+from .imaging import resize_grey
 from .io import atomic_path
 from .manifest import Manifest, load_manifest, save_manifest
 
@@ -32,11 +34,8 @@ ROLE_OF_TEST_SET = {"iid": "test", "ood": "test_ood", "clean": "test_clean"}
 
 def load_grey(path: Path, size: int | None = None) -> np.ndarray:
     """An 8-bit greyscale image, optionally resized to size x size (bilinear, anti-aliased)."""
-    with Image.open(path) as img:
-        img = img.convert("L")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img).copy()
+    image = imaging.load_grey(path)
+    return image if size is None else resize_grey(image, size, "bilinear")
 
 
 def run_splits(manifest: Manifest, conf: Confounder, p: float, seed: int,
@@ -69,14 +68,17 @@ def export_confounded(
     *,
     test_sets: tuple[str, ...] | None = None,
     image_size: int | None = None,
+    resize: str = "bilinear",
 ) -> Manifest:
     """Write fold ``fold`` of ``manifest`` with ``confounder`` at prevalence ``p``.
 
     The rows are those a run uses (:func:`run_splits`); ``test_sets`` (default: every test
     set a run of this fold has) chooses which test sets to write. A run's confounding is
     checked for all its test sets, so a selection a run could not make is refused here too.
-    Every image goes through ``confounder.inject`` exactly as the training pipeline does
-    (so X-ray dose noise gives every image its baseline noise). Returns the new manifest.
+    Every image goes through ``confounder.prepare`` exactly as the training pipeline does: the
+    confounder at its resolution (e.g. the tag on the stored image), then resized to
+    ``image_size`` with ``resize`` (a run's ``resize``; None keeps the stored size), and X-ray
+    dose noise gives every image its baseline noise. Returns the new manifest.
     """
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
@@ -105,9 +107,13 @@ def export_confounded(
 
     records = []
     for row in rows.itertuples(index=False):
-        image = load_grey(manifest.image_path(row.path), image_size)
+        image = imaging.load_grey(manifest.image_path(row.path))
+        size = image_size or image.shape[0]
         if conf.kind == "synthetic":
-            image = conf.inject(image, bool(row.confounded), seed, row.image_id)
+            image = conf.prepare(image, bool(row.confounded), seed, row.image_id, size=size,
+                                 resize=resize)
+        else:
+            image = resize_grey(image, size, resize)
         new_id = f"{row.image_id}{row.export_suffix}"
         relative = Path("images") / row.export_role / str(row.label) / f"{new_id}.png"
         _write_png(out_dir / relative, image)
@@ -119,7 +125,8 @@ def export_confounded(
     first = ["image_id", "path", "label", "patient_id", "fold_0", "confounded", "source_image_id"]
     table = table[first + [c for c in table.columns if c not in first]]
     meta = {"exported_from": str(manifest.root), "fold": fold, "p": p, "seed": seed,
-            "confounder": conf.spec(), "test_sets": list(test_sets), "image_size": image_size}
+            "confounder": conf.spec(), "test_sets": list(test_sets), "image_size": image_size,
+            "resize": resize}
     result = Manifest(table=table, root=out_dir, meta=meta)
     save_manifest(result, out_dir / "manifest.csv")
     return result

@@ -72,14 +72,16 @@ def test_export_writes_confounded_images_and_a_valid_manifest(tiny_manifest, tmp
     assert not table.loc[table["fold_0"] == "test_clean", "confounded"].any()
     source = load_manifest(tiny_manifest)
     tag = get_confounder("tag")
+    from sm_utils.imaging import resize_grey
+
     for row in table.itertuples():
         written = load_grey(again.image_path(row.path))
-        original = load_grey(source.image_path(f"img/{row.source_image_id[1:]}.png"), 64)
+        stored = load_grey(source.image_path(f"img/{row.source_image_id[1:]}.png"))
         assert written.shape == (64, 64)
-        if row.confounded:
-            assert np.array_equal(written, tag.apply(original, None))
+        if row.confounded:  # the tag acts on the stored image, which is then resized
+            assert np.array_equal(written, resize_grey(tag.apply(stored, None), 64, "bilinear"))
         else:
-            assert np.array_equal(written, original)
+            assert np.array_equal(written, resize_grey(stored, 64, "bilinear"))
     assert out.meta["confounder"]["name"] == "tag"
     assert out.meta["test_sets"] == ["iid", "ood", "clean"]
 
@@ -178,3 +180,22 @@ def test_export_and_counts_are_what_a_real_run_uses(phantom_cxr, tmp_path):
         assert (count["rows"], count["positives"]) == (sizes[name]["n"], sizes[name]["n_pos"])
         assert count["confounded positives"] + count["confounded negatives"] == \
             sizes[name]["n_confounded"]
+
+
+def test_exported_images_are_the_pixels_a_run_trains_on(tiny_manifest, tmp_path):
+    """The tag acts on the stored 48 px image, then the image is resized to the input: the
+    exported image is the training pipeline's, pixel for pixel."""
+    from sm_utils.data import ConfoundedImageDataset, ImageCache
+
+    out = export_confounded(tiny_manifest, "tag", 1.0, seed=5, fold=0, out_dir=tmp_path / "out",
+                            image_size=32, resize="nearest")
+    manifest = load_manifest(tiny_manifest)
+    rows = _run_rows(tiny_manifest, "tag", 1.0, 5)["train"].reset_index(drop=True)
+    cache = ImageCache.for_manifest(manifest, 32, tmp_path / "cache", resize="nearest")
+    data = ConfoundedImageDataset(rows, cache, confounder=get_confounder("tag"), seed=5,
+                                  root=manifest.root, resize="nearest")
+    exported = out.table.set_index("image_id")
+    for i, image_id in enumerate(rows["image_id"]):
+        pixels = load_grey(tmp_path / "out" / exported.loc[image_id, "path"])
+        assert np.array_equal(pixels, data.image(i)), image_id
+    assert rows["confounded"].any()
