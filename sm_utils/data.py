@@ -46,6 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
 from .manifest import Manifest
+from .progress import progress_bar
 
 CACHE_VERSION = 2
 CACHE_ENV = "SM_CACHE_DIR"
@@ -148,9 +149,13 @@ class ImageCache:
     @classmethod
     def for_manifest(
         cls, manifest: Manifest, size: int, cache_dir: str | Path | None = None,
-        *, threads: int = 4, resize: str = "bilinear",
+        *, threads: int = 4, resize: str = "bilinear", progress: bool | None = None,
     ) -> ImageCache:
-        """Open the cache of ``manifest`` at ``size``, building it first if it is absent."""
+        """Open the cache of ``manifest`` at ``size``, building it first if it is absent.
+
+        ``progress``: a bar while building (None: on a terminal only, see
+        :mod:`sm_utils.progress`); it changes nothing in the cache.
+        """
         if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
             raise DataError(f"image size must be an integer >= {MIN_IMAGE_SIZE}; got {size!r}.")
         check_resize_method(resize)
@@ -160,23 +165,26 @@ class ImageCache:
         index_path = cache_dir / f"{key}_{size}px.json"
         ids = manifest.table["image_id"].astype(str).tolist()
         if not (array_path.is_file() and index_path.is_file()):
-            cls._build(manifest, size, array_path, threads, resize)
+            cls._build(manifest, size, array_path, threads, resize, progress)
             atomic_write_json(index_path, {"image_ids": ids, "size": int(size), "resize": resize,
                                            "root": str(Path(manifest.root).resolve())})
         return cls(array_path, ids, size)
 
     @staticmethod
     def _build(manifest: Manifest, size: int, array_path: Path, threads: int,
-               resize: str = "bilinear") -> None:
+               resize: str = "bilinear", progress: bool | None = None) -> None:
         paths = [manifest.image_path(p) for p in manifest.table["path"]]
         # Written to a temporary file and renamed, so a killed build leaves no partial cache
         # (two processes building the same cache both produce the same bytes).
         with atomic_path(array_path) as tmp:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                for i, pixels in enumerate(pool.map(lambda p: _load_resized(p, size, resize),
-                                                    paths)):
-                    out[i] = pixels
+                loaded = pool.map(lambda p: _load_resized(p, size, resize), paths)
+                bar = progress_bar(loaded, f"image cache {size} px ({resize})", "image",
+                                   total=len(paths), enabled=progress)
+                with bar:
+                    for i, pixels in enumerate(bar):
+                        out[i] = pixels
             out.flush()
             del out
 

