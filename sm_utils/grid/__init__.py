@@ -1,0 +1,190 @@
+"""Grids of fine-tuning runs: YAML specification, cells, and resumable execution.
+
+A grid is datasets x confounders (x strengths) x prevalences x folds x sources x
+architectures x seeds. Each combination is a *cell*: one execution of notebook 03 with the
+parameters of ``docs/RUNS.md``, writing ``runs_dir/<run_id>/``. A cell is done when its run
+directory holds ``metrics.json`` (written last, atomically), so a grid killed at any moment and
+launched again skips finished cells and redoes only the others.
+
+Execution keeps papermill's cost small by reusing one warm Jupyter kernel for a batch of cells
+(torch and timm are imported once per kernel, not once per cell) while still keeping one
+executed notebook per cell. Executors: ``local`` (a pool of worker processes, one per GPU on a
+GPU machine) and ``slurm`` (submitit job arrays; ``cluster="local"`` runs the same path on this
+machine, which is how it is tested).
+
+Modules: :mod:`.spec` (grid files: parsing, overrides, validation, the ``root`` that relative
+paths resolve against), :mod:`.cells` (cells and their run ids), :mod:`.runner` (warm-kernel
+execution of cells), :mod:`.local` and :mod:`.executor_slurm` (the executors), :mod:`.prepare`
+(datasets and weights built before the cells), :mod:`.report` (what a launch did). This module
+runs a grid and re-exports their public names.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .cells import (
+    CELLS_FILE,
+    ERROR_FILE,
+    METRICS_FILE,
+    NOTEBOOK_FILE,
+    Cell,
+    cells_table,
+    expand_cells,
+    failed_cells,
+    run_id_for,
+    source_archs,
+    write_cells_index,
+)
+from .errors import GridError, describe_error, error_headline
+from .executor_slurm import run_slurm
+from .local import detect_gpus, run_local, worker_environments
+from .prepare import PreparationError, execute_once, prepare
+from .report import GridReport, progress_bar, write_report
+from .runner import CellResult, CellRunner, RunnerSettings, run_batch
+from .spec import (
+    DEFAULT_NOTEBOOKS,
+    ENTRY_KEYS,
+    NAMED_LISTS,
+    ROOT_HINT,
+    RUN_DEFAULTS,
+    SLURM_DEFAULTS,
+    TOP_LEVEL_KEYS,
+    TRAINING_DEFAULTS,
+    ConfounderSpec,
+    DatasetSpec,
+    GridSpec,
+    SourceSpec,
+    _registry_names,  # noqa: F401  (sm_utils.cli looks the registries up through here)
+    load_grid,
+    merge_grid,
+    parse_grid,
+    validate_grid,
+)
+
+__all__ = [
+    "CELLS_FILE", "DEFAULT_NOTEBOOKS", "ENTRY_KEYS", "ERROR_FILE", "METRICS_FILE", "NAMED_LISTS",
+    "NOTEBOOK_FILE", "ROOT_HINT", "RUN_DEFAULTS", "SLURM_DEFAULTS", "TOP_LEVEL_KEYS",
+    "TRAINING_DEFAULTS",
+    "Cell", "CellResult", "CellRunner", "ConfounderSpec", "DatasetSpec", "GridError",
+    "GridReport", "GridSpec", "PreparationError", "RunnerSettings", "SourceSpec",
+    "cells_table", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
+    "iter_run_dirs", "load_grid", "merge_grid", "parse_grid", "prepare", "refuse_unrunnable",
+    "run_batch", "run_grid", "run_id_for", "source_archs", "validate_grid",
+    "worker_environments", "write_cells_index", "write_report",
+]
+
+
+def refuse_unrunnable(spec: GridSpec, cells: Sequence[Cell], *, load_weights: bool) -> None:
+    """Raise GridError listing every cell that cannot run (see :mod:`sm_utils.preflight`)."""
+    from ..preflight import check_cells
+
+    report = check_cells(spec, cells, load_weights=load_weights)
+    if report.problems:
+        raise GridError(f"grid {spec.name!r} refused before any cell started: {report.text()}")
+
+
+def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
+    """A listing of the cells and what is already done."""
+    import pandas as pd
+
+    cells = expand_cells(spec) if cells is None else cells
+    table = cells_table(cells)
+    counts = table["status"].value_counts().to_dict()
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        text = table.to_string(index=False)
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "failed", "partial", "pending"))
+    if counts.get("waiting"):
+        summary += f", {counts['waiting']} waiting for their manifest or weights to be built"
+    failures = "".join(f"\n  FAILED {cell.label()}: {headline}\n    full traceback: "
+                       f"{cell.run_dir / NOTEBOOK_FILE}" for cell, headline in failed_cells(cells))
+    return (f"grid {spec.name!r}: {len(cells)} cells ({summary}); runs in {spec.runs_dir}\n{text}"
+            + failures)
+
+
+def run_grid(
+    spec: GridSpec,
+    executor: str = "local",
+    workers: int | str | None = None,
+    analyse: bool = True,
+    progress: bool | None = None,
+    slurm_cluster: str | None = None,
+    slurm_timeout_s: float | None = None,
+    log=print,
+    check: bool = True,
+) -> GridReport:
+    """Run every cell of ``spec`` that is not done, then the analysis notebook.
+
+    executor "local" uses ``workers`` processes ("auto": one per GPU, or a share of the CPU
+    cores); "slurm" submits job arrays with submitit (``slurm_cluster="local"`` runs them on this
+    machine, "debug" in-process; None requires SLURM). Failures are recorded in the run directories and listed in the
+    report; they do not stop the grid. With ``check`` every cell is first resolved against the
+    registries (before anything is built) and then against the manifests and weights (after
+    preparation, before any cell starts); a grid with cells that cannot run is refused with
+    every problem listed (:mod:`sm_utils.preflight`).
+    """
+    start = time.perf_counter()
+    if executor not in ("local", "slurm"):
+        raise GridError(f"unknown executor {executor!r}; valid: local, slurm")
+    if check:
+        refuse_unrunnable(spec, expand_cells(spec), load_weights=False)
+    report_prepare = prepare(spec, log=log)
+    # Named now: ids are made from the content of the manifests and weights prepare built.
+    cells = expand_cells(spec)
+    unnamed = [c for c in cells if c.run_id is None]
+    if unnamed:
+        raise GridError(f"{len(unnamed)} cell(s) have no manifest or weights file after "
+                        f"preparation, e.g. {unnamed[0].label()} (manifest "
+                        f"{unnamed[0].params['manifest']}, weights {unnamed[0].params['weights']})")
+    if check:
+        refuse_unrunnable(spec, [c for c in cells if not c.done], load_weights=True)
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    write_cells_index(spec, cells)
+    todo = [c for c in cells if not c.done]
+    report = GridReport(total=len(cells), already_done=len(cells) - len(todo), prepare_seconds=report_prepare)
+    log(f"grid {spec.name!r}: {len(cells)} cells, {report.already_done} already done, {len(todo)} to run")
+    settings = RunnerSettings(
+        notebook=spec.notebooks["fine_tuning"], kernel_name=spec.run["kernel_name"],
+        cells_per_kernel=int(spec.run["cells_per_kernel"]), cell_timeout_s=int(spec.run["cell_timeout_s"]),
+    )
+    if todo:
+        bar = progress_bar(len(todo), disable=None if progress is None else not progress)
+        try:
+            if executor == "local":
+                envs = worker_environments(workers if workers is not None else spec.run["workers"],
+                                           spec.run["threads_per_worker"])
+                log(f"local executor: {len(envs)} worker(s)")
+                run_local(todo, settings, envs, report, bar)
+            else:
+                run_slurm(todo, settings, spec, report, bar, slurm_cluster, slurm_timeout_s)
+        finally:
+            bar.close()
+    executing = spec.runs_dir / ".executing"
+    if executing.exists() and not any(executing.iterdir()):
+        executing.rmdir()
+    if analyse and spec.notebooks["analysis"].exists():
+        analysis_start = time.perf_counter()
+        output = spec.runs_dir / "04_analysis.ipynb"
+        log(f"analysis: {spec.notebooks['analysis']} -> {output}")
+        try:
+            execute_once(spec.notebooks["analysis"], output,
+                         {"grid_config": str(spec.path) if spec.path else "",
+                          "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir),
+                          "results_csv": ""},
+                         spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
+        except Exception as err:  # noqa: BLE001 (a failed analysis must not hide the grid's report)
+            report.failures.append(("analysis notebook", describe_error(err)))
+        report.analysis_seconds = time.perf_counter() - analysis_start
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+def iter_run_dirs(runs_dir: str | os.PathLike) -> Iterable[Path]:
+    """Complete run directories (those with metrics.json) under ``runs_dir``."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.exists():
+        return []
+    return sorted(p.parent for p in runs_dir.glob(f"*/{METRICS_FILE}"))

@@ -1,0 +1,132 @@
+"""The local executor: a pool of worker processes, one per GPU on a GPU machine (else a share
+of the CPU cores), each running cells in its own warm kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+from .cells import Cell
+from .report import GridReport
+from .runner import CellRunner, RunnerSettings
+
+
+def _local_worker(settings: RunnerSettings, tasks, results, parent_pid: int) -> None:
+    """Worker process: pull cells from ``tasks``, push ("start"/"done", ...) to ``results``."""
+    import queue as queue_module
+
+    runner = CellRunner(settings)
+    try:
+        while True:
+            try:
+                cell = tasks.get(timeout=2.0)
+            except queue_module.Empty:
+                if os.getppid() != parent_pid:  # the grid process is gone: stop
+                    return
+                continue
+            if cell is None or os.getppid() != parent_pid:  # done, or the grid process is gone
+                return
+            results.put(("start", os.getpid(), cell.run_id))
+            results.put(("done", os.getpid(), runner.run(cell)))
+    finally:
+        runner.close()
+        results.put(("kernel", os.getpid(), runner.kernel_start_seconds))
+
+
+def detect_gpus() -> int:
+    """Number of visible NVIDIA GPUs (0 without a GPU or nvidia-smi)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([v for v in visible.split(",") if v.strip() not in ("", "-1")])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def worker_environments(workers: int | str, threads_per_worker: int | None = None) -> list[dict[str, str]]:
+    """Environment per local worker: a GPU each on a GPU machine, else a share of the cores."""
+    gpus = detect_gpus()
+    if workers == "auto":
+        workers = gpus if gpus else max(1, (os.cpu_count() or 1) // max(1, threads_per_worker or 1))
+        if not gpus and threads_per_worker is None:
+            workers = 1 if (os.cpu_count() or 1) < 2 else min(workers, 4)
+    workers = int(workers)
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    envs = []
+    for index in range(workers):
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "SM_WORKER_INDEX": str(index)}
+        if gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)].strip()
+        envs.append(env)
+    return envs
+
+def run_local(cells: list[Cell], settings: RunnerSettings, envs: list[dict[str, str]],
+              report: GridReport, progress) -> None:
+    import multiprocessing as mp
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for cell in cells:
+        tasks.put(cell)
+    label_of = {c.run_id: c.label() for c in cells}
+
+    def start_worker(env: dict[str, str]):
+        worker_settings = dataclasses.replace(settings, env={**settings.env, **env})
+        proc = ctx.Process(target=_local_worker, args=(worker_settings, tasks, results, os.getpid()),
+                           daemon=False)
+        proc.start()
+        return proc
+
+    workers = {}
+    for env in envs[: max(1, len(cells))]:
+        proc = start_worker(env)
+        workers[proc.pid] = (proc, env)
+    for _ in workers:
+        tasks.put(None)
+    in_flight: dict[int, str] = {}
+    finished = 0
+    closed: set[int] = set()
+    while finished < len(cells) or len(closed) < len(workers):
+        try:
+            kind, pid, payload = results.get(timeout=1.0)
+        except queue_module.Empty:
+            for pid, (proc, env) in list(workers.items()):
+                if pid in closed or proc.is_alive():
+                    continue
+                closed.add(pid)  # died without saying goodbye (killed, out of memory)
+                run_id = in_flight.pop(pid, None)
+                if run_id is not None:
+                    message = f"worker process {pid} died (exit code {proc.exitcode}) during this cell"
+                    report.failures.append((label_of[run_id], message))
+                    finished += 1
+                    progress.update(1)
+                if finished < len(cells):  # replace it so the remaining cells still run
+                    new = start_worker(env)
+                    workers[new.pid] = (new, env)
+                    tasks.put(None)
+            continue
+        if kind == "start":
+            in_flight[pid] = payload
+        elif kind == "done":
+            in_flight.pop(pid, None)
+            report.add(payload)
+            finished += 1
+            progress.update(1)
+            progress.set_postfix(ok=report.succeeded, failed=len(report.failures))
+        elif kind == "kernel":
+            report.kernel_start_seconds += payload
+            closed.add(pid)
+    for proc, _ in workers.values():
+        proc.join(timeout=30)

@@ -1,0 +1,107 @@
+"""Preparation before the cells: notebook 01 builds each missing dataset, a source's build
+notebook its missing weights; a file an earlier grid built with other parameters is refused."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_json
+from .errors import GridError, describe_error, error_headline
+from .runner import CellRunner, RunnerSettings
+from .spec import GridSpec, resolve_path
+
+
+class PreparationError(GridError):
+    """A step before the cells (building a dataset or a source) failed; ``__cause__`` holds the
+    notebook's error and ``notebook`` the executed notebook with its full traceback."""
+
+    def __init__(self, message: str, notebook: Path):
+        super().__init__(message)
+        self.notebook = notebook
+
+
+def execute_once(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str,
+                 timeout_s: int, cwd: Path | None = None, step: str | None = None) -> None:
+    """Execute a one-off notebook (data preparation, source build, analysis) with papermill,
+    in a kernel started as the cells' are (IPC transport, dead kernels noticed). With a
+    ``step`` name, a failure is raised as one PreparationError naming the step, the cause's
+    type and message and the executed notebook."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runner = CellRunner(RunnerSettings(notebook=notebook, kernel_name=kernel_name,
+                                       kernel_cwd=cwd or notebook.parent))
+    runner.ensure_kernel()
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+                                   km=runner.km, progress_bar=sys.stderr.isatty(),
+                                   execution_timeout=timeout_s)
+    except Exception as err:
+        if step is None:
+            raise
+        raise PreparationError(f"{step} failed: {error_headline(describe_error(err))} "
+                               f"(full traceback: {output})", output) from err
+    finally:
+        runner.close()
+
+
+def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: str) -> None:
+    """Refuse a file an earlier grid built with other parameters (it would silently be reused)."""
+    if not recorded.exists():
+        return
+    built_with = json.loads(recorded.read_text())
+    if built_with != params:
+        raise GridError(f"{built} was built with {built_with}, but the grid asks for {params}; {fix}")
+
+
+def prepare(spec: GridSpec, log=print) -> float:
+    """Notebook 01 once per dataset whose manifest is missing; source builds whose weights are."""
+    start = time.perf_counter()
+    prepare_dir = spec.runs_dir / "_prepare"
+    for dataset in spec.datasets:
+        recorded = dataset.manifest.parent / "grid_dataset_params.json"
+        if dataset.manifest.exists():
+            _check_built_with(recorded, dataset.params, dataset.manifest,
+                              f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
+                              "another manifest path")
+            continue
+        log(f"building dataset {dataset.name!r} ({dataset.builder_name}) with "
+            f"{spec.notebooks['data']} -> {dataset.manifest}")
+        execute_once(
+            spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
+            {"dataset": dataset.builder_name, "out_dir": str(dataset.manifest.parent),
+             **dataset.params},
+            spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+            step=f"building dataset {dataset.name!r}",
+        )
+        if not dataset.manifest.exists():
+            raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
+                            f"at {dataset.manifest}; see {prepare_dir}")
+        atomic_write_json(recorded, dataset.params)
+    for source in spec.sources:
+        if source.weights is None or not source.build:
+            continue
+        build = dict(source.build)
+        recorded = source.weights.with_name(source.weights.name + ".grid_build.json")
+        if source.weights.exists():
+            _check_built_with(recorded, build, source.weights,
+                              f"delete {source.weights} to rebuild it, or give this source "
+                              "another weights path")
+            continue
+        notebook = resolve_path(spec.root, source.build["notebook"])
+        log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
+        # "{weights}" in a parameter stands for the absolute weights path (one truth, no cwd doubt)
+        params = {k: str(source.weights) if v == "{weights}" else v
+                  for k, v in dict(source.build.get("parameters") or {}).items()}
+        execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
+                     spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+                     step=f"building the weights of source {source.name!r}")
+        if not source.weights.exists():
+            raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
+                            f"{source.weights}; see {prepare_dir}")
+        atomic_write_json(recorded, build)
+    return time.perf_counter() - start
