@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from .io import sha256_file
-from .weights import SourceError, WeightsError, read_state_dict, save_state_dict
+from .weights import (
+    SourceError,
+    WeightsError,
+    mismatch_lines,
+    read_state_dict,
+    save_state_dict,
+)
 
 BN_EPS = 1.001e-5
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
@@ -367,25 +373,13 @@ def convert_keras_arrays(
         if k in state and state[k].shape != v.shape
     ]
     if unused or missing or mismatched:
-        details = []
-        if missing:
-            keras_layers = list(
-                dict.fromkeys(module_key_to_keras(k).split("/")[0] for k in missing)
-            )
-            details.append(
-                f"Keras layers missing or incomplete ({len(keras_layers)}): "
-                f"{', '.join(keras_layers[:12])}"
-                + (f", ... and {len(keras_layers) - 12} more" if len(keras_layers) > 12 else "")
-            )
-            details.append(
-                f"missing ({len(missing)}): "
-                + ", ".join(f"{k} [{module_key_to_keras(k)}]" for k in missing[:12])
-                + (f", ... and {len(missing) - 12} more" if len(missing) > 12 else "")
-            )
-        if unused:
-            details.append(f"not used ({len(unused)}): {', '.join(unused[:12])}")
-        if mismatched:
-            details.append(f"shape mismatches ({len(mismatched)}): {', '.join(mismatched[:6])}")
+        keras_layers = list(dict.fromkeys(module_key_to_keras(k).split("/")[0] for k in missing))
+        details = mismatch_lines([
+            ("Keras layers missing or incomplete", keras_layers, 12),
+            ("missing", [f"{k} [{module_key_to_keras(k)}]" for k in missing], 12),
+            ("not used", unused, 12),
+            ("shape mismatches", mismatched, 6),
+        ])
         raise WeightsError(
             f"{origin} does not match the Keras ResNet50 layout. "
             + "; ".join(details)

@@ -14,7 +14,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from .io import atomic_write_bytes
 
 # How many names each list in an error message shows before "... and N more".
 _MAX_LISTED = 12
+_MAX_SHAPES = 6  # shape mismatches: longer lines
 
 
 class SourceError(ValueError):
@@ -39,6 +40,14 @@ def _listing(names: Iterable[str], limit: int = _MAX_LISTED) -> str:
     shown = ", ".join(names[:limit])
     more = len(names) - limit
     return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def mismatch_lines(groups: Iterable[tuple[str, Sequence[str], int]]) -> list[str]:
+    """``"<what> (<count>): a, b, ... and N more"`` for each non-empty group ``(what, names,
+    how many to show)``: the missing, unused and mismatched tensors of weights that do not fit
+    (:func:`load_checked`, :func:`sm_utils.keras_resnet.convert_keras_arrays`)."""
+    return [f"{what} ({len(names)}): {_listing(names, limit)}" for what, names, limit in groups
+            if names]
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -245,13 +254,14 @@ def load_checked(
     ]
     if missing or unexpected or mismatched:
         arch = type(model).__name__
-        parts = [f"The {what} do not fit the model ({arch}): is the file for this architecture?"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched, 6)}")
+        parts = [
+            f"The {what} do not fit the model ({arch}): is the file for this architecture?",
+            *mismatch_lines([
+                ("missing keys", missing, _MAX_LISTED),
+                ("unexpected keys", unexpected, _MAX_LISTED),
+                ("shape mismatches", mismatched, _MAX_SHAPES),
+            ]),
+        ]
         parts.append(
             "Choose the architecture the weights were trained with (arch=...), or a weights "
             "file made for this architecture."
