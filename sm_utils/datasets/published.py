@@ -15,6 +15,7 @@ overlapping patient's rows outside its highest-priority group (test > val > trai
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -340,22 +341,27 @@ def _check_consistent(listed: pd.DataFrame) -> pd.DataFrame:
     return listed
 
 
+def _builder_of(importer):
+    """Give the decorated builder the signature ``(out_dir, <importer's parameters>)``.
+
+    build_dataset checks the parameters it is given against the builder's signature (and
+    build_from_notebook reads which are paths from its annotations), so a builder that forwards
+    ``**params`` to an importer states the importer's parameters without repeating them.
+    """
+    def decorate(builder):
+        signature = inspect.signature(importer)
+        out_dir = inspect.Parameter("out_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation="str | Path")
+        builder.__signature__ = signature.replace(
+            parameters=[out_dir, *signature.parameters.values()], return_annotation="Manifest")
+        return builder
+    return decorate
+
+
 @register_dataset("published_splits")
-def build_published_splits(
-    out_dir: str | Path,
-    root: str | Path,
-    test_file: str | Path | None = None,
-    train_files: Sequence[str | Path] | None = None,
-    val_files: Sequence[str | Path] | None = None,
-    split_dir: str | Path | None = None,
-    class_map: Mapping[str, int] | None = None,
-    test_role: str = "test",
-    on_overlap: str = "report",
-    missing_images: str = "error",
-) -> Manifest:
-    """Registered builder; the overlap report is in ``manifest.meta['overlap']``."""
-    manifest, _ = import_published_splits(
-        root, test_file=test_file, train_files=train_files, val_files=val_files,
-        split_dir=split_dir, class_map=class_map, test_role=test_role, on_overlap=on_overlap,
-        missing_images=missing_images)
+@_builder_of(import_published_splits)
+def build_published_splits(out_dir: str | Path, *args, **params) -> Manifest:
+    """Registered builder: :func:`import_published_splits`'s parameters; the overlap report is
+    in ``manifest.meta['overlap']``."""
+    manifest, _ = import_published_splits(*args, **params)
     return manifest
