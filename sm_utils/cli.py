@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None,
                      help="parallel cells on this machine (default: the grid's run.workers; auto = one per GPU)")
     run.add_argument("--no-analysis", action="store_true", help="skip notebook 04 at the end")
-    run.add_argument("--progress", choices=["auto", "on", "off"], default="on",
-                     help="progress bar (auto: only on a terminal)")
+    run.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                     help="the grid's progress bar (auto: only on a terminal, so logs stay clean)")
     run.add_argument("--slurm-local", action="store_true",
                      help="run the SLURM path with submitit's local executor (testing without a cluster)")
     run.add_argument("--slurm-timeout", type=float, default=None,
