@@ -317,3 +317,45 @@ def make_loader(
         worker_init_fn=seed_worker if num_workers else None,
         persistent_workers=False, prefetch_factor=4 if num_workers else None,
     )
+
+
+class ResidentLoader:
+    """Batches of a dataset whose images all stay on the training device (e.g. the GPU).
+
+    The model-input images of every row (confounded or not: ``dataset.image``) are copied to
+    ``device`` once, as uint8, when the loader is made; an epoch then copies nothing: batches are
+    indexed on the device and augmented there (torchvision's affine on device tensors, with
+    each image's parameters drawn exactly as :class:`ConfoundedImageDataset` draws them). The
+    order of the rows is the DataLoader's (the same seeded sampler), so on the CPU this loader
+    gives the batches :func:`make_loader` gives, bit for bit.
+    """
+
+    def __init__(self, dataset: ConfoundedImageDataset, *, batch_size: int, shuffle: bool,
+                 seed: int, device: torch.device | str, drop_last: bool = False):
+        self.dataset = dataset
+        self.device = torch.device(device)
+        images = np.stack([dataset.image(i) for i in range(len(dataset))]) if len(dataset) else \
+            np.zeros((0, dataset.cache.size, dataset.cache.size), np.uint8)
+        self.images = torch.from_numpy(images).unsqueeze(1).to(self.device)
+        self.labels = torch.from_numpy(dataset.labels.astype(np.int64)).to(self.device)
+        # The rows' order: a DataLoader over the row indices, seeded as make_loader seeds its own
+        generator = torch.Generator()
+        generator.manual_seed(int(seed))
+        self.batches = torch.utils.data.DataLoader(range(len(dataset)), batch_size=batch_size,
+                                                   shuffle=shuffle, generator=generator,
+                                                   drop_last=drop_last)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        augmentation = self.dataset.augmentation
+        for batch in self.batches:
+            index = batch.to(self.device)
+            images = self.images[index]
+            if augmentation is not None:
+                images = torch.stack([
+                    augmentation(image, np.random.default_rng(np.random.SeedSequence(
+                        [self.dataset.seed, self.dataset.epoch, int(i), 7])))
+                    for i, image in zip(batch.tolist(), images)])
+            yield images, self.labels[index]

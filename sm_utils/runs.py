@@ -29,7 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import PAPER_AUGMENTATION, ConfoundedImageDataset, ImageCache, make_loader
+from .data import (
+    PAPER_AUGMENTATION,
+    ConfoundedImageDataset,
+    ImageCache,
+    ResidentLoader,
+    make_loader,
+)
 from .evaluation import json_safe, summarise_test_set
 from .identity import run_identity
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
@@ -234,8 +240,13 @@ def _describe_source(config: RunConfig) -> dict[str, Any]:
 
 
 def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
-                n_boot: int = 1000) -> Path:
-    """Do the whole run and return its directory (``runs_dir/<run_id>``)."""
+                n_boot: int = 1000, resident: bool | None = None) -> Path:
+    """Do the whole run and return its directory (``runs_dir/<run_id>``).
+
+    ``resident``: keep the run's images on the training device and augment them there
+    (:class:`sm_utils.data.ResidentLoader`: nothing is copied per epoch); None does so on a
+    GPU. On the CPU both ways give the same batches, hence the same metrics.
+    """
     from .sources import create_model
 
     started = time.perf_counter()
@@ -260,12 +271,20 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
                                       augmentation=PAPER_AUGMENTATION if augment else None,
                                       root=manifest.root, resize=config.resize, progress=progress)
 
-    loader_args = {"batch_size": config.batch_size, "seed": config.seed,
-                   "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
+    if resident is None:
+        resident = device.type == "cuda"
+
+    def loader(data: ConfoundedImageDataset, shuffle: bool, drop_last: bool = False):
+        if resident:
+            return ResidentLoader(data, batch_size=config.batch_size, shuffle=shuffle,
+                                  seed=config.seed, device=device, drop_last=drop_last)
+        return make_loader(data, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed,
+                           num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                           drop_last=drop_last)
+
     train_set = dataset("train", config.augment)
-    train_loader = make_loader(train_set, shuffle=True,
-                               drop_last=len(train_set) % config.batch_size == 1, **loader_args)
-    val_loader = make_loader(dataset("val", False), shuffle=False, **loader_args)
+    train_loader = loader(train_set, True, drop_last=len(train_set) % config.batch_size == 1)
+    val_loader = loader(dataset("val", False), False)
 
     with configure_device(device) as device_settings:
         torch.manual_seed(config.seed)  # head initialisation, dropout
@@ -283,8 +302,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         eval_started = time.perf_counter()
         frames = []
         for name in [t for t in TEST_SETS if t in splits]:
-            probs, labels = predict(model, prep, make_loader(dataset(name, False), shuffle=False,
-                                                              **loader_args), device)
+            probs, labels = predict(model, prep, loader(dataset(name, False), False), device)
             rows = splits[name].reset_index(drop=True)
             frame = pd.DataFrame({"test_set": name, "image_id": rows["image_id"].astype(str),
                                   "label": labels, "score": probs[:, 1], "prob_0": probs[:, 0],
@@ -312,7 +330,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "split_sizes": {name: {"n": len(rows), "n_pos": int(rows["label"].sum()),
                                "n_confounded": int(rows["confounded"].sum())}
                         for name, rows in splits.items()},
-        "device": device_settings,
+        "device": {**device_settings, "resident_data": bool(resident)},
         "versions": package_versions(),
         "git": git_commit(),
         "platform": platform.platform(),

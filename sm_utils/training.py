@@ -152,7 +152,7 @@ def predict(
             logits = model(_to_input(images, prep, device))
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
-    return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).numpy()
+    return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).cpu().numpy()
 
 
 def _val_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

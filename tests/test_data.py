@@ -168,3 +168,31 @@ def test_rows_missing_from_the_cache_are_refused(phantom):
     rows = pd.DataFrame({"image_id": ["nope"], "label": [1]})
     with pytest.raises(DataError, match="not in the image cache"):
         ConfoundedImageDataset(rows, cache)
+
+
+def test_resident_loader_gives_the_dataloaders_batches(phantom):
+    """On the CPU the device-resident loader (the GPU path) is the DataLoader, batch for batch:
+    the same seeded order and the same per-image augmentation."""
+    from sm_utils.data import ResidentLoader
+
+    manifest, cache = phantom
+    rows = manifest.rows(0, "train").assign(confounded=False)
+    data = ConfoundedImageDataset(rows, cache, seed=3, augmentation=PAPER_AUGMENTATION)
+    reference = make_loader(data, batch_size=8, shuffle=True, seed=9, drop_last=True)
+    resident = ResidentLoader(data, batch_size=8, shuffle=True, seed=9, device="cpu",
+                              drop_last=True)
+    assert len(resident) == len(reference) == len(data) // 8
+    for epoch in (1, 2):
+        data.set_epoch(epoch)
+        pairs = list(zip(reference, resident, strict=True))
+        for (x_ref, y_ref), (x, y) in pairs:
+            assert torch.equal(x_ref, x) and torch.equal(y_ref, y)
+    first_batch_epochs = []
+    for epoch in (1, 2):  # a new order and a new augmentation draw each epoch
+        data.set_epoch(epoch)
+        first_batch_epochs.append(next(iter(resident))[0])
+    assert not torch.equal(*first_batch_epochs)
+    plain = ResidentLoader(data, batch_size=5, shuffle=False, seed=0, device="cpu")
+    data.augmentation = None
+    assert torch.equal(next(iter(plain))[0][:, 0], torch.from_numpy(np.stack(
+        [data.image(i) for i in range(5)])))

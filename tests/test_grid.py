@@ -506,3 +506,56 @@ def test_a_missing_notebook_says_how_to_set_root(tmp_path):
                                     "prevalences": [0], "sources": ["random"]}))
     with pytest.raises(GridError, match=r"03_fine_tuning.ipynb does not exist; set `root:` in the grid"):
         load_grid(path)
+
+
+def test_runs_per_gpu_shares_each_gpu_and_refuses_what_does_not_fit(monkeypatch):
+    from sm_utils.grid import check_runs_fit, worker_environments
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    envs = worker_environments("auto", runs_per_gpu=3)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3", "5", "3", "5", "3", "5"]
+    gib = 1024 ** 3
+    check_runs_fit(4, 3 * gib, {"3": 40 * gib, "5": 40 * gib}, "model")  # 4 x 3.45 GiB fit
+    with pytest.raises(GridError) as info:
+        check_runs_fit(8, 3 * gib, {"3": 40 * gib, "5": 20 * gib}, "keras_resnet50 at 224 px")
+    message = str(info.value)
+    assert "one run needs 3.45 GiB (measured: keras_resnet50 at 224 px, peak 3.00 GiB" in message
+    assert "GPU 5 has 20.0 GiB free. Set runs_per_gpu to 5 or less." in message
+
+
+def test_runs_per_gpu_is_ignored_without_a_gpu_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"], folds=[0],
+                                run={"runs_per_gpu": 4, "cells_per_kernel": 100}),
+                     check_names=False)
+    lines = []
+    report = run_grid(spec, workers=1, analyse=False, progress=False, check=False,
+                      log=lines.append)
+    assert report.succeeded == 4
+    assert [line for line in lines if "runs_per_gpu" in line] == [
+        "run.runs_per_gpu=4 ignored: no GPU here (CPU cells run one per worker; set run.workers)"]
+
+
+def test_one_or_two_concurrent_runs_on_cpu_give_identical_results(tmp_path):
+    """Real fine-tuning cells, run one at a time and two at a time (one thread each)."""
+    from sm_utils.datasets import build_dataset
+
+    build_dataset("phantom_cxr", tmp_path / "data", n_patients=24, image_size=64, n_folds=2,
+                  seed=1)
+    tables = []
+    for workers in (1, 2):
+        grid = {"name": f"w{workers}", "runs_dir": str(tmp_path / f"runs/w{workers}"),
+                "datasets": [{"name": "phantom_cxr",
+                              "manifest": str(tmp_path / "data/manifest.csv")}],
+                "confounders": ["tag"], "prevalences": [0, 1], "folds": [0],
+                "sources": ["imagenet_lite0", {"name": "random", "arch": "tf_efficientnet_lite0"}],
+                "training": {"image_size": 32, "epochs": 1, "batch_size": 16},
+                "run": {"threads_per_worker": 1}}
+        path = tmp_path / f"w{workers}.yaml"
+        path.write_text(yaml.safe_dump(grid))
+        spec = load_grid(path)
+        report = run_grid(spec, workers=workers, analyse=False, progress=False)
+        assert report.succeeded == 4, report.summary()
+        tables.append(collect_results(spec.runs_dir).drop(columns=["train_seconds",
+                                                                   "eval_seconds"]))
+    pd.testing.assert_frame_equal(tables[0], tables[1])

@@ -200,3 +200,17 @@ def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_
     assert metrics["config"]["confounder"] == "lowpass" and metrics["config"]["fold"] == 1
     assert metrics["config"]["optimizer"] == "adamw" and metrics["epochs_run"] == 1
     assert metrics["test_sets"]["iid"]["n_confounded"] == metrics["test_sets"]["iid"]["n_pos"]
+
+
+def test_device_resident_data_gives_the_same_run_on_cpu(phantom_cxr, tmp_path, cache_dir):
+    """The GPU's data path (images kept on the device, augmented there) checked on the CPU,
+    where it must reproduce the DataLoader path exactly."""
+    config = _config(phantom_cxr, tmp_path / "a", epochs=2, augment=True, p=0.5)
+    loaded = execute_run(config, progress=False, cache_dir=cache_dir, n_boot=20)
+    resident = execute_run(_config(phantom_cxr, tmp_path / "b", epochs=2, augment=True, p=0.5),
+                           progress=False, cache_dir=cache_dir, n_boot=20, resident=True)
+    first, second = (json.loads((d / "metrics.json").read_text()) for d in (loaded, resident))
+    assert first["test_sets"] == second["test_sets"]
+    assert pd.read_csv(loaded / "history.csv").drop(columns="seconds").equals(
+        pd.read_csv(resident / "history.csv").drop(columns="seconds"))
+    assert json.loads((resident / "config.json").read_text())["device"]["resident_data"] is True

@@ -41,7 +41,13 @@ from .cells import (
 )
 from .errors import GridError, describe_error, error_headline
 from .executor_slurm import run_slurm
-from .local import detect_gpus, run_local, worker_environments
+from .local import (
+    check_runs_fit,
+    detect_gpus,
+    measure_run_memory,
+    run_local,
+    worker_environments,
+)
 from .prepare import PreparationError, execute_once, prepare
 from .report import GridReport, progress_bar, write_report
 from .runner import CellResult, CellRunner, RunnerSettings, run_batch
@@ -105,6 +111,29 @@ def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
             + failures)
 
 
+def _runs_per_gpu(spec: GridSpec, todo: Sequence[Cell], log) -> int:
+    """The grid's run.runs_per_gpu, checked against the GPUs' free memory before anything
+    starts (the need measured on the grid's own model); 1 on a machine without a GPU."""
+    runs_per_gpu = int(spec.run["runs_per_gpu"])
+    if runs_per_gpu < 1:
+        raise GridError(f"run.runs_per_gpu must be a positive integer; found {runs_per_gpu}")
+    if runs_per_gpu == 1:
+        return 1
+    if not detect_gpus():
+        log(f"run.runs_per_gpu={runs_per_gpu} ignored: no GPU here (CPU cells run one per "
+            "worker; set run.workers)")
+        return 1
+    import pandas as pd
+
+    cell = max(todo, key=lambda c: (c.params["image_size"], c.params["batch_size"]))
+    p = cell.params
+    n_images = len(pd.read_csv(p["manifest"], usecols=["image_id"]))
+    need, free, what = measure_run_memory(p["source"], p["arch"], p["weights"],
+                                          int(p["image_size"]), int(p["batch_size"]), n_images)
+    check_runs_fit(runs_per_gpu, need, free, what)
+    return runs_per_gpu
+
+
 def run_grid(
     spec: GridSpec,
     executor: str = "local",
@@ -154,9 +183,11 @@ def run_grid(
         bar = progress_bar(len(todo), disable=None if progress is None else not progress)
         try:
             if executor == "local":
+                runs_per_gpu = _runs_per_gpu(spec, todo, log)
                 envs = worker_environments(workers if workers is not None else spec.run["workers"],
-                                           spec.run["threads_per_worker"])
-                log(f"local executor: {len(envs)} worker(s)")
+                                           spec.run["threads_per_worker"], runs_per_gpu)
+                log(f"local executor: {len(envs)} worker(s)"
+                    + (f", {runs_per_gpu} per GPU" if runs_per_gpu > 1 else ""))
                 run_local(todo, settings, envs, report, bar)
             else:
                 run_slurm(todo, settings, spec, report, bar, slurm_cluster, slurm_timeout_s)

@@ -8,6 +8,7 @@ import os
 import shutil
 
 from .cells import Cell
+from .errors import GridError
 from .report import GridReport
 from .runner import CellRunner, RunnerSettings
 
@@ -51,11 +52,14 @@ def detect_gpus() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def worker_environments(workers: int | str, threads_per_worker: int | None = None) -> list[dict[str, str]]:
-    """Environment per local worker: a GPU each on a GPU machine, else a share of the cores."""
+def worker_environments(workers: int | str, threads_per_worker: int | None = None,
+                        runs_per_gpu: int = 1) -> list[dict[str, str]]:
+    """Environment per local worker: on a GPU machine ``runs_per_gpu`` workers share each GPU
+    (``workers="auto"``: GPUs x runs_per_gpu), else a share of the CPU cores each."""
     gpus = detect_gpus()
     if workers == "auto":
-        workers = gpus if gpus else max(1, (os.cpu_count() or 1) // max(1, threads_per_worker or 1))
+        workers = (gpus * max(1, int(runs_per_gpu)) if gpus
+                   else max(1, (os.cpu_count() or 1) // max(1, threads_per_worker or 1)))
         if not gpus and threads_per_worker is None:
             workers = 1 if (os.cpu_count() or 1) < 2 else min(workers, 4)
     workers = int(workers)
@@ -70,6 +74,56 @@ def worker_environments(workers: int | str, threads_per_worker: int | None = Non
             env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)].strip()
         envs.append(env)
     return envs
+
+
+GIB = 1024 ** 3
+MEMORY_MARGIN = 1.15  # allocator fragmentation and the workers' own CUDA contexts
+
+
+def check_runs_fit(runs_per_gpu: int, need_bytes: float, free_bytes: dict[str, float],
+                   what: str) -> None:
+    """Raise GridError unless ``runs_per_gpu`` runs of ``need_bytes`` fit in every GPU's free
+    memory (``free_bytes``: GPU id -> bytes), saying the measured need and how many would fit."""
+    need = need_bytes * MEMORY_MARGIN
+    short = {gpu: free for gpu, free in free_bytes.items() if runs_per_gpu * need > free}
+    if short:
+        gpu, free = min(short.items(), key=lambda item: item[1])
+        fit = int(free // need)
+        raise GridError(
+            f"run.runs_per_gpu={runs_per_gpu} does not fit: one run needs {need / GIB:.2f} GiB "
+            f"(measured: {what}, peak {need_bytes / GIB:.2f} GiB, plus {MEMORY_MARGIN - 1:.0%}), "
+            f"so {runs_per_gpu} need {runs_per_gpu * need / GIB:.1f} GiB, but GPU {gpu} has "
+            f"{free / GIB:.1f} GiB free. Set runs_per_gpu to {max(fit, 1)} or less"
+            + (" (not even one fits: free the GPU or lower the batch size)" if fit < 1 else "")
+            + ".")
+
+
+def measure_run_memory(source: str, arch: str | None, weights: str | None, image_size: int,
+                       batch_size: int, n_images: int) -> tuple[float, dict[str, float], str]:
+    """Peak GPU memory of one training step of the grid's model (bf16, channels_last, as a run)
+    plus its images kept on the GPU, and every visible GPU's free memory."""
+    import torch
+
+    from ..sources import create_model
+
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    model, prep = create_model(source, arch=arch, weights=weights, num_classes=2)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters())
+    images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8,
+                           device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(prep(images).contiguous(memory_format=torch.channels_last)).float().mean()
+    loss.backward()
+    optimizer.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_reserved(device) + n_images * image_size * image_size
+    del model, optimizer, images, loss
+    torch.cuda.empty_cache()
+    free = {str(i): float(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
+    what = f"{arch or source} at {image_size} px, batch {batch_size}, {n_images} images resident"
+    return float(peak), free, what
 
 def run_local(cells: list[Cell], settings: RunnerSettings, envs: list[dict[str, str]],
               report: GridReport, progress) -> None:

@@ -49,6 +49,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "cell_timeout_s": 3600,    # per notebook cell (papermill execution_timeout)
     "kernel_name": "python3",
     "threads_per_worker": None,  # CPU threads per worker; None = cores / workers
+    "runs_per_gpu": 1,         # concurrent cells per GPU (workers = GPUs x this); no effect on CPU
 }
 SLURM_DEFAULTS: dict[str, Any] = {
     "partition": None,
