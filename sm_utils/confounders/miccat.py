@@ -17,18 +17,9 @@ from .registry import register_confounder
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 
-@register_confounder(
-    "marker", category="environment/marker",
-    description=("Radiographers place lead laterality markers by hand, so their position "
-                 "varies from image to image while their style (letter, box, size) is "
-                 "typical of a site; a model can learn the site instead of the disease."),
-    defaults={"text": "L", "font_size": 56.0, "colour": 255, "margin": 0.05, "jitter": 0.06,
-              "corners": CORNERS, "boxed": True, "reference_size": 1024,
-              "font": "DejaVuSans-Bold.ttf"},
-)
-def marker(image, rng, *, strength, text, font_size, colour, margin, jitter, corners, boxed,
-           reference_size, font):
-    """A bold letter in a square frame near a corner drawn per image (plus a random shift)."""
+def marker_coverage(image, rng, *, strength, text, font_size, colour, margin, jitter, corners,
+                    boxed, reference_size, font):
+    """The marker's coverage (0..1): letter and frame, placed with the image's ``rng`` draws."""
     h, w = image.shape
     size_px = max(1.0, font_size * side(image) / reference_size)
     face = load_font(font, round(size_px))
@@ -47,6 +38,25 @@ def marker(image, rng, *, strength, text, font_size, colour, margin, jitter, cor
         ImageDraw.Draw(frame).rectangle([x0, y0, x0 + box_w, y0 + box_h], outline=255,
                                         width=max(1, pad // 2))
         mask = np.maximum(mask, np.asarray(frame, np.float32) / 255.0)
+    return mask
+
+
+@register_confounder(
+    "marker", category="environment/marker",
+    description=("Radiographers place lead laterality markers by hand, so their position "
+                 "varies from image to image while their style (letter, box, size) is "
+                 "typical of a site; a model can learn the site instead of the disease."),
+    defaults={"text": "L", "font_size": 56.0, "colour": 255, "margin": 0.05, "jitter": 0.06,
+              "corners": CORNERS, "boxed": True, "reference_size": 1024,
+              "font": "DejaVuSans-Bold.ttf"},
+    mask=marker_coverage,
+)
+def marker(image, rng, *, strength, text, font_size, colour, margin, jitter, corners, boxed,
+           reference_size, font):
+    """A bold letter in a square frame near a corner drawn per image (plus a random shift)."""
+    mask = marker_coverage(image, rng, strength=strength, text=text, font_size=font_size,
+                           colour=colour, margin=margin, jitter=jitter, corners=corners,
+                           boxed=boxed, reference_size=reference_size, font=font)
     return blend(image, mask, colour, strength)
 
 
@@ -97,14 +107,8 @@ def collimation(image, rng, *, strength, border, jitter, fill):
     return blend(image, mask, fill, strength)
 
 
-@register_confounder(
-    "support_device", category="patient/treatment",
-    description=("Chest drains and tubes are inserted to treat a finding (e.g. pneumothorax), "
-                 "so their line shadow marks treated patients rather than the disease itself."),
-    defaults={"width": 10.0, "colour": 235, "reference_size": 1024},
-)
-def support_device(image, rng, *, strength, width, colour, reference_size):
-    """A bright curved tube (quadratic Bezier) from the upper border to the lower thorax."""
+def support_device_coverage(image, rng, *, strength, width, colour, reference_size):
+    """The tube's anti-aliased coverage (0..1), its path drawn from the image's ``rng``."""
     h, w = image.shape
     oversample = 2  # draw at twice the size, then average down: anti-aliased edges
     start = (rng.uniform(0.3, 0.7) * w, 0.0)
@@ -116,7 +120,20 @@ def support_device(image, rng, *, strength, width, colour, reference_size):
     canvas = Image.new("L", (w * oversample, h * oversample), 0)
     line_px = max(1, round(width * side(image) / reference_size * oversample))
     ImageDraw.Draw(canvas).line([tuple(p) for p in points], fill=255, width=line_px, joint="curve")
-    mask = np.asarray(canvas.resize((w, h), Image.BOX), np.float32) / 255.0
+    return np.asarray(canvas.resize((w, h), Image.BOX), np.float32) / 255.0
+
+
+@register_confounder(
+    "support_device", category="patient/treatment",
+    description=("Chest drains and tubes are inserted to treat a finding (e.g. pneumothorax), "
+                 "so their line shadow marks treated patients rather than the disease itself."),
+    defaults={"width": 10.0, "colour": 235, "reference_size": 1024},
+    mask=support_device_coverage,
+)
+def support_device(image, rng, *, strength, width, colour, reference_size):
+    """A bright curved tube (quadratic Bezier) from the upper border to the lower thorax."""
+    mask = support_device_coverage(image, rng, strength=strength, width=width, colour=colour,
+                                   reference_size=reference_size)
     return blend(image, mask, colour, strength)
 
 

@@ -95,12 +95,21 @@ def tag_box(shape, *, text="R", font_size=64.0, position=(200.0, 200.0),
     return text_mask(shape, text, xy, font, size_px, anchor=TAG_ANCHOR)[1]
 
 
+def tag_coverage(image, rng, *, strength, text, font_size, position, colour, reference_size,
+                 font):
+    """The tag's anti-aliased coverage (0..1) on ``image``: its pixel mask (any strength)."""
+    size_px, xy = tag_geometry(image.shape, font_size=font_size, position=position,
+                               reference_size=reference_size)
+    return text_mask(image.shape, text, xy, font, size_px, anchor=TAG_ANCHOR)[0]
+
+
 @register_confounder(
     "tag", category="environment/marker",
     description=("A burned-in text marker (the paper's white 'R') stands for the laterality or "
                  "hospital tags that some sites print on every image."),
     defaults={"text": "R", "font_size": 64.0, "position": (200.0, 200.0), "colour": 255,
               "reference_size": 1024, "font": "DejaVuSans.ttf", "resolution": "native"},
+    mask=tag_coverage,
 )
 def tag(image, rng, *, strength, text, font_size, position, colour, reference_size, font):
     """White sans-serif "R", 64 px, drawn at (x, y) = (200, 200) on 1024 px as the paper does
@@ -110,9 +119,9 @@ def tag(image, rng, *, strength, text, font_size, position, colour, reference_si
     DejaVu Sans, used here. ``strength`` is the tag's opacity. Pixels outside the glyphs are
     not changed.
     """
-    size_px, xy = tag_geometry(image.shape, font_size=font_size, position=position,
-                               reference_size=reference_size)
-    mask, _ = text_mask(image.shape, text, xy, font, size_px, anchor=TAG_ANCHOR)
+    mask = tag_coverage(image, rng, strength=strength, text=text, font_size=font_size,
+                        position=position, colour=colour, reference_size=reference_size,
+                        font=font)
     return blend(image, mask, colour, strength)
 
 

@@ -54,6 +54,7 @@ class ConfounderSpec:
     baseline_fn: ImageFn | None = None
     strength_range: tuple[float, float] = (0.0, 1.0)
     memoise: bool = False   # slow (seconds per image): runs keep its output on disk
+    mask_fn: ImageFn | None = None   # localised confounders: where they paint (see mask())
 
 
 _REGISTRY: dict[str, ConfounderSpec] = {}
@@ -70,6 +71,7 @@ def register_confounder(
     baseline: ImageFn | None = None,
     strength_range: tuple[float, float] = (0.0, 1.0),
     memoise: bool = False,
+    mask: ImageFn | None = None,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -81,6 +83,9 @@ def register_confounder(
     then keep its output on disk (:meth:`Confounder.with_cache`). Every synthetic confounder
     takes a ``resolution`` parameter (default from ``defaults``, else ``"input"``): where in
     the pipeline it acts (see :meth:`Confounder.prepare`); ``fn`` never receives it.
+    ``mask`` (localised confounders: tag, marker, support device; same signature as ``fn``)
+    returns the coverage (0..1, float (H, W)) of what ``fn`` paints with the same ``rng``
+    draws: the pixels attribution methods are scored against (:meth:`Confounder.mask`).
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -99,13 +104,13 @@ def register_confounder(
         _REGISTRY[name] = ConfounderSpec(
             name=name, category=category, kind=kind, description=description,
             defaults=values, fn=function, baseline_fn=baseline,
-            strength_range=tuple(strength_range), memoise=bool(memoise),
+            strength_range=tuple(strength_range), memoise=bool(memoise), mask_fn=mask,
         )
         return function
 
     if kind == "sampled":
-        if fn is not None:
-            raise ConfounderError(f"sampled confounder {name!r} takes no image function.")
+        if fn is not None or mask is not None:
+            raise ConfounderError(f"sampled confounder {name!r} takes no image or mask function.")
         add(None)
         return None
     return add if fn is None else add(fn)
@@ -114,6 +119,11 @@ def register_confounder(
 def list_confounders(kind: str | None = None) -> list[str]:
     """Registered names (of one kind if given), sorted."""
     return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
+
+
+def masked_confounders() -> list[str]:
+    """Names of the localised confounders (those reporting a pixel mask), sorted."""
+    return sorted(n for n, s in _REGISTRY.items() if s.mask_fn is not None)
 
 
 def confounder_table():
@@ -218,6 +228,11 @@ class Confounder:
         """True when the confounder is slow enough that runs should cache it on disk."""
         return self._spec is not None and self._spec.memoise
 
+    @property
+    def has_mask(self) -> bool:
+        """True for localised confounders, which report the pixels they paint (:meth:`mask`)."""
+        return self._spec is not None and self._spec.mask_fn is not None
+
     def _require_synthetic(self, what: str) -> None:
         if self.kind != "synthetic":
             raise ConfounderError(
@@ -240,6 +255,47 @@ class Confounder:
             return image
         out = self._spec.baseline_fn(image, rng, **self.image_params)
         return _check_output(out, image, self.name)
+
+    def mask(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Boolean (H, W): the pixels :meth:`apply` paints on ``image`` with an ``rng`` in the
+        same state (for ``inject``: ``image_rng(seed, image_id)``), at any strength.
+
+        Only localised confounders (``has_mask``) have one; for the others (a filter, noise,
+        an attribute) there is no region to score an attribution against.
+        """
+        self._require_synthetic("pixel mask")
+        if not self.has_mask:
+            raise ConfounderError(
+                f"confounder {self.name!r} is not localised: it reports no pixel mask, so "
+                "attribution inside a mask cannot be measured for it. Use one that has a mask: "
+                f"{', '.join(masked_confounders()) or 'none registered'}."
+            )
+        check_image(image, f"confounder {self.name!r}")
+        coverage = np.asarray(self._spec.mask_fn(image, rng, **self.image_params))
+        if coverage.shape != image.shape:
+            raise ConfounderError(
+                f"confounder {self.name!r}: its mask function returned shape {coverage.shape}; "
+                f"it must return the image's shape {image.shape}."
+            )
+        return coverage > 0
+
+    def input_mask(self, original: np.ndarray, seed: int, image_id: Any, *, size: int,
+                   resize: str) -> np.ndarray:
+        """Boolean ``size`` x ``size`` mask of the model-input pixels that :meth:`prepare`
+        changes for a confounded image: the mask is made where the confounder acts
+        (``resolution``) and brought to the input as the image is (any pixel it reaches).
+        """
+        from ..imaging import resize_grey
+
+        image = check_image(original, f"confounder {self.name!r}")
+        if self.resolution == "input":
+            image = resize_grey(image, size, resize)
+        elif self.resolution != "native":
+            image = resize_grey(image, self.resolution, "cv2_linear")
+        mask = self.mask(image, self.image_rng(seed, image_id))
+        if mask.shape == (size, size):
+            return mask
+        return resize_grey(mask.astype(np.uint8) * 255, size, resize) > 0
 
     def inject(self, image: np.ndarray, confounded: bool, seed: int, image_id: Any) -> np.ndarray:
         """``apply`` when the row is confounded, ``baseline`` otherwise, with the image's own rng.
