@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test test-package test-notebooks lab sources benchmark clean-demo
+.PHONY: setup demo test test-package test-notebooks lab sources benchmark clean-demo mechanisms
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ lab: $(STAMP)
 
 sources: $(STAMP)
 	$(BIN)/papermill notebooks/00_source_pretraining.ipynb /dev/null
+
+# notebook 05 (confounder probes and attribution) with its defaults; the executed copy goes to
+# runs/, its figures to figures/ (about 8 min on 2 cores)
+mechanisms: $(STAMP)
+	mkdir -p runs
+	$(BIN)/papermill notebooks/05_mechanisms.ipynb runs/05_mechanisms.ipynb --cwd notebooks -k python3
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/phantom_learnability.py
