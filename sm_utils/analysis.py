@@ -47,6 +47,12 @@ AXES = ["dataset", "confounder", "strength", "arch", "seed", "p", "source", "fol
 CONDITION = ["dataset", "confounder", "strength", "arch", "seed", "test_set", "p"]
 METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "n", "n_pos", "n_confounded"]
 RUN_COLUMNS = ["best_epoch", "epochs_run", "train_seconds", "eval_seconds"]
+# Run-level columns of a grid with `probe: true` / `attribution: true` (sm_utils.mechanisms)
+MECHANISM_COLUMNS = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high", "attribution_share",
+                     "attribution_share_ci_low", "attribution_share_ci_high", "mask_share",
+                     "attribution_ratio"]
+SOURCE_PROBES_FILE = "source_probes.csv"
+SOURCE_PROBE_COLUMNS = ["source_probe_auc", "source_probe_auc_ci_low", "source_probe_auc_ci_high"]
 TEST_SET_ORDER = {"ood": 0, "iid": 1, "clean": 2}
 REFERENCE_CSV = Path(__file__).resolve().parents[1] / "data" / "reference" / "source_matters_2024_reported_auc.csv"
 # Our registry names -> the names in the paper's reported table.
@@ -119,15 +125,25 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
             "source": config["source"],
             "fold": int(config["fold"]),
         }
+        mechanisms = {k: v for k, v in (metrics.get("mechanisms") or {}).items()
+                      if k in MECHANISM_COLUMNS}
         for test_set, values in metrics["test_sets"].items():
             row = {**base, "test_set": test_set}
             row.update({k: values.get(k, np.nan) for k in METRIC_COLUMNS})
             row.update({k: metrics.get(k, np.nan) for k in RUN_COLUMNS})
+            row.update(mechanisms)  # run-level: the same on each of the run's test sets
             rows.append(row)
             for group, auc in (values.get("group_auc") or {}).items():
                 group_rows.append({**base, "test_set": test_set, "group": group, "auc": auc})
     columns = ["run_id", *AXES, "test_set", *METRIC_COLUMNS, *RUN_COLUMNS]
-    table = _sorted(pd.DataFrame(rows, columns=columns))
+    present = [c for c in MECHANISM_COLUMNS if any(c in r for r in rows)]
+    table = _sorted(pd.DataFrame(rows, columns=columns + present))
+    probes = runs_dir / SOURCE_PROBES_FILE
+    if probes.exists() and not table.empty:  # the grid's probe of each source before fine-tuning
+        keys = ["dataset", "source", "arch", "seed", "confounder", "strength"]
+        source = pd.read_csv(probes).drop_duplicates(keys, keep="last")
+        source["arch"] = source["arch"].fillna("default")
+        table = table.merge(source[[*keys, *SOURCE_PROBE_COLUMNS]], on=keys, how="left")
     if not with_groups:
         return table
     groups = _sorted(pd.DataFrame(group_rows, columns=["run_id", *AXES, "test_set", "group", "auc"]))
@@ -886,9 +902,16 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
                                 title=f"grid {name} vs the paper")
             figures += save_figure(fig, figures_dir / f"{name}_vs_paper")
             plt.close(fig)
+    encodedness = None
+    if "source_probe_auc" in table.columns and table["source_probe_auc"].notna().any():
+        from .mechanisms import encodedness_vs_drop  # a grid with `probe: true`
+
+        encodedness = encodedness_vs_drop(table, n_permutations=n_permutations, seed=seed)
+        paths.append(atomic_write_csv(out_dir / "encodedness_vs_drop.csv", encodedness))
     return {"table": table, "groups": groups, "group_summary": group_auc_summary(groups),
             "comparisons": comparisons, "paper_test": primary, "paper_test_report": report,
-            "robustness": robustness, "reference": reference, "tables": paths, "figures": figures}
+            "robustness": robustness, "reference": reference, "encodedness": encodedness,
+            "tables": paths, "figures": figures}
 
 
 def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, name: str,

@@ -34,6 +34,9 @@ from .io import stable_hash
 NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
 FLOAT_FIELDS = ("strength", "p", "lr", "weight_decay", "drop_rate")
 INT_FIELDS = ("fold", "image_size", "epochs", "batch_size", "patience", "seed", "num_workers")
+# Extra measurements a run can be asked for (sm_utils.mechanisms); only when on are they part of
+# its identity, so every run without them keeps its id.
+OPTIONAL_OUTPUTS = ("probe", "attribution")
 # Manifest meta keys that say where the data are, not what they are.
 LOCATION_META_KEYS = ("root", "exported_from")
 
@@ -101,6 +104,9 @@ def run_identity(params: dict[str, Any], *, manifest: str | None = None) -> dict
     identity["confounder_params"] = dict(identity.get("confounder_params") or {})
     if identity.get("confounder") == "none":
         identity.update(p=0.0, strength=0.0, confounder_params={})
+    for extra in OPTIONAL_OUTPUTS:  # asked for, they make another run; off, they change no id
+        if not identity.get(extra):
+            identity.pop(extra, None)
     identity["manifest"] = manifest if manifest is not None else manifest_digest(params["manifest"])
     identity["weights"] = weights_digest(identity.get("weights"))
     return identity

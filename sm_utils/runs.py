@@ -82,6 +82,8 @@ class RunConfig:
     augment: bool = True
     drop_rate: float = 0.5
     seed: int = 812
+    probe: bool = False           # after fine-tuning: encodedness probe of the model (mechanisms)
+    attribution: bool = False     # and its attribution share inside the confounder's mask
     device: str = "auto"
     num_workers: int = 0
     runs_dir: str = "runs/single"  # one-off runs; a grid passes its own
@@ -94,6 +96,7 @@ class RunConfig:
                      "num_workers"):
             setattr(self, name, int(getattr(self, name)))
         self.augment = bool(self.augment)
+        self.probe, self.attribution = bool(self.probe), bool(self.attribution)
         self.manifest = str(self.manifest)
         self.runs_dir = str(self.runs_dir)
         self.weights = None if self.weights in (None, "") else str(self.weights)
@@ -310,6 +313,14 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
             attributes = [c for c in manifest.attributes if c in rows]
             frames.append(pd.concat([frame, rows[attributes].reset_index(drop=True)], axis=1))
         eval_seconds = time.perf_counter() - eval_started
+        mechanisms = None
+        if config.probe or config.attribution:  # sm_utils.mechanisms, on the fine-tuned model
+            from .mechanisms import mechanisms_for_run
+
+            mechanisms = mechanisms_for_run(
+                model, prep, config, manifest=manifest, splits=splits, cache=cache,
+                confounder=conf, device=device, probe=config.probe,
+                attribution=config.attribution, cache_dir=cache.path.parent)
     predictions = pd.concat(frames, ignore_index=True)
     test_metrics = {
         name: summarise_test_set(part.drop(columns=["test_set"]), n_boot=n_boot, seed=config.seed)
@@ -350,6 +361,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
     }
+    if mechanisms is not None:
+        metrics["mechanisms"] = mechanisms
     atomic_write_json(run_dir / METRICS_FILE, json_safe(metrics))  # last: marks completion
     return run_dir
 

@@ -320,3 +320,37 @@ def test_encodedness_vs_drop_spearman_with_exact_permutation_p():
     assert out5["spearman_rho"] == pytest.approx(-1.0) and out5["p_value"] == pytest.approx(2 / 120)
     with pytest.raises(M.MechanismError, match="probe: true"):
         M.encodedness_vs_drop(table)  # no probes and no source_probe_auc column
+
+
+def test_a_grid_with_probe_and_attribution_adds_their_columns_and_relates_them(tmp_path):
+    """`probe: true` and `attribution: true` in a grid: every run probes and attributes, each
+    source is probed before fine-tuning, and the analysis relates that to the o.o.d. drop."""
+    import yaml
+
+    from sm_utils.datasets import build_dataset
+    from sm_utils.grid import expand_cells, load_grid, run_grid
+
+    build_dataset("phantom_cxr", tmp_path / "data", n_patients=40, image_size=64, n_folds=2,
+                  seed=2)
+    grid = {"name": "mech", "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "f"),
+            "datasets": [{"name": "phantom_cxr", "manifest": str(tmp_path / "data/manifest.csv")}],
+            "confounders": ["tag"], "prevalences": [0, 1], "folds": [0],
+            "sources": ["imagenet_lite0", {"name": "random", "arch": "tf_efficientnet_lite0"}],
+            "training": {"image_size": 32, "epochs": 1, "batch_size": 16, "augment": False},
+            "run": {"threads_per_worker": 1}, "probe": True, "attribution": True}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    spec = load_grid(path)
+    plain = load_grid(path, overrides=[{"probe": False, "attribution": False}])
+    # asking for them makes other runs; without them a run keeps its id
+    assert {c.run_id for c in expand_cells(spec)}.isdisjoint(c.run_id for c in expand_cells(plain))
+    report = run_grid(spec, workers=1, progress=False, log=lambda message: None)
+    assert report.succeeded == 4 and not report.failures, report.summary()
+    results = pd.read_csv(tmp_path / "runs" / "results.csv")
+    for column in ("probe_auc", "attribution_share", "mask_share", "source_probe_auc"):
+        assert results[column].notna().all(), column
+    assert results["probe_auc"].between(0, 1).all() and results["mask_share"].lt(0.05).all()
+    sources = pd.read_csv(tmp_path / "runs" / "source_probes.csv")
+    assert sorted(sources["source"]) == ["imagenet_lite0", "random"]  # once per source
+    relation = pd.read_csv(tmp_path / "runs" / "encodedness_vs_drop.csv")
+    assert list(relation["confounder"]) == ["tag"] and relation["n_points"].iloc[0] == 2

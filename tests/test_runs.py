@@ -11,7 +11,7 @@ from sm_utils.runs import RunConfig, RunError, execute_run
 CONTRACT_FIELDS = [
     "manifest", "confounder", "strength", "confounder_params", "p", "fold", "source", "weights",
     "arch", "image_size", "resize", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience",
-    "augment", "drop_rate", "seed", "device", "num_workers", "runs_dir",
+    "augment", "drop_rate", "seed", "probe", "attribution", "device", "num_workers", "runs_dir",
 ]
 
 
@@ -27,9 +27,12 @@ def test_run_id_is_a_stable_hash_of_the_result_defining_fields(tmp_path):
     m = str(manifest)
     config = RunConfig(manifest=m, runs_dir="a", device="cpu", num_workers=0)
     identity = {k: v for k, v in asdict(config).items()
-                if k not in ("runs_dir", "device", "num_workers")}
+                if k not in ("runs_dir", "device", "num_workers", "probe", "attribution")}
     identity.update(manifest=manifest_digest(manifest), weights=None)
     assert config.run_id == stable_hash(identity) and len(config.run_id) == 12
+    # Mechanism measurements are extra outputs: off they leave the id alone, on they make a new run.
+    assert RunConfig(manifest=m, probe=True).run_id not in (config.run_id,
+                                                           RunConfig(manifest=m, attribution=True).run_id)
     same = RunConfig(manifest=m, runs_dir="elsewhere", device="cuda", num_workers=8, p=0.5)
     assert same.run_id == config.run_id
     assert RunConfig(manifest=m, lr=1e-4).run_id != config.run_id

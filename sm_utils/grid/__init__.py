@@ -111,6 +111,44 @@ def dry_run(spec: GridSpec, cells: Sequence[Cell] | None = None) -> str:
             + failures)
 
 
+def probe_sources(spec: GridSpec, cells: Sequence[Cell], log=print) -> Path | None:
+    """A grid with ``probe: true``: each source's encodedness of each confounder before
+    fine-tuning (:func:`sm_utils.mechanisms.probe_source`, with the cells' seed, input size and
+    resize), once per (dataset, source, arch, seed, confounder, strength), kept in
+    ``runs_dir/source_probes.csv`` (resumable) for the results table's ``source_probe_auc``."""
+    if not spec.probe:
+        return None
+    import pandas as pd
+
+    from ..analysis import SOURCE_PROBES_FILE
+    from ..confounders import get_confounder
+    from ..io import atomic_write_csv
+    from ..mechanisms import probe_source
+
+    path = spec.runs_dir / SOURCE_PROBES_FILE
+    done = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    keys = ["dataset", "source", "arch", "seed", "confounder", "strength"]
+    have = set(map(tuple, done[keys].astype(str).to_numpy())) if len(done) else set()
+    rows = done.to_dict("records")
+    for cell in cells:
+        p = cell.params
+        key = (cell.dataset, p["source"], p["arch"] or "default", p["seed"], p["confounder"],
+               float(p["strength"]))
+        if p["confounder"] == "none" or tuple(map(str, key)) in have:
+            continue
+        have.add(tuple(map(str, key)))
+        log(f"probing source {p['source']!r} for {p['confounder']!r} ({cell.dataset})")
+        conf = get_confounder(p["confounder"], strength=p["strength"], **p["confounder_params"])
+        out = probe_source(p["source"], weights=p["weights"], arch=p["arch"],
+                           manifest=p["manifest"], confounder=conf, init_seed=p["seed"],
+                           image_size=int(p["image_size"]), resize=p["resize"])
+        rows.append({**dict(zip(keys, key)), "source_probe_auc": out["probe_auc"],
+                     "source_probe_auc_ci_low": out["probe_auc_ci_low"],
+                     "source_probe_auc_ci_high": out["probe_auc_ci_high"]})
+        atomic_write_csv(path, pd.DataFrame(rows))  # after each, so a killed grid resumes
+    return path
+
+
 def _runs_per_gpu(spec: GridSpec, todo: Sequence[Cell], log) -> int:
     """The grid's run.runs_per_gpu, checked against the GPUs' free memory before anything
     starts (the need measured on the grid's own model); 1 on a machine without a GPU."""
@@ -172,6 +210,7 @@ def run_grid(
         refuse_unrunnable(spec, [c for c in cells if not c.done], load_weights=True)
     spec.runs_dir.mkdir(parents=True, exist_ok=True)
     write_cells_index(spec, cells)
+    probe_sources(spec, cells, log)
     todo = [c for c in cells if not c.done]
     report = GridReport(total=len(cells), already_done=len(cells) - len(todo), prepare_seconds=report_prepare)
     log(f"grid {spec.name!r}: {len(cells)} cells, {report.already_done} already done, {len(todo)} to run")

@@ -124,6 +124,9 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
                 "device": spec.run["device"],
                 "num_workers": int(spec.run["num_workers"]),
                 "runs_dir": str(spec.runs_dir),
+                # only when asked for: notebook 03's defaults are off
+                **({"probe": True} if spec.probe else {}),
+                **({"attribution": True} if spec.attribution else {}),
             }
             # e.g. confounder "none" at several p: one run suffices
             key = stable_hash([run_identity({**params, "weights": None}, manifest=params["manifest"]),

@@ -39,7 +39,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 TOP_LEVEL_KEYS = {
     "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
     "prevalences", "folds", "sources", "architectures", "seeds", "training", "run", "slurm",
-    "notebooks", "reference",
+    "notebooks", "reference", "probe", "attribution",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "device": "auto",          # passed to notebook 03
@@ -119,6 +119,8 @@ class GridSpec:
     notebooks: dict[str, Path]
     reference: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    probe: bool = False          # every run probes its model; each source is probed before
+    attribution: bool = False    # every run measures attribution inside the confounder's mask
 
 
 def _is_project(folder: Path) -> bool:
@@ -306,6 +308,8 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         slurm=slurm,
         notebooks={k: resolve_path(root, v) for k, v in notebooks.items()},
         reference=dict(raw.get("reference") or {}),
+        probe=bool(raw.get("probe", False)),
+        attribution=bool(raw.get("attribution", False)),
         path=path,
     )
 
