@@ -76,6 +76,9 @@ def cmd_run(args) -> int:
         tables = [spec.runs_dir / name for name in ("results.csv", "paper_test.csv", "comparisons.csv",
                                                    "robustness.csv")]
         print(f"analysis notebook: {spec.runs_dir / '04_analysis.ipynb'}")
+        if (spec.runs_dir / "05_mechanisms.ipynb").exists() and (spec.probe or spec.attribution):
+            print(f"mechanisms notebook: {spec.runs_dir / '05_mechanisms.ipynb'}")
+            tables.append(spec.runs_dir / "encodedness_vs_drop.csv")
         print("tables: " + ", ".join(str(t) for t in tables if t.exists()))
         if figures:
             print("figures:\n  " + "\n  ".join(_shown(f) for f in figures))

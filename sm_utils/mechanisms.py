@@ -1200,6 +1200,55 @@ def encodedness_vs_drop(table: pd.DataFrame, probes: pd.DataFrame | None = None,
     return pd.DataFrame(rows)
 
 
+def grid_probes(runs_dir: str | os.PathLike, dataset: str | None = None) -> pd.DataFrame:
+    """The pre-fine-tuning probes a grid with ``probe: true`` wrote (``source_probes.csv``), in
+    the columns of :func:`probe_table` (source, confounder, strength, probe_auc, ...; means
+    over the grid's seeds, their number in ``n_probes``)."""
+    from .analysis import SOURCE_PROBES_FILE
+
+    path = Path(runs_dir) / SOURCE_PROBES_FILE
+    if not path.exists():
+        raise MechanismError(f"{path} not found: it is written by a grid run with `probe: true` "
+                             "(sm run GRID); run the grid with it, or leave runs_dir empty to "
+                             "probe here.")
+    probes = pd.read_csv(path).rename(columns=lambda c: c.removeprefix("source_"))
+    if dataset is not None:
+        probes = probes[probes["dataset"] == dataset]
+    # one row per source, confounder and strength: the mean over the grid's seeds (and archs)
+    values = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high"]
+    return (probes.groupby(["source", "confounder", "strength"], sort=False, dropna=False)
+            .agg(**{c: (c, "mean") for c in values}, n_probes=("probe_auc", "count"))
+            .reset_index())
+
+
+def grid_attribution(table: pd.DataFrame, confounder: str | None = None) -> pd.DataFrame:
+    """Attribution shares of a grid with ``attribution: true``, one row per (source, p) of
+    ``confounder`` (default: the first confounder with attributions), mean over the folds (and
+    seeds) beside the mean clean and o.o.d. AUC, in the columns of :func:`attribution_sweep`."""
+    if "attribution_share" not in table.columns or table["attribution_share"].isna().all():
+        raise MechanismError("the results table has no attribution_share: run the grid with "
+                             "`attribution: true` and a confounder with a pixel mask (tag, "
+                             "marker, support_device).")
+    runs = table.dropna(subset=["attribution_share"])
+    names = list(dict.fromkeys(runs["confounder"]))
+    confounder = confounder if confounder in names else names[0]
+    runs = table[table["confounder"] == confounder]
+    auc = runs.pivot_table(index="run_id", columns="test_set", values="auc")
+    auc = auc.rename(columns=lambda test_set: f"{test_set}_auc")
+    per_run = (runs.drop_duplicates("run_id").set_index("run_id")
+               [["source", "p", *MEAN_ATTRIBUTION_COLUMNS]]
+               .join(auc[[c for c in ("clean_auc", "ood_auc") if c in auc.columns]]))
+    values = [c for c in per_run.columns if c not in ("source", "p")]
+    out = (per_run.groupby(["source", "p"], sort=False)
+           .agg(**{c: (c, "mean") for c in values}, n_runs=("attribution_share", "count"))
+           .reset_index().sort_values(["source", "p"], ignore_index=True))
+    return out.assign(confounder=confounder)
+
+
+MEAN_ATTRIBUTION_COLUMNS = ["attribution_share", "attribution_share_ci_low",
+                            "attribution_share_ci_high", "mask_share", "attribution_ratio"]
+
+
 # ------------------------------------------------------------------------------- figures
 
 

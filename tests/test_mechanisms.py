@@ -354,3 +354,15 @@ def test_a_grid_with_probe_and_attribution_adds_their_columns_and_relates_them(t
     assert sorted(sources["source"]) == ["imagenet_lite0", "random"]  # once per source
     relation = pd.read_csv(tmp_path / "runs" / "encodedness_vs_drop.csv")
     assert list(relation["confounder"]) == ["tag"] and relation["n_points"].iloc[0] == 2
+    # the analysis step ran notebook 05 on what the grid measured, not on its own fine-tunings
+    executed = json.loads((tmp_path / "runs" / "05_mechanisms.ipynb").read_text())
+    printed = "".join("".join(o.get("text", "")) for c in executed["cells"]
+                      for o in c.get("outputs", []))
+    assert "attribution of 4 grid runs" in printed and "fine-tunings and attributions" not in printed
+    assert (tmp_path / "f" / "05_attribution_vs_p.png").exists()
+    assert (tmp_path / "f" / "05_encodedness_vs_ood_drop.png").exists()
+    attribution = M.grid_attribution(results)
+    assert list(attribution[["source", "p"]].itertuples(index=False, name=None)) == [
+        ("imagenet_lite0", 0.0), ("imagenet_lite0", 1.0), ("random", 0.0), ("random", 1.0)]
+    run = results[(results["source"] == "random") & (results["p"] == 1.0)].iloc[0]
+    assert attribution["attribution_share"].iloc[3] == pytest.approx(run["attribution_share"])

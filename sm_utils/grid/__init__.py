@@ -247,6 +247,18 @@ def run_grid(
                          spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
         except Exception as err:  # noqa: BLE001 (a failed analysis must not hide the grid's report)
             report.failures.append(("analysis notebook", describe_error(err)))
+        mechanisms = spec.notebooks.get("mechanisms")
+        if (spec.probe or spec.attribution) and mechanisms is not None and mechanisms.exists():
+            output = spec.runs_dir / "05_mechanisms.ipynb"
+            log(f"mechanisms: {mechanisms} -> {output}")
+            try:
+                execute_once(mechanisms, output,
+                             {"grid_config": str(spec.path) if spec.path else "",
+                              "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir),
+                              "results_csv": str(spec.runs_dir / "results.csv")},
+                             spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
+            except Exception as err:  # noqa: BLE001
+                report.failures.append(("mechanisms notebook", describe_error(err)))
         report.analysis_seconds = time.perf_counter() - analysis_start
     report.wall_seconds = time.perf_counter() - start
     return report

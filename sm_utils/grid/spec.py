@@ -22,6 +22,7 @@ DEFAULT_NOTEBOOKS = {
     "data": "notebooks/01_data_preparation.ipynb",
     "fine_tuning": "notebooks/03_fine_tuning.ipynb",
     "analysis": "notebooks/04_analysis.ipynb",
+    "mechanisms": "notebooks/05_mechanisms.ipynb",  # after 04, for a grid with probe/attribution
 }
 # Training knobs of notebook 03 (docs/RUNS.md) that a grid may set in its `training` block.
 TRAINING_DEFAULTS: dict[str, Any] = {
