@@ -7,6 +7,10 @@ range, and the SD across the demo's folds for the same condition:
 
     .venv/bin/python benchmarks/demo_spread.py                       # 3 cells x 3 more seeds
     .venv/bin/python benchmarks/demo_spread.py --confounder sex --p 1 --seeds 1 2
+    .venv/bin/python benchmarks/demo_spread.py --rerun      # also: is a rerun here bit-exact?
+
+`--rerun` trains the demo's own cells again (same seed, a fresh run directory) and prints the
+largest AUC difference from the demo's runs: 0 on the machine and build that ran the demo.
 
 The reruns go to runs/demo_spread/ (resumable: finished ones are read back).
 """
@@ -30,6 +34,8 @@ def main() -> int:
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--rerun", action="store_true",
+                        help="also rerun the demo's own seed and compare with the demo's runs")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as the demo's workers
 
@@ -64,6 +70,17 @@ def main() -> int:
             for test_set, values in metrics["test_sets"].items():
                 rows.append({"source": cell.params["source"], "test_set": test_set, "seed": seed,
                              "auc": values["auc"]})
+    rerun_diffs = []
+    if args.rerun:
+        for cell in cells:
+            params = dict(cell.params, device="cpu", runs_dir=str(ROOT / "runs" / "demo_rerun"))
+            config = RunConfig.from_dict(params)
+            if not (config.run_dir() / METRICS_FILE).exists():
+                execute_run(config, progress=False)
+            again = json.loads((config.run_dir() / METRICS_FILE).read_text())["test_sets"]
+            demo = json.loads((Path(cell.params["runs_dir"]) / cell.run_id / METRICS_FILE)
+                              .read_text())["test_sets"]
+            rerun_diffs += [abs(again[t]["auc"] - demo[t]["auc"]) for t in demo]
     seconds = time.perf_counter() - started
     table = pd.DataFrame(rows)
     by_seed = (table.groupby(["source", "test_set"])["auc"]
@@ -79,6 +96,10 @@ def main() -> int:
     print(summary.round(3).to_string(index=False))
     print(f"\nlargest SD across seeds: {summary['sd'].max():.3f}; across folds: "
           f"{summary['fold_sd'].max():.3f}; {seconds:.0f} s")
+    if rerun_diffs:
+        print(f"rerun of the demo's own {len(cells)} cells here (same seed, fresh run directories): "
+              f"largest AUC difference from the demo's runs {max(rerun_diffs):.3g} "
+              f"over {len(rerun_diffs)} AUCs")
     return 0
 
 
