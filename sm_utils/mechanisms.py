@@ -1221,6 +1221,11 @@ def grid_probes(runs_dir: str | os.PathLike, dataset: str | None = None) -> pd.D
             .reset_index())
 
 
+# run-level attribution columns that grid_attribution averages over folds
+MEAN_ATTRIBUTION_COLUMNS = ["attribution_share", "attribution_share_ci_low",
+                            "attribution_share_ci_high", "mask_share", "attribution_ratio"]
+
+
 def grid_attribution(table: pd.DataFrame, confounder: str | None = None) -> pd.DataFrame:
     """Attribution shares of a grid with ``attribution: true``, one row per (source, p) of
     ``confounder`` (default: the first confounder with attributions), mean over the folds (and
@@ -1243,10 +1248,6 @@ def grid_attribution(table: pd.DataFrame, confounder: str | None = None) -> pd.D
            .agg(**{c: (c, "mean") for c in values}, n_runs=("attribution_share", "count"))
            .reset_index().sort_values(["source", "p"], ignore_index=True))
     return out.assign(confounder=confounder)
-
-
-MEAN_ATTRIBUTION_COLUMNS = ["attribution_share", "attribution_share_ci_low",
-                            "attribution_share_ci_high", "mask_share", "attribution_ratio"]
 
 
 # ------------------------------------------------------------------------------- figures
