@@ -366,3 +366,23 @@ def test_a_grid_with_probe_and_attribution_adds_their_columns_and_relates_them(t
         ("imagenet_lite0", 0.0), ("imagenet_lite0", 1.0), ("random", 0.0), ("random", 1.0)]
     run = results[(results["source"] == "random") & (results["p"] == 1.0)].iloc[0]
     assert attribution["attribution_share"].iloc[3] == pytest.approx(run["attribution_share"])
+
+
+def test_reading_a_grid_without_its_mechanisms_says_what_to_turn_on(tmp_path):
+    with pytest.raises(M.MechanismError, match="probe: true"):
+        M.grid_probes(tmp_path)  # no source_probes.csv: the grid ran without probe
+    table = pd.DataFrame({"run_id": ["a"], "confounder": ["tag"], "source": ["s"], "p": [1.0],
+                          "test_set": ["ood"], "auc": [0.5]})
+    with pytest.raises(M.MechanismError, match="attribution: true"):
+        M.grid_attribution(table)
+
+
+def test_grid_probes_average_the_seeds_of_a_source(tmp_path):
+    rows = [{"dataset": "d", "source": "s", "arch": "default", "seed": seed, "confounder": "tag",
+             "strength": 1.0, "source_probe_auc": auc, "source_probe_auc_ci_low": auc - 0.1,
+             "source_probe_auc_ci_high": auc + 0.1} for seed, auc in ((1, 0.7), (2, 0.9))]
+    rows.append({**rows[0], "dataset": "other", "source_probe_auc": 0.1})
+    pd.DataFrame(rows).to_csv(tmp_path / "source_probes.csv", index=False)
+    probes = M.grid_probes(tmp_path, dataset="d")
+    assert len(probes) == 1 and probes["probe_auc"].iloc[0] == pytest.approx(0.8)
+    assert probes["n_probes"].iloc[0] == 2 and probes["probe_auc_ci_low"].iloc[0] == pytest.approx(0.7)

@@ -29,13 +29,13 @@ def test_builders_are_registered():
 
 @pytest.mark.parametrize("name", ["phantom_cxr", "phantom_ct"])
 def test_same_seed_gives_same_bytes(tmp_path, name):
-    a = build_dataset(name, tmp_path / "a", n_patients=12, image_size=64, seed=5, n_folds=2,
+    a = build_dataset(name, tmp_path / "a", n_patients=24, image_size=64, seed=5, n_folds=2,
                       test_fraction=0.25, val_fraction=0.25)
-    b = build_dataset(name, tmp_path / "b", n_patients=12, image_size=64, seed=5, n_folds=2,
+    b = build_dataset(name, tmp_path / "b", n_patients=24, image_size=64, seed=5, n_folds=2,
                       test_fraction=0.25, val_fraction=0.25)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
-    c = build_dataset(name, tmp_path / "c", n_patients=12, image_size=64, seed=6, n_folds=2,
+    c = build_dataset(name, tmp_path / "c", n_patients=24, image_size=64, seed=6, n_folds=2,
                       test_fraction=0.25, val_fraction=0.25)
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
     assert len(a.table) == len(b.table) and len(c.table) > 0
