@@ -36,13 +36,12 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks
 
 sources: $(STAMP)
-	$(BIN)/papermill notebooks/00_source_pretraining.ipynb /dev/null
+	$(BIN)/sm notebook notebooks/00_source_pretraining.ipynb runs/00_source_pretraining.ipynb
 
 # notebook 05 (confounder probes and attribution) with its defaults; the executed copy goes to
 # runs/, its figures to figures/ (about 8 min on 2 cores)
 mechanisms: $(STAMP)
-	mkdir -p runs
-	$(BIN)/papermill notebooks/05_mechanisms.ipynb runs/05_mechanisms.ipynb --cwd notebooks -k python3
+	$(BIN)/sm notebook notebooks/05_mechanisms.ipynb runs/05_mechanisms.ipynb
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/phantom_learnability.py

@@ -152,6 +152,34 @@ def cmd_check_splits(args) -> int:
     return 0
 
 
+def cmd_notebook(args) -> int:
+    """One notebook, headless, as the grid runs its own (IPC kernel, dead kernels noticed):
+    papermill's parameters, the executed copy kept, a failure in one line naming that copy."""
+    import yaml
+
+    from .grid.prepare import PreparationError, execute_once
+
+    notebook = Path(args.notebook).resolve()
+    if not notebook.exists():
+        print(f"error: notebook {args.notebook} not found", file=sys.stderr)
+        return 2
+    output = Path(args.output) if args.output else Path("runs") / notebook.name
+    parameters = {}
+    for name, value in args.parameter or []:
+        parameters[name] = yaml.safe_load(value)  # as papermill -y: numbers, lists, booleans
+    started = time.perf_counter()
+    try:
+        execute_once(notebook, output.resolve(), parameters, args.kernel, args.timeout,
+                     step=f"notebook {notebook.name}")
+    except PreparationError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{notebook.name} ran in {time.perf_counter() - started:.0f} s -> {output}")
+    return 0
+
+
 def cmd_list(args) -> int:
     for kind in ("datasets", "confounders", "sources"):
         names = grid_module._registry_names(kind)
@@ -221,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("manifest")
     check.add_argument("--no-check-files", action="store_true", help="do not require the image files")
     check.set_defaults(func=cmd_check_splits)
+
+    notebook = commands.add_parser(
+        "notebook", help="run one notebook headless with parameters (e.g. notebook 05)")
+    notebook.add_argument("notebook", help="e.g. notebooks/05_mechanisms.ipynb")
+    notebook.add_argument("output", nargs="?", default=None,
+                          help="the executed copy (default: runs/<notebook name>)")
+    notebook.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                          help="a parameter of the notebook's parameters cell (value read as YAML)")
+    notebook.add_argument("--kernel", default="python3")
+    notebook.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    notebook.set_defaults(func=cmd_notebook)
 
     listing = commands.add_parser("list", help="registered datasets, confounders and sources")
     listing.set_defaults(func=cmd_list)

@@ -189,3 +189,32 @@ def test_validate_reports_every_problem_of_a_grid_file_at_once(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "prevalences must lie in [0, 1]; found [1.5]" in err
     assert "unknown confounders ['tagg']" in err and "unknown sources ['imagenett']" in err
+
+
+def test_sm_notebook_runs_one_notebook_with_parameters_and_no_warning(tmp_path):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('size = 2\nnames = ["a"]')
+    params.metadata["tags"] = ["parameters"]
+    notebook.cells = [params, nbformat.v4.new_code_cell('print(f"{size * 10} {names}")'),
+                      nbformat.v4.new_code_cell('assert size < 100, f"size {size} too large"')]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(notebook, path)
+    out = tmp_path / "out" / "nb.ipynb"
+    run = lambda *extra: subprocess.run(
+        [sys.executable, "-m", "sm_utils", "notebook", str(path), str(out), *extra],
+        capture_output=True, text=True, timeout=300, check=False)
+    result = run("-p", "size", "7", "-p", "names", "[x, y]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = "".join("".join(o.get("text", "")) for c in nbformat.read(out, 4).cells
+                      for o in c.get("outputs", []))
+    assert "70 ['x', 'y']" in printed  # values read as YAML: an int and a list
+    output = result.stdout + result.stderr
+    assert [line for line in output.splitlines() if "warning" in line.lower()] == []
+    failed = run("-p", "size", "500")
+    assert failed.returncode == 1
+    assert "AssertionError: size 500 too large" in failed.stderr and str(out) in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1  # one line, no traceback
