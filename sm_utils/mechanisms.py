@@ -963,59 +963,25 @@ class FineTuned:
 
 def fine_tune(config, *, cache_dir: str | os.PathLike | None = None, threads: int | None = None,
               progress: bool = False) -> FineTuned:
-    """Fine-tune as :func:`sm_utils.runs.execute_run` does (same splits, seeds, head init and
-    training; no run directory written) and keep the model in memory, with its test AUCs.
+    """Fine-tune as :func:`sm_utils.runs.execute_run` does (:func:`sm_utils.runs.train_run`:
+    same splits, seeds, head init and training; no run directory written) and keep the model
+    in memory, with its test AUCs.
 
     For notebooks that need the model itself (attribution) while runs do not keep weights.
     """
-    from .data import ConfoundedImageDataset, ImageCache, make_loader
     from .evaluation import binary_auc
-    from .paths import resolve
-    from .runs import TEST_SETS, get_run_confounder, split_rows
-    from .sources import create_model
-    from .training import configure_device, predict, reset_head, resolve_device, train_model
+    from .runs import train_run
 
     tic = time.perf_counter()
-    device = resolve_device(config.device)
-    manifest = _manifest(config.manifest)
-    conf = get_run_confounder(config)
-    splits = split_rows(config, manifest, conf)
-    cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir, resize=config.resize)
-    if (conf is not None and conf.kind == "synthetic" and conf.cache_dir is None
-            and (conf.memoise or conf.resolution != "input")):
-        conf = conf.with_cache(cache.path.parent / "confounders")
-
-    def loader(name: str, train: bool):
-        from .data import PAPER_AUGMENTATION
-
-        dataset = ConfoundedImageDataset(
-            splits[name], cache, confounder=conf, seed=config.seed,
-            augmentation=PAPER_AUGMENTATION if train and config.augment else None,
-            root=manifest.root, resize=config.resize)
-        return make_loader(dataset, batch_size=config.batch_size, shuffle=train, seed=config.seed,
-                           num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                           drop_last=train and len(dataset) % config.batch_size == 1)
-
-    train_loader, val_loader = loader("train", True), loader("val", False)
-    with configure_device(device, threads):
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        weights = None if config.weights is None else resolve(config.weights)
-        model, prep = create_model(config.source, arch=config.arch, weights=weights,
-                                   num_classes=2, drop_rate=config.drop_rate,
-                                   image_size=config.image_size)
-        reset_head(model)
-        result = train_model(model, prep, train_loader, val_loader, device=device,
-                             epochs=config.epochs, lr=config.lr, optimizer=config.optimizer,
-                             weight_decay=config.weight_decay, patience=config.patience,
-                             progress=progress)
+    with train_run(config, progress=progress, cache_dir=cache_dir, threads=threads) as run:
         test_auc = {}
-        for name in [t for t in TEST_SETS if t in splits]:
-            probs, labels = predict(model, prep, loader(name, False), device)
+        for name in run.test_sets:
+            probs, labels = run.predict(name)
             test_auc[name] = binary_auc(labels, probs[:, 1])
-    return FineTuned(model=model.eval(), prep=prep, config=config, manifest=manifest,
-                     splits=splits, cache=cache, confounder=conf, history=result.history,
-                     test_auc=test_auc, seconds=time.perf_counter() - tic)
+    return FineTuned(model=run.model.eval(), prep=run.prep, config=config, manifest=run.manifest,
+                     splits=run.splits, cache=run.cache, confounder=run.confounder,
+                     history=run.result.history, test_auc=test_auc,
+                     seconds=time.perf_counter() - tic)
 
 
 def _attribution_task(config: dict, threads: int, methods: tuple[str, ...], n_boot: int,

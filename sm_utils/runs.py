@@ -21,6 +21,8 @@ import importlib.metadata
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,20 +244,46 @@ def _describe_source(config: RunConfig) -> dict[str, Any]:
     return sources.describe_source(config.source, config.arch, weights)
 
 
-def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
-                n_boot: int = 1000, resident: bool | None = None) -> Path:
-    """Do the whole run and return its directory (``runs_dir/<run_id>``).
+@dataclass
+class TrainedRun:
+    """A run's model after fine-tuning, with what trained it (:func:`train_run`)."""
+
+    model: Any
+    prep: Any
+    manifest: Any
+    manifest_path: Path
+    splits: dict[str, pd.DataFrame]
+    cache: Any
+    confounder: Any
+    result: Any                 # training.TrainResult: history, best epoch, seconds
+    device: torch.device
+    device_settings: dict
+    resident: bool
+    dataset: Callable[[str, bool], ConfoundedImageDataset]
+    loader: Callable[..., Any]
+
+    @property
+    def test_sets(self) -> list[str]:
+        return [t for t in TEST_SETS if t in self.splits]
+
+    def predict(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities and labels of the test set ``name``."""
+        return predict(self.model, self.prep, self.loader(self.dataset(name, False), False),
+                       self.device)
+
+
+@contextmanager
+def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
+              resident: bool | None = None, threads: int | None = None) -> Iterator[TrainedRun]:
+    """Fine-tune the run's model and yield it while the device settings it trained under hold
+    (evaluate inside the ``with``). The one place a run's data, seeds, head and training are
+    set up: :func:`execute_run` and :func:`sm_utils.mechanisms.fine_tune` both use it.
 
     ``resident``: keep the run's images on the training device and augment them there
     (:class:`sm_utils.data.ResidentLoader`: nothing is copied per epoch); None does so on a
     GPU. On the CPU both ways give the same batches, hence the same metrics.
     """
     from .sources import create_model
-
-    started = time.perf_counter()
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a rerun is incomplete until it ends
 
     device = resolve_device(config.device)
     manifest_path = resolve(config.manifest)
@@ -289,7 +317,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
     train_loader = loader(train_set, True, drop_last=len(train_set) % config.batch_size == 1)
     val_loader = loader(dataset("val", False), False)
 
-    with configure_device(device) as device_settings:
+    with configure_device(device, threads) as device_settings:
         torch.manual_seed(config.seed)  # head initialisation, dropout
         np.random.seed(config.seed % 2**32)
         weights = None if config.weights is None else resolve(config.weights)
@@ -302,15 +330,31 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
             lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
             patience=config.patience, progress=progress,
         )
+        yield TrainedRun(model=model, prep=prep, manifest=manifest, manifest_path=manifest_path,
+                         splits=splits, cache=cache, confounder=conf, result=result,
+                         device=device, device_settings=device_settings,
+                         resident=bool(resident), dataset=dataset, loader=loader)
+
+
+def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
+                n_boot: int = 1000, resident: bool | None = None) -> Path:
+    """Do the whole run and return its directory (``runs_dir/<run_id>``); ``resident`` as in
+    :func:`train_run`."""
+    started = time.perf_counter()
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a rerun is incomplete until it ends
+
+    with train_run(config, progress=progress, cache_dir=cache_dir, resident=resident) as run:
         eval_started = time.perf_counter()
         frames = []
-        for name in [t for t in TEST_SETS if t in splits]:
-            probs, labels = predict(model, prep, loader(dataset(name, False), False), device)
-            rows = splits[name].reset_index(drop=True)
+        for name in run.test_sets:
+            probs, labels = run.predict(name)
+            rows = run.splits[name].reset_index(drop=True)
             frame = pd.DataFrame({"test_set": name, "image_id": rows["image_id"].astype(str),
                                   "label": labels, "score": probs[:, 1], "prob_0": probs[:, 0],
                                   "prob_1": probs[:, 1], "confounded": rows["confounded"]})
-            attributes = [c for c in manifest.attributes if c in rows]
+            attributes = [c for c in run.manifest.attributes if c in rows]
             frames.append(pd.concat([frame, rows[attributes].reset_index(drop=True)], axis=1))
         eval_seconds = time.perf_counter() - eval_started
         mechanisms = None
@@ -318,9 +362,10 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
             from .mechanisms import mechanisms_for_run
 
             mechanisms = mechanisms_for_run(
-                model, prep, config, manifest=manifest, splits=splits, cache=cache,
-                confounder=conf, device=device, probe=config.probe,
-                attribution=config.attribution, cache_dir=cache.path.parent)
+                run.model, run.prep, config, manifest=run.manifest, splits=run.splits,
+                cache=run.cache, confounder=run.confounder, device=run.device,
+                probe=config.probe, attribution=config.attribution,
+                cache_dir=run.cache.path.parent)
     predictions = pd.concat(frames, ignore_index=True)
     test_metrics = {
         name: summarise_test_set(part.drop(columns=["test_set"]), n_boot=n_boot, seed=config.seed)
@@ -332,32 +377,32 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "config": asdict(config),
         "identity": config.identity(),
         "source": _describe_source(config),
-        "preprocessing": prep.describe() if hasattr(prep, "describe") else repr(prep),
-        "confounder": conf.spec() if conf is not None else {"name": NO_CONFOUNDER},
+        "preprocessing": run.prep.describe() if hasattr(run.prep, "describe") else repr(run.prep),
+        "confounder": run.confounder.spec() if run.confounder is not None else {"name": NO_CONFOUNDER},
         "augmentation": asdict(PAPER_AUGMENTATION) if config.augment else None,
-        "manifest": {"path": str(manifest_path), "sha256": sha256_file(manifest_path),
-                     "meta": manifest.meta},
-        "image_cache": cache.path.name,
+        "manifest": {"path": str(run.manifest_path), "sha256": sha256_file(run.manifest_path),
+                     "meta": run.manifest.meta},
+        "image_cache": run.cache.path.name,
         "split_sizes": {name: {"n": len(rows), "n_pos": int(rows["label"].sum()),
                                "n_confounded": int(rows["confounded"].sum())}
-                        for name, rows in splits.items()},
-        "device": {**device_settings, "resident_data": bool(resident)},
+                        for name, rows in run.splits.items()},
+        "device": {**run.device_settings, "resident_data": run.resident},
         "versions": package_versions(),
         "git": git_commit(),
         "platform": platform.platform(),
     }
     atomic_write_json(run_dir / "config.json", json_safe(resolved))
-    atomic_write_csv(run_dir / "history.csv", result.history)
+    atomic_write_csv(run_dir / "history.csv", run.result.history)
     atomic_write_csv(run_dir / "predictions.csv", predictions)
-    plot_curves(result.history, result.best_epoch, run_dir / "curves.png",
+    plot_curves(run.result.history, run.result.best_epoch, run_dir / "curves.png",
                 title=f"{config.source} | {config.confounder} p={config.p:g} | fold {config.fold}")
     metrics = {
         "run_id": config.run_id,
         "config": asdict(config),
         "test_sets": test_metrics,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "train_seconds": result.train_seconds,
+        "best_epoch": run.result.best_epoch,
+        "epochs_run": run.result.epochs_run,
+        "train_seconds": run.result.train_seconds,
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
     }
