@@ -10,21 +10,19 @@ from __future__ import annotations
 import time
 
 import pytest
-from tiny_grid import GridThread, array_tasks, expand_cells, run, tiny_grid, wait_for
+from tiny_grid import (
+    GridThread,
+    array_tasks,
+    expand_cells,
+    run,
+    tiny_grid,
+    wait_for,
+    wait_for_job_state,
+)
 
 from sm_utils.slurm import JobWatcher, queue_states
 
 pytestmark = pytest.mark.slurm
-
-def _wait_state(watcher, job_id, predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        state = watcher.poll()[job_id]
-        if predicate(state):
-            return state
-        assert time.monotonic() < deadline, f"job {job_id} stayed {state}"
-        time.sleep(0.2)
-
 
 def test_the_cluster_has_no_accounting(slurm_jobs):
     out = slurm_jobs.command("sacct", "--noheader", check=False)
@@ -39,17 +37,17 @@ def test_watcher_sees_scancel_within_seconds(slurm_jobs, tmp_path):
     logs = {job: tmp_path / f"{job}.out", **{i: tmp_path / f"{i}.out" for i in ids[1:]}}
     watcher = JobWatcher(ids, min_interval_s=1.0, result_exists=lambda j: False,
                          log_file=logs.get)
-    _wait_state(watcher, job, lambda s: s.state == "RUNNING")
-    _wait_state(watcher, f"{array}_0", lambda s: s.state == "RUNNING")
+    wait_for_job_state(watcher, job, lambda s: s.state == "RUNNING")
+    wait_for_job_state(watcher, f"{array}_0", lambda s: s.state == "RUNNING")
     assert watcher.poll()[f"{array}_2"].state == "PENDING"
 
     start = time.monotonic()
     slurm_jobs.command("scancel", job)
     slurm_jobs.command("scancel", f"{array}_2")   # a pending task: gone from squeue at once
-    state = _wait_state(watcher, job, lambda s: s.done)
+    state = wait_for_job_state(watcher, job, lambda s: s.done)
     assert time.monotonic() - start < 10
     assert state.state == "CANCELLED" and state.reason == "cancelled (squeue: CANCELLED)"
-    pending = _wait_state(watcher, f"{array}_2", lambda s: s.done, timeout=30)
+    pending = wait_for_job_state(watcher, f"{array}_2", lambda s: s.done, timeout=30)
     assert time.monotonic() - start < 20   # within the result grace (10 s) and one poll
     assert "cancelled" in pending.reason and "accounting storage is disabled" in pending.reason
     states = watcher.poll()

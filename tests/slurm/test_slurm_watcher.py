@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny_grid import wait_for_job_state
 
 from sm_utils.slurm import LEFT_QUEUE, JobWatcher, SlurmError, describe, queue_states
 
@@ -268,16 +269,6 @@ def test_for_submitit_reads_result_and_log_paths(tmp_path):
 # --------------------------------------------------------------------------- fake commands
 
 
-def _wait(watcher, job_id, predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        state = watcher.poll()[job_id]
-        if predicate(state):
-            return state
-        assert time.monotonic() < deadline, f"{job_id} stayed {state}"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("accounting", [False, True])
 def test_fake_sbatch_job_cancelled_is_seen_within_seconds(fake_slurm, tmp_path, monkeypatch,
                                                           accounting):
@@ -293,10 +284,10 @@ def test_fake_sbatch_job_cancelled_is_seen_within_seconds(fake_slurm, tmp_path, 
     watcher = JobWatcher([f"{base}_0", f"{base}_1"], min_interval_s=0.5,
                          result_exists=lambda j: Path(tmp_path / f"{j}.pkl").exists(),
                          log_file=lambda j: tmp_path / f"{j}.err")
-    _wait(watcher, f"{base}_0", lambda s: s.state == "RUNNING")
+    wait_for_job_state(watcher, f"{base}_0", lambda s: s.state == "RUNNING", timeout=30)
     start = time.monotonic()
     subprocess.run(["scancel", f"{base}_0"], check=True)
-    state = _wait(watcher, f"{base}_0", lambda s: s.done)
+    state = wait_for_job_state(watcher, f"{base}_0", lambda s: s.done, timeout=30)
     assert time.monotonic() - start < 5
     assert state.state == "CANCELLED" and "cancelled" in state.reason
     assert state.source == ("sacct" if accounting else "log")

@@ -83,6 +83,18 @@ def wait_for(predicate, timeout: float, what: str, thread: GridThread | None = N
         time.sleep(0.2)
 
 
+def wait_for_job_state(watcher, job_id: str, predicate, timeout: float = 60):
+    """Poll a :class:`sm_utils.slurm.JobWatcher` until ``predicate(state)`` holds for ``job_id``;
+    return that state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = watcher.poll()[job_id]
+        if predicate(state):
+            return state
+        assert time.monotonic() < deadline, f"job {job_id} stayed {state}"
+        time.sleep(0.2)
+
+
 def array_tasks(spec: GridSpec) -> list[str]:
     """The array task ids submitit made folders for (``<job>_<task>``), sorted by task."""
     folders = [p.name for p in (spec.runs_dir / "_submitit").glob("*_*") if p.is_dir()]
@@ -90,4 +102,4 @@ def array_tasks(spec: GridSpec) -> list[str]:
 
 
 __all__ = ["FAKE_NOTEBOOK", "GridThread", "array_tasks", "expand_cells", "run", "tiny_grid",
-           "wait_for"]
+           "wait_for", "wait_for_job_state"]
