@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -43,8 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from sm_utils.confounders import get_confounder
 from sm_utils.data import ConfoundedImageDataset, ImageCache
@@ -53,6 +53,10 @@ from sm_utils.datasets.lidc import find_series, nodule_image, read_series, write
 from sm_utils.datasets.nih import index_images, read_metadata
 from sm_utils.manifest import Manifest
 from sm_utils.phantoms import render_ct_hu, render_cxr, sample_patient, window_to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.fakes.lidc_files import write_ct_slice  # the tests' DICOM writer
 
 NIH_IMAGES, NIH_PATIENTS = 112_120, 30_805
 # images per provider folder images_001 .. images_012
@@ -222,25 +226,12 @@ def write_series(folder: Path, patient_id: str, n_slices: int, seed: int) -> str
     folder.mkdir(parents=True)
     names = rng.permutation(n_slices)
     for k in range(n_slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"1-{int(names[k]) + 1:03d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient_id, study_uid, series_uid
-        ds.Modality, ds.InstanceNumber = "CT", int(names[k]) + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-180.0, -180.0, -300.0 + 1.25 * k]
-        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.25
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-        ds.Rows = ds.Columns = 512
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         hu = planes[k % 4] + rng.normal(0.0, 15.0, (512, 512))
-        ds.PixelData = np.round(hu + 1024.0).astype(np.int16).tobytes()
-        ds.save_as(path, enforce_file_format=True)
+        write_ct_slice(folder / f"1-{int(names[k]) + 1:03d}.dcm",
+                       np.round(hu + 1024.0).astype(np.int16), patient_id=patient_id,
+                       study_uid=study_uid, series_uid=series_uid, instance=int(names[k]) + 1,
+                       position=(-180.0, -180.0, -300.0 + 1.25 * k), pixel_spacing=0.7,
+                       thickness=1.25, slope=1.0, intercept=-1024.0)
     return series_uid
 
 

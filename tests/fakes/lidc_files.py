@@ -62,6 +62,40 @@ def synthetic_hu(shape, nodules: list[FakeNodule]) -> np.ndarray:
     return hu
 
 
+def write_ct_slice(path: Path, stored: np.ndarray, *, patient_id: str, study_uid: str,
+                   series_uid: str, instance: int, position: tuple[float, float, float],
+                   pixel_spacing: float, thickness: float, slope: float,
+                   intercept: float) -> None:
+    """One axial CT slice as a DICOM file: stored values ``stored`` (uint16, or int16 as TCIA
+    stores LIDC) with HU = stored * slope + intercept."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    ds.InstanceNumber = instance
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = list(position)
+    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.SliceThickness = thickness
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = int(stored.dtype == np.int16)  # 1: signed
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def write_ct_series(
     folder: Path, patient_id: str, nodules: list[FakeNodule], *, n_slices: int = 8,
     size: int = 40, pixel_spacing: float = 0.7, slice_step: float = 2.5, z0: float = -120.0,
@@ -80,35 +114,14 @@ def write_ct_series(
     for k in range(n_slices):
         if k == drop_slice:
             continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{int(names[k]) + 1}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientID = patient_id
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series.series_uid
-        ds.Modality = "CT"
-        ds.InstanceNumber = int(names[k]) + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         zk = float(z[k]) + (0.9 * slice_step if k == jitter_slice else 0.0)
-        ds.ImagePositionPatient = [series.origin_xy[0], series.origin_xy[1], zk]
-        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-        ds.SliceThickness = slice_step
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
         stored = np.round((hu[k] - intercept) / slope).astype(np.uint16)
-        ds.PixelData = stored.tobytes()
-        ds.save_as(path, enforce_file_format=True)
+        write_ct_slice(path, stored, patient_id=patient_id, study_uid=study_uid,
+                       series_uid=series.series_uid, instance=int(names[k]) + 1,
+                       position=(series.origin_xy[0], series.origin_xy[1], zk),
+                       pixel_spacing=pixel_spacing, thickness=slice_step, slope=slope,
+                       intercept=intercept)
         series.files.append(path)
     return series
 
