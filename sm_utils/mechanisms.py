@@ -302,8 +302,7 @@ def probe_set(manifest, confounder, *, strength: float = 1.0, confounder_params:
     chosen = rows.iloc[_pick(rows["image_id"], min(n_images, len(rows)), seed, "probe")]
     both = pd.concat([chosen.assign(confounded=False), chosen.assign(confounded=True)],
                      ignore_index=True)
-    if conf.cache_dir is None and (conf.memoise or conf.resolution != "input"):
-        conf = conf.with_cache(cache.path.parent / "confounders")  # as execute_run does
+    conf = conf.memoised_under(cache.path.parent / "confounders")  # as a run does
     dataset = ConfoundedImageDataset(both, cache, confounder=conf, seed=seed, root=manifest.root,
                                      resize=resize)
     images = np.stack([dataset.image(i) for i in range(len(both))])

@@ -291,11 +291,8 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
     conf = get_run_confounder(config)
     splits = split_rows(config, manifest, conf)
     cache = ImageCache.for_manifest(manifest, config.image_size, cache_dir, resize=config.resize)
-    if (conf is not None and conf.kind == "synthetic" and conf.cache_dir is None
-            and (conf.memoise or conf.resolution != "input")):
-        # e.g. ct_noise (seconds per image) or a filter on the stored 1024 px image: the same
-        # output in every fold and p (nested), so each image is computed once for the grid
-        conf = conf.with_cache(cache.path.parent / "confounders")
+    if conf is not None:  # e.g. ct_noise, or a filter on the stored 1024 px image
+        conf = conf.memoised_under(cache.path.parent / "confounders")
 
     def dataset(name: str, augment: bool) -> ConfoundedImageDataset:
         return ConfoundedImageDataset(splits[name], cache, confounder=conf, seed=config.seed,

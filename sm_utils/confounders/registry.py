@@ -341,6 +341,15 @@ class Confounder:
         """
         return replace(self, cache_dir=None if cache_dir is None else str(cache_dir))
 
+    def memoised_under(self, cache_dir: str | os.PathLike) -> Confounder:
+        """This confounder memoised under ``cache_dir`` where that pays (a slow one, or one
+        acting on the stored image rather than the model input: the same output in every fold
+        and p, so each image is computed once); otherwise, or when already memoised, itself."""
+        if (self.kind == "synthetic" and self.cache_dir is None
+                and (self.memoise or self.resolution != "input")):
+            return self.with_cache(cache_dir)
+        return self
+
     def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
                         original_key) -> np.ndarray:
         from PIL import Image
