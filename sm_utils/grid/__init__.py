@@ -237,28 +237,24 @@ def run_grid(
         executing.rmdir()
     if analyse and spec.notebooks["analysis"].exists():
         analysis_start = time.perf_counter()
-        output = spec.runs_dir / "04_analysis.ipynb"
-        log(f"analysis: {spec.notebooks['analysis']} -> {output}")
-        try:
-            execute_once(spec.notebooks["analysis"], output,
-                         {"grid_config": str(spec.path) if spec.path else "",
-                          "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir),
-                          "results_csv": ""},
-                         spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
-        except Exception as err:  # noqa: BLE001 (a failed analysis must not hide the grid's report)
-            report.failures.append(("analysis notebook", describe_error(err)))
-        mechanisms = spec.notebooks.get("mechanisms")
-        if (spec.probe or spec.attribution) and mechanisms is not None and mechanisms.exists():
-            output = spec.runs_dir / "05_mechanisms.ipynb"
-            log(f"mechanisms: {mechanisms} -> {output}")
+        # notebook 04 reads the runs itself; 05 (probe/attribution grids) the table 04 wrote
+        steps = [("analysis", "04_analysis.ipynb", "")]
+        if spec.probe or spec.attribution:
+            steps.append(("mechanisms", "05_mechanisms.ipynb", str(spec.runs_dir / "results.csv")))
+        for step, name, results_csv in steps:
+            notebook = spec.notebooks.get(step)
+            if notebook is None or not notebook.exists():
+                continue
+            output = spec.runs_dir / name
+            log(f"{step}: {notebook} -> {output}")
             try:
-                execute_once(mechanisms, output,
+                execute_once(notebook, output,
                              {"grid_config": str(spec.path) if spec.path else "",
                               "runs_dir": str(spec.runs_dir), "figures_dir": str(spec.figures_dir),
-                              "results_csv": str(spec.runs_dir / "results.csv")},
+                              "results_csv": results_csv},
                              spec.run["kernel_name"], int(spec.run["cell_timeout_s"]))
-            except Exception as err:  # noqa: BLE001
-                report.failures.append(("mechanisms notebook", describe_error(err)))
+            except Exception as err:  # noqa: BLE001 (a failed analysis must not hide the grid's report)
+                report.failures.append((f"{step} notebook", describe_error(err)))
         report.analysis_seconds = time.perf_counter() - analysis_start
     report.wall_seconds = time.perf_counter() - start
     return report
