@@ -17,6 +17,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per loader worker, as in training
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# isort: off
+import sm_utils  # noqa: F401  (before numpy and torch: pins the CPU numerics)
+# isort: on
 import numpy as np
 import pandas as pd
 

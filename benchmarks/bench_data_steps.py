@@ -41,6 +41,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+# isort: off
+import sm_utils  # noqa: F401  (before numpy and torch: pins the CPU numerics)
+# isort: on
 import numpy as np
 import pandas as pd
 from PIL import Image

@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: off
+import sm_utils  # noqa: F401  (before numpy and torch: pins the CPU numerics)
+# isort: on
 import numpy as np
 import pandas as pd
 import torch

@@ -12,6 +12,9 @@ import argparse
 import tempfile
 import time
 
+# isort: off
+import sm_utils  # noqa: F401  (before numpy and torch: pins the CPU numerics)
+# isort: on
 import numpy as np
 import torch
 from PIL import Image

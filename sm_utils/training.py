@@ -27,6 +27,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from . import numerics
 from .evaluation import binary_auc
 
 OPTIMIZERS = ("adam", "adamw")
@@ -74,21 +75,26 @@ def configure_device(device: torch.device, threads: int | None = None) -> Iterat
     """Set up the process for training on ``device``; restore the previous settings after.
 
     CPU: ``torch.use_deterministic_algorithms(True)`` and a fixed thread count. GPU:
-    cuDNN autotuning and TF32 (speed over bit-exactness). Yields a record of the settings.
+    cuDNN autotuning and TF32 (speed over bit-exactness). Yields a record of the settings,
+    with the CPU numerics in effect (:mod:`sm_utils.numerics`; a warning where a library
+    loaded before ``sm_utils`` escaped pinning).
     """
+    numerics.warn_if_unpinned()
     previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
                 torch.backends.cudnn.benchmark)
     if device.type == "cpu":
         threads = cpu_threads() if threads is None else int(threads)
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(threads)
-        record = {"device": "cpu", "threads": threads, "deterministic": True}
+        record = {"device": "cpu", "threads": threads, "deterministic": True,
+                  "numerics": numerics.describe()}
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         record = {"device": str(device), "gpu": torch.cuda.get_device_name(device),
-                  "deterministic": False, "bf16_autocast": True, "channels_last": True}
+                  "deterministic": False, "bf16_autocast": True, "channels_last": True,
+                  "numerics": numerics.describe()}
     try:
         yield record
     finally:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# isort: off
+import sm_utils  # noqa: F401  (before torch loads: sm_utils.numerics pins the CPU's kernels)
+# isort: on
 import pytest
 import torch
 

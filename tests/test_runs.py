@@ -4,7 +4,7 @@ from dataclasses import asdict, fields
 import pandas as pd
 import pytest
 
-from sm_utils import runs
+from sm_utils import numerics, runs
 from sm_utils.io import stable_hash
 from sm_utils.runs import RunConfig, RunError, execute_run
 
@@ -110,6 +110,12 @@ def test_run_directory_is_complete_and_metrics_follow_the_contract(phantom_cxr, 
     assert "commit" in resolved["git"]
     assert resolved["preprocessing"]["name"] == "efficientnet_lite"
     assert resolved["device"]["deterministic"] is True
+    recorded = resolved["device"]["numerics"]  # the CPU kernels it ran (sm_utils.numerics)
+    assert recorded["mode"] == numerics.mode()
+    assert recorded["pinned"] is (numerics.profile() is not None)
+    if recorded["pinned"]:
+        assert recorded["aten_capability"] == numerics.ATEN_OF_PROFILE[recorded["profile"]]
+        assert recorded["env"]["MKL_CBWR"] == "COMPATIBLE"
 
 
 def test_rerun_on_cpu_reproduces_metrics_exactly(phantom_cxr, tmp_path, cache_dir):
