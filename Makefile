@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test test-package test-notebooks lab sources benchmark clean-demo mechanisms
+.PHONY: setup demo test test-package test-notebooks test-foreign lab sources benchmark clean-demo \
+        mechanisms notebooks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,21 @@ test-package: $(STAMP)
 
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly notebooks
+
+# make test-foreign   the same tests with another CPU's kernels and the numerics left unpinned,
+#                     as a user on another platform (e.g. arm64) runs them: the notebooks' float
+#                     results must then hold within the measured cross-CPU spread
+#                     (docs/REPRODUCIBILITY.md). FOREIGN_NUMERICS=... chooses other kernels.
+FOREIGN_NUMERICS ?= SM_NUMERICS=native ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 \
+                    MKL_CBWR=AVX
+test-foreign: $(STAMP)
+	env $(FOREIGN_NUMERICS) $(MAKE) test
+
+# make notebooks   re-execute every notebook in place with its defaults and record the float
+#                  results it checks as its new reference (data/reference/notebooks/); commit both
+notebooks: $(STAMP)
+	for nb in notebooks/0*.ipynb; do \
+	  SM_RECORD_REFERENCE=1 $(BIN)/sm notebook $$nb $$nb || exit 1; done
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[lab]"

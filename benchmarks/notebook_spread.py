@@ -1,0 +1,152 @@
+"""How far the notebooks' float results move under other CPUs' kernels: the tolerances of
+their regression checks (sm_utils.regression).
+
+Each setting below is another CPU's choice of kernels (numerics not pinned). For each, the
+notebooks with training or probes (00, 03, 05, and 01 for 03's data) run with their defaults
+in a scratch copy of the project (its own data, sources and cache, all rebuilt under those
+kernels, as on that CPU), and each notebook's check writes the values it saw. Printed: per
+notebook and quantity, the largest difference from the committed reference over the
+settings. ``--write`` stores, per quantity, ``tolerance = MARGIN x largest difference`` in
+``data/reference/notebooks/<notebook>.json`` with the measurement behind it; a quantity that
+was undefined (NaN or absent) on one side under some setting may be so in a check too.
+
+    .venv/bin/python benchmarks/notebook_spread.py            # about 25 min on 2 cores
+    .venv/bin/python benchmarks/notebook_spread.py --write
+    .venv/bin/python benchmarks/notebook_spread.py --notebooks 03_fine_tuning --settings avx
+
+`make test-foreign` then runs the tests under yet another set of kernels (the Makefile's
+FOREIGN_NUMERICS, none of the settings here): an out-of-sample check of the tolerances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {  # name -> kernel choice (with SM_NUMERICS=native)
+    "this CPU": {},
+    "SSE4.1": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+               "MKL_CBWR": "COMPATIBLE", "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL "
+                                                                     "AVX512_SPR"},
+    "AVX": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX", "MKL_CBWR": "AVX",
+            "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"},
+}
+NOTEBOOKS = ("00_source_pretraining", "01_data_preparation", "03_fine_tuning", "05_mechanisms")
+CHECKED = ("00_source_pretraining", "03_fine_tuning", "05_mechanisms")
+MARGIN = 1.5
+COPIED = ("notebooks", "configs", "data/reference", "pyproject.toml")
+
+
+def scratch_project(folder: Path) -> Path:
+    for name in COPIED:
+        source, target = ROOT / name, folder / name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return folder
+
+
+def run_setting(name: str, kernels: dict[str, str], notebooks: list[str], out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="sm-spread-") as tmp:
+        project = scratch_project(Path(tmp))
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
+                            "NPY_DISABLE_CPU_FEATURES", "SM_NUMERICS_PROFILE")}
+        env.update(kernels, SM_NUMERICS="native", SM_PROJECT_ROOT=str(project),
+                   SM_CACHE_DIR=str(project / "cache"), SM_REGRESSION_OUT=str(out),
+                   HF_HUB_OFFLINE="1")
+        sm = Path(sys.executable).with_name("sm")
+        for notebook in notebooks:
+            path = project / "notebooks" / f"{notebook}.ipynb"
+            done = subprocess.run([str(sm), "notebook", str(path), str(out / f"{notebook}.ipynb")],
+                                  env=env, cwd=project, capture_output=True, text=True,
+                                  check=False)
+            print(f"  {name}: {notebook} {'ok' if done.returncode == 0 else 'FAILED'}",
+                  flush=True)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-3000:])
+
+
+def differences(notebook: str, outputs: dict[str, Path]) -> dict[str, dict]:
+    """Per quantity: the largest difference from the reference over the settings, and how
+    often a value was defined on one side only (NaN or absent: e.g. a Spearman rho once the
+    probe AUCs tie)."""
+    from sm_utils.regression import REFERENCE_DIR, quantity
+
+    reference = json.loads((ROOT / REFERENCE_DIR / f"{notebook}.json").read_text())["values"]
+    spread: dict[str, dict] = {}
+    for setting, folder in outputs.items():
+        seen = json.loads((folder / f"{notebook}.json").read_text())["values"]
+        for key, ref in reference.items():
+            value = seen.get(key, math.nan)
+            entry = spread.setdefault(quantity(key), {"largest_difference": 0.0, "at": "",
+                                                      "n_values": 0, "undefined_on_one_side": 0})
+            entry["n_values"] += 1
+            if math.isnan(value) or math.isnan(ref):
+                entry["undefined_on_one_side"] += math.isnan(value) != math.isnan(ref)
+                continue
+            diff = abs(value - ref)
+            if diff > entry["largest_difference"]:
+                entry.update(largest_difference=diff, at=f"{key} ({setting})")
+    for entry in spread.values():
+        entry["n_values"] //= max(1, len(outputs))
+    return spread
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--notebooks", nargs="+", default=list(CHECKED), choices=CHECKED)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--keep", help="folder to keep each setting's values and notebooks in")
+    parser.add_argument("--write", action="store_true",
+                        help="store the tolerances in data/reference/notebooks/")
+    args = parser.parse_args()
+    needed = [n for n in NOTEBOOKS if n in args.notebooks
+              or (n == "01_data_preparation" and "03_fine_tuning" in args.notebooks)]
+    keep = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sm-spread-out-"))
+    outputs = {}
+    for name in args.settings:
+        folder = keep / name.replace(" ", "_").replace(".", "")
+        folder.mkdir(parents=True, exist_ok=True)
+        if not all((folder / f"{n}.json").exists() for n in args.notebooks):
+            run_setting(name, SETTINGS[name], needed, folder)
+        outputs[name] = folder
+    print(f"values per setting in {keep}")
+    today = datetime.date.today().isoformat()
+    for notebook in args.notebooks:
+        spread = differences(notebook, outputs)
+        print(f"\n{notebook}: largest difference from the reference over {len(outputs)} "
+              f"settings ({', '.join(outputs)})")
+        for name, entry in sorted(spread.items()):
+            undefined = entry["undefined_on_one_side"]
+            print(f"  {name:36s} {entry['largest_difference']:10.4g}  ({entry['n_values']} "
+                  f"values; at {entry['at'] or '-'}"
+                  + (f"; defined on one side only {undefined} time(s)" if undefined else "") + ")")
+        if args.write:
+            path = ROOT / "data" / "reference" / "notebooks" / f"{notebook}.json"
+            stored = json.loads(path.read_text())
+            stored["tolerances"] = {
+                name: {"tolerance": MARGIN * entry["largest_difference"], **entry,
+                       "settings": list(outputs), "margin": MARGIN, "measured": today,
+                       "command": "python benchmarks/notebook_spread.py --write"}
+                for name, entry in sorted(spread.items())}
+            from sm_utils.io import atomic_write_json
+
+            atomic_write_json(path, stored)
+            print(f"  tolerances written to {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""A notebook's own check of its floating-point results against committed reference values.
+
+nbval compares a notebook's printed outputs exactly, which suits counts, configurations and
+data checks. Numbers from training, probes and attribution are exact only where the numeric
+code paths are the same: pinned numerics (:mod:`sm_utils.numerics`) on x86-64 with the same
+library versions and BLAS. So a notebook hands those numbers to :func:`check_notebook`, which
+compares them with ``data/reference/notebooks/<notebook>.json``:
+
+- bit for bit where this process's numerics fingerprint equals the reference's;
+- elsewhere (another BLAS, another architecture, ``SM_NUMERICS=native``) within each
+  quantity's tolerance, which ``benchmarks/notebook_spread.py`` derives from the differences
+  measured under other CPUs' kernels, and writes beside the values (a quantity those kernels
+  left undefined on one side, NaN or absent, may be so here too);
+- not at all when the notebook ran with other parameters than the reference's (a grid, or
+  a user's own settings): the check says so.
+
+The one line :attr:`RegressionCheck.summary` is the same on every machine where the check
+passes (nbval compares it); :attr:`RegressionCheck.details` says how it compared. A failed
+check never raises (a user's demo goes on): its summary line differs, and a warning lists the
+largest differences. ``SM_RECORD_REFERENCE=1`` writes the values as the new reference instead, and
+``SM_REGRESSION_OUT=FOLDER`` writes them there as well (what the spread benchmark reads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import numerics
+from .io import atomic_write_json
+from .paths import resolve
+
+RECORD_ENV = "SM_RECORD_REFERENCE"
+OUT_ENV = "SM_REGRESSION_OUT"  # a folder: each check also writes the values it saw there
+REFERENCE_DIR = "data/reference/notebooks"
+# Versions of the libraries whose arithmetic reaches the notebooks' numbers.
+FINGERPRINT_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "timm", "pillow",
+                        "scikit-image", "captum", "pandas")
+
+
+class RegressionError(ValueError):
+    """Values that cannot be compared with a reference (malformed input or reference)."""
+
+
+def fingerprint() -> dict[str, Any]:
+    """Everything that decides the bits of a float result on this machine's CPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    state = numerics.describe()
+    versions = {}
+    for name in FINGERPRINT_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {"pinned": state["pinned"], "profile": state["profile"], "machine": state["machine"],
+            "aten_capability": state["aten_capability"], "numpy_dispatch": state["numpy_dispatch"],
+            "blas": state["blas"],
+            "env": {k: v for k, v in state["env"].items() if k in numerics.PINNED_VARIABLES},
+            "versions": versions}
+
+
+SEPARATOR = " | "  # between a key's table, index entries and column (names may hold "/")
+
+
+def flatten(tables: dict[str, pd.DataFrame | pd.Series | dict]) -> dict[str, float]:
+    """``{"table | index=value | ... | column": number}`` for every numeric cell of each table.
+    Tables are indexed by their keys (``frame.set_index([...])``); a dict or Series is one row.
+    A tolerance is given per quantity, a table's column (:func:`quantity`)."""
+    values: dict[str, float] = {}
+    for table, data in tables.items():
+        if isinstance(data, dict):
+            data = pd.Series(data)
+        frame = data.to_frame().T if isinstance(data, pd.Series) else data
+        if frame.index.has_duplicates:
+            raise RegressionError(f"table {table!r} has duplicate index entries; index it by "
+                                  "the columns that identify a row (set_index).")
+        names = [n or "row" for n in frame.index.names]
+        for index, row in frame.iterrows():
+            index = index if isinstance(index, tuple) else (index,)
+            prefix = SEPARATOR.join([table, *(f"{n}={_label(v)}" for n, v in zip(names, index))])
+            for column, value in row.items():
+                number = _number(value)
+                if number is not None:
+                    values[f"{prefix}{SEPARATOR}{column}"] = number
+    return values
+
+
+def _label(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def quantity(key: str) -> str:
+    """The table and column of a key: what one tolerance covers."""
+    parts = key.split(SEPARATOR)
+    return f"{parts[0]}{SEPARATOR}{parts[-1]}"
+
+
+@dataclass
+class RegressionCheck:
+    notebook: str
+    path: Path
+    status: str                        # "recorded", "exact", "tolerance", "skipped", "failed"
+    n_values: int = 0
+    reason: str = ""
+    largest: list[tuple[str, float, float, float]] = field(default_factory=list)
+    # (key, value, reference value, allowed difference), largest difference first
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    @property
+    def summary(self) -> str:
+        where = _shown(self.path)
+        if self.status == "skipped":
+            return f"{self.notebook}: not compared with {where} ({self.reason})"
+        if self.ok:
+            return f"{self.notebook}: {self.n_values} values as in {where}"
+        return (f"{self.notebook}: {len(self.largest)} of {self.n_values} values DIFFER from "
+                f"{where} ({self.reason})")
+
+    @property
+    def details(self) -> str:
+        how = {"recorded": "recorded as the new reference (SM_RECORD_REFERENCE)",
+               "exact": "compared bit for bit: the numerics fingerprint equals the reference's",
+               "tolerance": "compared within the measured tolerances: " + self.reason,
+               "skipped": "not compared: " + self.reason,
+               "failed": "FAILED: " + self.reason}[self.status]
+        lines = [how]
+        if self.largest and self.status in ("tolerance", "failed"):
+            lines.append("largest differences (value, reference, allowed):")
+            lines += [f"  {key}: {value:.6g} vs {ref:.6g} (allowed {allowed:.3g})"
+                      for key, value, ref, allowed in self.largest[:10]]
+        return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    from .paths import project_root
+
+    try:
+        return str(path.resolve().relative_to(project_root()))
+    except ValueError:
+        return str(path)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def check_notebook(notebook: str, tables: dict[str, Any], parameters: dict[str, Any], *,
+                   identities: dict[str, str] | None = None,
+                   reference_dir: str | os.PathLike | None = None) -> RegressionCheck:
+    """Compare a notebook's numbers (``tables``, see :func:`flatten`) with its reference,
+    made with ``parameters`` (the notebook's parameters that decide the numbers).
+    ``identities`` (e.g. a weights file's sha256) are compared only bit for bit, where the
+    numerics are the reference's."""
+    path = resolve(reference_dir or REFERENCE_DIR) / f"{notebook}.json"
+    values = flatten(tables)
+    identities = dict(identities or {})
+    if os.environ.get(OUT_ENV):  # benchmarks/notebook_spread.py reads what each notebook saw
+        atomic_write_json(Path(os.environ[OUT_ENV]) / f"{notebook}.json",
+                          {"notebook": notebook, "values": values, "numerics": fingerprint()})
+    parameters = json.loads(json.dumps(parameters, default=str))
+    here = fingerprint()
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if os.environ.get(RECORD_ENV, "") not in ("", "0"):
+        atomic_write_json(path, {"notebook": notebook, "parameters": parameters,
+                                 "numerics": here, "values": values, "identities": identities,
+                                 "tolerances": stored.get("tolerances", {})})
+        return RegressionCheck(notebook, path, "recorded", len(values))
+    if not stored:
+        return RegressionCheck(notebook, path, "skipped", reason=f"no reference: write one with "
+                               f"{RECORD_ENV}=1")
+    changed = sorted(k for k in set(parameters) | set(stored["parameters"])
+                     if parameters.get(k) != stored["parameters"].get(k))
+    if changed:
+        return RegressionCheck(notebook, path, "skipped",
+                               reason="other parameters than the reference's: "
+                                      + ", ".join(changed))
+    reference = stored["values"]
+    exact = here == stored["numerics"]
+    tolerances = {} if exact else stored.get("tolerances", {})
+    missing, extra = sorted(set(reference) - set(values)), sorted(set(values) - set(reference))
+    if not exact:  # an undefined value (NaN) may be absent from a table: compared as NaN below
+        missing, extra = ([k for k in keys if not _may_be_undefined(tolerances, k)]
+                          for keys in (missing, extra))
+    if missing or extra:
+        reason = "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"not in the reference: {', '.join(extra[:5])}" if extra else "") if part)
+        return _failed(RegressionCheck(notebook, path, "failed", len(values), reason=reason))
+    rows = []
+    if exact:
+        for key, ref in stored.get("identities", {}).items():
+            if identities.get(key) != ref:
+                return _failed(RegressionCheck(
+                    notebook, path, "failed", len(values),
+                    reason=f"{key} is {identities.get(key)}, not {ref}, though the numerics are "
+                           "the reference's"))
+    for key in sorted(set(reference) | set(values)):
+        ref, value = reference.get(key, math.nan), values.get(key, math.nan)
+        allowed = 0.0 if exact else float(tolerances.get(quantity(key), {}).get("tolerance", 0.0))
+        difference = 0.0 if _same(value, ref) else abs(value - ref)
+        if math.isnan(difference):  # defined on one side only
+            if not exact and _may_be_undefined(tolerances, key):
+                continue
+            difference = math.inf
+        if difference > 0:
+            rows.append((key, value, ref, allowed, difference))
+    rows.sort(key=lambda r: r[4] - r[3], reverse=True)
+    failing = [r for r in rows if r[4] > r[3]]
+    if exact:
+        reason = ""
+    else:
+        differing = sorted(k for k in ("pinned", "profile", "machine", "aten_capability",
+                                       "numpy_dispatch", "blas", "env", "versions")
+                           if here.get(k) != stored["numerics"].get(k))
+        reason = "this machine's numerics differ from the reference's in " + ", ".join(differing)
+    largest = [(k, v, r, a) for k, v, r, a, _ in (failing or rows)]
+    if failing:
+        quantities = sorted({quantity(r[0]) for r in failing})
+        untolerated = [q for q in quantities if q not in tolerances]
+        reason = ("not bit for bit, though the numerics are the reference's" if exact else
+                  f"beyond the tolerance of {', '.join(quantities)}"
+                  + (f" (no tolerance measured for {', '.join(untolerated)})"
+                     if untolerated else ""))
+        return _failed(RegressionCheck(notebook, path, "failed", len(values), reason=reason,
+                                       largest=[(k, v, r, a) for k, v, r, a, _ in failing]))
+    return RegressionCheck(notebook, path, "exact" if exact else "tolerance", len(values),
+                           reason=reason, largest=largest)
+
+
+def _may_be_undefined(tolerances: dict, key: str) -> bool:
+    """Whether other CPUs' kernels were seen to leave this quantity undefined on one side."""
+    return tolerances.get(quantity(key), {}).get("undefined_on_one_side", 0) > 0
+
+
+def _failed(check: RegressionCheck) -> RegressionCheck:
+    warnings.warn(f"{check.summary}\n{check.details}\nIf the change is intended, record the new "
+                  f"values: {RECORD_ENV}=1 sm notebook notebooks/{check.notebook}.ipynb "
+                  f"notebooks/{check.notebook}.ipynb", RuntimeWarning, stacklevel=3)
+    return check

@@ -1,0 +1,167 @@
+"""The notebooks' own regression checks (sm_utils.regression): exact where the numerics are the
+reference's, within the measured tolerance elsewhere, skipped for other parameters."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from sm_utils import regression
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {"seed": 1, "n": 10}
+
+
+def tables(auc=0.75, loss=0.5):
+    history = pd.DataFrame({"epoch": [1, 2], "loss": [0.9, loss], "name": ["a", "b"]})
+    return {"history": history.set_index("epoch"),
+            "result": {"auc": auc, "best_epoch": 2, "undefined": math.nan}}
+
+
+@pytest.fixture
+def recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv(regression.RECORD_ENV, "1")
+    check = regression.check_notebook("nb", tables(), PARAMS, identities={"sha": "abc"},
+                                      reference_dir=tmp_path)
+    monkeypatch.delenv(regression.RECORD_ENV)
+    assert check.status == "recorded" and check.ok
+    return tmp_path
+
+
+def test_flatten_names_each_number_by_table_index_and_quantity():
+    values = regression.flatten(tables())
+    assert values == {"history | epoch=1 | loss": 0.9, "history | epoch=2 | loss": 0.5,
+                      "result | row=0 | auc": 0.75, "result | row=0 | best_epoch": 2.0,
+                      "result | row=0 | undefined": values["result | row=0 | undefined"]}
+    assert math.isnan(values["result | row=0 | undefined"])  # strings are left out, NaN kept
+    assert regression.quantity("history | epoch=1 | loss") == "history | loss"
+    # names with "/" (class names like ct_lung/benign) stay whole
+    confusion = pd.DataFrame([[3, 1]], index=pd.Index(["ct/a"], name="true"), columns=["ct/a", "ct/b"])
+    assert regression.flatten({"confusion": confusion}) == {"confusion | true=ct/a | ct/a": 3.0,
+                                                            "confusion | true=ct/a | ct/b": 1.0}
+    assert regression.quantity("confusion | true=ct/a | ct/b") == "confusion | ct/b"
+    with pytest.raises(regression.RegressionError, match="duplicate index"):
+        regression.flatten({"t": pd.DataFrame({"x": [1, 2]}, index=[0, 0])})
+
+
+def test_the_same_numbers_on_the_same_numerics_pass_bit_for_bit(recorded):
+    stored = json.loads((recorded / "nb.json").read_text())
+    assert stored["parameters"] == PARAMS and stored["identities"] == {"sha": "abc"}
+    assert stored["numerics"] == regression.fingerprint()
+    check = regression.check_notebook("nb", tables(), PARAMS, identities={"sha": "abc"},
+                                      reference_dir=recorded)
+    assert check.status == "exact" and check.ok
+    assert check.summary == f"nb: 5 values as in {recorded / 'nb.json'}"
+
+
+def test_one_ulp_off_fails_where_the_numerics_are_the_references(recorded):
+    with pytest.warns(RuntimeWarning, match="values DIFFER"):
+        check = regression.check_notebook("nb", tables(auc=math.nextafter(0.75, 1)), PARAMS,
+                                          identities={"sha": "abc"}, reference_dir=recorded)
+    assert not check.ok and "1 of 5 values DIFFER" in check.summary
+    assert check.largest[0][0] == "result | row=0 | auc"
+    with pytest.warns(RuntimeWarning, match="sha is xyz, not abc"):
+        check = regression.check_notebook("nb", tables(), PARAMS, identities={"sha": "xyz"},
+                                          reference_dir=recorded)
+    assert not check.ok
+
+
+def other_numerics(monkeypatch):
+    here = regression.fingerprint()
+    monkeypatch.setattr(regression, "fingerprint",
+                        lambda: {**here, "blas": [{"library": "openblas", "architecture": "X"}]})
+
+
+def write_tolerances(folder: Path, **tolerances: float) -> None:  # quantity -> tolerance
+    path = folder / "nb.json"
+    stored = json.loads(path.read_text())
+    stored["tolerances"] = {name: {"tolerance": value} for name, value in tolerances.items()}
+    path.write_text(json.dumps(stored))
+
+
+def test_other_numerics_compare_within_the_measured_tolerance(recorded, monkeypatch):
+    other_numerics(monkeypatch)
+    write_tolerances(recorded, **{"result | auc": 0.05, "history | loss": 0.01})
+    within = regression.check_notebook("nb", tables(auc=0.79, loss=0.505), PARAMS,
+                                       identities={"sha": "other bits"}, reference_dir=recorded)
+    assert within.status == "tolerance" and within.ok  # identities are not compared here
+    assert "numerics differ from the reference's in blas" in within.details
+    exact_summary = f"nb: 5 values as in {recorded / 'nb.json'}"
+    assert within.summary == exact_summary  # the line nbval compares is the same
+    with pytest.warns(RuntimeWarning, match=re.escape("beyond the tolerance of result | auc")):
+        beyond = regression.check_notebook("nb", tables(auc=0.81), PARAMS, reference_dir=recorded)
+    assert not beyond.ok
+    # a quantity without a measured tolerance must still match exactly
+    with pytest.warns(RuntimeWarning, match=re.escape("no tolerance measured for result | best_epoch")):
+        regression.check_notebook("nb", {**tables(), "result": {"auc": 0.75, "best_epoch": 3,
+                                                                "undefined": math.nan}},
+                                  PARAMS, reference_dir=recorded)
+
+
+def test_nan_on_one_side_never_passes(recorded, monkeypatch):
+    other_numerics(monkeypatch)
+    write_tolerances(recorded, **{"result | auc": 1.0})
+    with pytest.warns(RuntimeWarning):
+        check = regression.check_notebook("nb", tables(auc=math.nan), PARAMS,
+                                          reference_dir=recorded)
+    assert not check.ok
+
+
+def test_undefined_on_one_side_passes_only_where_other_cpus_were_seen_to_do_it(recorded,
+                                                                               monkeypatch):
+    """A Spearman rho becomes NaN (or its row is absent) once probe AUCs tie on another CPU:
+    allowed for a quantity the spread benchmark saw undefined, and only off the reference."""
+    path = recorded / "nb.json"
+    stored = json.loads(path.read_text())
+    stored["tolerances"] = {"result | auc": {"tolerance": 0.01, "undefined_on_one_side": 2}}
+    path.write_text(json.dumps(stored))
+    undefined = {**tables(), "result": {"best_epoch": 2, "undefined": math.nan}}  # auc absent
+    with pytest.warns(RuntimeWarning, match="missing result"):  # same numerics: exact
+        assert not regression.check_notebook("nb", undefined, PARAMS, reference_dir=recorded).ok
+    other_numerics(monkeypatch)
+    assert regression.check_notebook("nb", undefined, PARAMS, reference_dir=recorded).ok
+    assert regression.check_notebook("nb", tables(auc=math.nan), PARAMS,
+                                     reference_dir=recorded).ok
+    with pytest.warns(RuntimeWarning, match="best_epoch"):  # no such leave for best_epoch
+        assert not regression.check_notebook(
+            "nb", {**tables(), "result": {"auc": 0.75, "best_epoch": math.nan,
+                                          "undefined": math.nan}},
+            PARAMS, reference_dir=recorded).ok
+
+
+def test_other_parameters_or_shape_are_not_compared_or_fail(recorded):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skip is no failure: no warning
+        check = regression.check_notebook("nb", tables(auc=0.1), {**PARAMS, "seed": 2},
+                                          reference_dir=recorded)
+    assert check.status == "skipped" and check.ok
+    assert "other parameters than the reference's: seed" in check.summary
+    extra = {**tables(), "more": {"x": 1.0}}
+    with pytest.warns(RuntimeWarning, match=re.escape("not in the reference: more | row=0 | x")):
+        assert not regression.check_notebook("nb", extra, PARAMS, reference_dir=recorded).ok
+
+
+@pytest.mark.parametrize("name", ["00_source_pretraining", "03_fine_tuning", "05_mechanisms"])
+def test_committed_notebooks_end_with_a_passing_check_nbval_compares(name):
+    """The notebooks that train or probe hand their numbers to the check; nbval compares only
+    its line, and the committed line says the committed run matched its reference."""
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    checked = [c for c in notebook.cells if c.cell_type == "code"
+               and c.source.startswith("# NBVAL_CHECK_OUTPUT")]
+    check_cells = [c for c in checked if "regression.check_notebook(" in c.source]
+    assert len(check_cells) == 1
+    printed = "".join(o.get("text", "") for o in check_cells[0].outputs)
+    reference = ROOT / "data" / "reference" / "notebooks" / f"{name}.json"
+    values = json.loads(reference.read_text())["values"]
+    assert printed == (f"{name}: {len(values)} values as in "
+                       f"data/reference/notebooks/{name}.json\n")
+    # the reference's tolerances come from the measured spread, one per quantity
+    stored = json.loads(reference.read_text())
+    assert set(stored["tolerances"]) == {regression.quantity(k) for k in values}
