@@ -215,11 +215,16 @@ def demo_like(tmp_path_factory):
 
 
 def _fine_tune(manifest, p, cache_dir):
-    """The demo's training recipe (4 epochs, Adam 1e-3, no augmentation, dropout 0.2), run seed."""
+    """The demo's training recipe (4 epochs, Adam 1e-3, no augmentation, dropout 0.2), run seed,
+    with the tag at 3x the paper's size: the paper's 9-pixel tag on 186 images is taken only
+    weakly in 4 epochs (o.o.d. AUC 0.44-0.45), and where its attribution falls then depends on
+    the CPU's kernels (1.9x or 3.7x chance); the 3x tag is taken by every model (o.o.d. AUC
+    <= 0.01) and looked at: 6.8-9.1x chance over four CPU numerics (pinned at x86-64-v3 and
+    x86-64-v2, native, another CPU's kernels), 1.5-2.3x without it."""
     from sm_utils.runs import RunConfig
 
     config = RunConfig(manifest=str(manifest), confounder="tag",
-                       confounder_params={"resolution": "input"}, p=p, fold=0,
+                       confounder_params={"resolution": "input", "font_size": 192.0}, p=p, fold=0,
                        source="imagenet_lite0", image_size=64, epochs=4, batch_size=32,
                        patience=0, augment=False, drop_rate=0.2, seed=812, device="cpu",
                        runs_dir=str(cache_dir / "runs"))
@@ -245,17 +250,17 @@ def _attribution(run, **kwargs):
 
 
 def test_a_tag_shortcut_model_looks_at_the_tag(tagged):
-    assert tagged.test_auc["ood"] < 0.5  # it learnt the tag: reversed, it ranks the wrong way
+    assert tagged.test_auc["ood"] < 0.1  # it learnt the tag: reversed, it ranks the wrong way
     result = _attribution(tagged)
-    # HiResCAM of logit_1 - logit_0 at blocks.1 (16 x 16 cells at 64 px); measured 9.0x
+    # HiResCAM of logit_1 - logit_0 at blocks.1 (16 x 16 cells at 64 px); see _fine_tune
     assert result["attribution_layer"] == "blocks.1" and result["attribution_method"] == "hirescam"
-    assert 0 < result["mask_share"] < 0.01  # the 9-pixel "R" on 64 x 64
+    assert 0 < result["mask_share"] < 0.05  # the "R" at 3x: a few percent of 64 x 64
     assert result["attribution_share"] > 3 * result["mask_share"]
     assert result["attribution_n"] == int(tagged.splits["ood"]["confounded"].sum())
 
 
 def test_a_model_trained_without_the_tag_does_not(untagged, tagged):
-    result = _attribution(untagged)  # measured 2.7x (models without the tag: 1.1-2.7x)
+    result = _attribution(untagged)  # see _fine_tune: 1.5-2.3x
     assert result["attribution_share"] < 3 * result["mask_share"]
     assert result["attribution_ratio"] < _attribution(tagged)["attribution_ratio"]
 

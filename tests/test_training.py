@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import sm_utils
 from sm_utils.data import make_loader
 from sm_utils.training import (
     TrainingError,
@@ -163,6 +164,8 @@ def test_configure_device_sets_and_restores_determinism():
     with configure_device(torch.device("cpu"), threads=1) as record:
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.get_num_threads() == 1
+        numerics = record.pop("numerics")  # the CPU kernels in effect (tests/test_numerics.py)
+        assert numerics["mode"] == sm_utils.numerics.mode()
         assert record == {"device": "cpu", "threads": 1, "deterministic": True}
     assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
 
