@@ -213,7 +213,9 @@ def test_the_papers_three_arms_are_one_network_with_their_preprocessing(paper_h5
 
 
 def test_a_new_source_is_a_small_function_and_a_registration(monkeypatch, tmp_path):
-    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
+    from sm_utils.sources import registry
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
     torch.manual_seed(0)
     donor = timm.create_model("resnet18", num_classes=10)
     path = save_state_dict(tmp_path / "lab_model.safetensors", donor.state_dict())
