@@ -1,15 +1,12 @@
 """NIH ChestX-ray14 as published: metadata CSV + PNGs -> binary-task manifests.
 
-Two builders are registered:
+Builder ``nih_cxr14`` (the paper's sex task, ``nih_sex_task``, is in
+:mod:`sm_utils.datasets.nih_sex_task` and reads the same files):
 
 - ``nih_cxr14``: any binary task from a positive and a negative finding query
   (e.g. "Atelectasis" vs "No Finding"), with view filter, optional class sizes, and either
   patient-grouped splits (:func:`sm_utils.splits.make_splits`) or the official
   ``train_val_list.txt`` / ``test_list.txt`` as the fixed test set.
-- ``nih_sex_task``: the paper's sex-confounder task (PA, Atelectasis vs No Finding) with a
-  development pool, the paper's o.o.d. test set (male positives vs female negatives) and an
-  i.i.d. test pool of our own (all four sex/class groups: the paper published none) that share
-  no patient: whole patients are assigned to one side before any image is drawn.
 
 The metadata file is read as the provider publishes it: ``Data_Entry_2017.csv`` (ages such as
 "060Y" in some copies, a trailing comma on every line) or ``Data_Entry_2017_v2020.csv``
@@ -35,13 +32,21 @@ from ..splits import make_splits
 from . import register_dataset
 
 METADATA_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+
+
 OFFICIAL_SPLIT_FILES = ("train_val_list.txt", "test_list.txt")
+
+
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
     "Fibrosis", "Hernia", "Infiltration", "Mass", "No Finding", "Nodule",
     "Pleural_Thickening", "Pneumonia", "Pneumothorax",
 )
+
+
 VIEWS = ("PA", "AP")
+
+
 # provider header name -> manifest column
 BASE_COLUMNS = {
     "Image Index": "image_index",
@@ -52,18 +57,20 @@ BASE_COLUMNS = {
     "Patient Gender": "sex",
     "View Position": "view",
 }
+
+
 BRACKET_COLUMNS = {
     "OriginalImage[Width,Height]": ("width", "height"),
     "OriginalImagePixelSpacing[x,y]": ("pixel_spacing_x", "pixel_spacing_y"),
 }
+
+
 AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
 
 
 class NIHInputError(ManifestError):
     """NIH ChestX-ray14 files that cannot be turned into a manifest as they are."""
 
-
-# --- metadata ---------------------------------------------------------------------------
 
 def split_header(line: str) -> list[str]:
     """Split a header line on commas that are not inside square brackets."""
@@ -178,8 +185,6 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-# --- tasks ------------------------------------------------------------------------------
-
 def finding_sets(frame: pd.DataFrame) -> pd.Series:
     return frame["finding_labels"].map(lambda s: frozenset(x.strip() for x in str(s).split("|")))
 
@@ -229,8 +234,6 @@ def label_task(
     out["label"] = is_pos[keep].astype(int)
     return out.reset_index(drop=True)
 
-
-# --- images -----------------------------------------------------------------------------
 
 def image_folders(root: Path) -> list[Path]:
     """Where NIH PNGs may lie: images_NNN/images/, images_NNN/, images/, or root itself."""
@@ -430,141 +433,6 @@ def build_nih_cxr14(
         "n_images": len(table),
         "n_positive": int(table["label"].sum()),
         "n_patients": int(table["patient_id"].nunique()),
-        "absent_images_dropped": len(absent),
-    }
-    return Manifest(table=to_manifest_columns(table), root=root.resolve(), meta=meta)
-
-
-# --- the paper's sex task ---------------------------------------------------------------
-
-# Manifest role of each side of the sex task.
-SEX_TASK_ROLES = {"dev": "dev", "test": "test_ood", "iid": "test"}
-
-
-def assign_patients(
-    frame: pd.DataFrame, quotas: dict[tuple[str, str, int], int], rng: np.random.Generator,
-) -> dict[str, str]:
-    """Put every useful patient wholly on one side ("dev", "test", ...: the sides of ``quotas``).
-
-    ``quotas`` maps (side, sex, label) to the images wanted. Patients are visited in seeded
-    random order; each goes to the side where it fills more still-open cells (one image per
-    cell per patient is counted, so quotas are met with as many distinct patients as the
-    data allow; ties are drawn at random). Returns patient id -> side; patients who fill
-    nothing are left out.
-    """
-    remaining = dict(quotas)
-    sides = list(dict.fromkeys(side for side, _, _ in quotas))
-    cells_by_patient = frame.groupby("patient_id").apply(
-        lambda g: set(zip(g["sex"], g["label"])), include_groups=False)
-    patients = cells_by_patient.index.to_numpy()
-    side_of: dict[str, str] = {}
-    for pid in patients[rng.permutation(len(patients))]:
-        cells = cells_by_patient[pid]
-        gain = {side: [c for c in cells if remaining.get((side, *c), 0) > 0] for side in sides}
-        best = max(len(g) for g in gain.values())
-        if best == 0:
-            continue
-        tied = [side for side in sides if len(gain[side]) == best]
-        side = tied[int(rng.integers(len(tied)))] if len(tied) > 1 else tied[0]
-        side_of[str(pid)] = side
-        for cell in gain[side]:
-            remaining[(side, *cell)] -= 1
-    return side_of
-
-
-def draw_spread(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
-    """Draw ``n`` rows, taking one image per patient before any patient's second one."""
-    order = frame.iloc[rng.permutation(len(frame))].copy()
-    order["_rank"] = order.groupby("patient_id").cumcount()
-    return order.sort_values("_rank", kind="stable").head(n).drop(columns="_rank")
-
-
-@register_dataset("nih_sex_task")
-def build_nih_sex_task(
-    out_dir: str | Path,
-    root: str | Path,
-    metadata_csv: str | Path | None = None,
-    positive: str = "Atelectasis",
-    negative: str = "No Finding",
-    view: str = "PA",
-    n_dev_female_positive: int = 200,
-    n_dev_male_positive: int = 200,
-    n_dev_male_negative: int = 200,
-    n_test_male_positive: int = 200,
-    n_test_female_negative: int = 200,
-    n_iid_test_per_group: int = 100,
-    n_folds: int = 5,
-    val_fraction: float = 0.15,
-    seed: int = 0,
-    missing_images: str = "error",
-) -> Manifest:
-    """The paper's sex task, leak-free.
-
-    Development pool (roles train/val in each fold): female positives, male positives and
-    male negatives; for a prevalence p the training set takes a fraction p of its positives
-    from the female ones (sm_utils.confounders). o.o.d. test (role ``test_ood``, as in the
-    paper): male positives vs female negatives. i.i.d. test pool (role ``test``; ours, the
-    paper has none): ``n_iid_test_per_group`` images of each of F+, M+, M-, F-, from which a
-    run draws the training correlation at its p (i.i.d.) and a sex-balanced clean set;
-    0 leaves it out. Each patient is on one side only.
-    """
-    root = Path(root)
-    meta_file = find_metadata(root, metadata_csv)
-    frame = label_task(read_metadata(meta_file), positive, negative, view)
-    frame, absent = attach_paths(frame, root, missing_images=missing_images)
-    quotas = {
-        ("dev", "F", 1): n_dev_female_positive, ("dev", "M", 1): n_dev_male_positive,
-        ("dev", "M", 0): n_dev_male_negative,
-        ("test", "M", 1): n_test_male_positive, ("test", "F", 0): n_test_female_negative,
-    }
-    bad = {k: v for k, v in quotas.items() if not isinstance(v, (int, np.integer)) or v < 1}
-    if not isinstance(n_iid_test_per_group, (int, np.integer)) or n_iid_test_per_group < 0:
-        bad["n_iid_test_per_group"] = n_iid_test_per_group
-    if bad:
-        raise NIHInputError(f"pool sizes must be positive integers; got {bad}.")
-    if n_iid_test_per_group:
-        quotas.update({("iid", sex, label): n_iid_test_per_group
-                       for sex, label in (("F", 1), ("M", 1), ("M", 0), ("F", 0))})
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 1402]))
-    side_of = assign_patients(frame, quotas, rng)
-    frame["side"] = frame["patient_id"].map(side_of)
-
-    picked, shortfalls = [], []
-    for (side, sex, label), n in quotas.items():
-        pool = frame[(frame["side"] == side) & (frame["sex"] == sex) & (frame["label"] == label)]
-        if len(pool) < n:
-            shortfalls.append(f"{side} {sex} label={label}: need {n}, have {len(pool)}")
-            continue
-        picked.append(draw_spread(pool, n, rng))
-    if shortfalls:
-        available = frame.groupby(["sex", "label"]).size().to_dict()
-        raise NIHInputError(
-            "not enough images for the sex task pools with whole patients on one side: "
-            + "; ".join(shortfalls) + f". Images available per (sex, label): {available}. "
-            "Lower the pool sizes (n_dev_* / n_test_*)."
-        )
-    table = pd.concat(picked).sort_values("image_index").reset_index(drop=True)
-    fixed = table["side"].map(SEX_TASK_ROLES)
-    strata = table["label"] * 2 + (table["sex"] == "F").astype(int)
-    table = fixed_test_folds(table.drop(columns="side"), fixed, n_folds=n_folds,
-                             val_fraction=val_fraction, seed=seed, strata=strata)
-    leaks = find_leakage(table)
-    if leaks:  # impossible by construction; a guard against regressions
-        raise NIHInputError("internal error: sex task leaked patients.\n" + format_leakage(leaks))
-    counts = table.assign(role=fixed.to_numpy()).groupby(["role", "sex", "label"]).size()
-    meta = {
-        "dataset": "nih_sex_task",
-        "metadata_file": meta_file.name,
-        "positive": positive, "negative": negative, "view": view,
-        "pool_sizes": {f"{s}_{x}_{y}": n for (s, x, y), n in quotas.items()},
-        "counts": {f"{r}_{s}_{y}": int(n) for (r, s, y), n in counts.items()},
-        "n_patients_dev": int(table.loc[fixed.to_numpy() == "dev", "patient_id"].nunique()),
-        "n_patients_test": int(table.loc[fixed.to_numpy() == "test_ood", "patient_id"].nunique()),
-        "n_patients_iid_test": int(table.loc[fixed.to_numpy() == "test", "patient_id"].nunique()),
-        "iid_test": "ours (the paper published no i.i.d. test for the sex task)"
-                    if n_iid_test_per_group else None,
-        "patients_in_dev_and_test": 0,
-        "seed": seed,
         "absent_images_dropped": len(absent),
     }
     return Manifest(table=to_manifest_columns(table), root=root.resolve(), meta=meta)
