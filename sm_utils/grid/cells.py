@@ -13,13 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_csv, stable_hash
+from ..paths import CELLS_FILE, ERROR_FILE, METRICS_FILE
 from .errors import error_headline
 from .spec import GridSpec, SourceSpec
-
-METRICS_FILE = "metrics.json"
-ERROR_FILE = "error.txt"
-NOTEBOOK_FILE = "notebook.ipynb"
-CELLS_FILE = "cells.csv"
 
 
 def run_id_for(params: dict[str, Any], manifest: str | None = None) -> str:

@@ -2,7 +2,7 @@
 
 Papermill's cost stays small because one kernel serves a batch of cells (torch and timm are
 imported once per kernel, not once per cell). A cell runs only under its claim
-(:mod:`sm_utils.claims`), so two launches of one grid never run it twice.
+(:mod:`sm_utils.grid.locks`), so two launches of one grid never run it twice.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..claims import CellClaim
 from ..io import atomic_write_text
-from .cells import ERROR_FILE, METRICS_FILE, NOTEBOOK_FILE, Cell
+from ..paths import ERROR_FILE, METRICS_FILE, NOTEBOOK_FILE
+from .cells import Cell
 from .errors import describe_error
+from .locks import CellClaim
 
 
 @dataclass
@@ -99,7 +100,7 @@ class CellRunner:
             self._start_kernel()
 
     def run(self, cell: Cell) -> CellResult:
-        """Run ``cell`` unless it is done or another launch holds its claim (sm_utils.claims)."""
+        """Run ``cell`` unless it is done or another launch holds its claim (sm_utils.grid.locks)."""
         run_dir = cell.run_dir
         if cell.done:
             return CellResult(cell.run_id, cell.label(), True, 0.0, _train_seconds(run_dir))

@@ -1,4 +1,11 @@
-"""Tables and figures of notebook 02: what each confounder does, where, and how much."""
+"""How a run confounds its data, and what notebook 02 shows of it.
+
+:func:`run_sets`: the sets one run of a fold trains and tests on (train, val, and the i.i.d.,
+o.o.d. and clean test sets), with a ``confounded`` column saying which rows carry the
+confounder at prevalence p. Runs (:func:`sm_utils.runs.split_rows`), the export and the counts
+below all take their rows from it, so they cannot drift apart. Then the tables and figures of
+notebook 02: rows and confounded rows per set, an example row, measured checks, examples.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,66 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..manifest import Manifest
-from .checks import check_confounder, check_sampled
-from .registry import Confounder
+from .confounders import Confounder, apply_prevalence
+from .confounders.checks import check_confounder, check_sampled
+from .manifest import Manifest
 
-# Rows of the count table: a run's splits (sm_utils.runs.split_rows), in this order and name.
+NO_CONFOUNDER = "none"
+TEST_SETS = ("iid", "ood", "clean")
+# Manifest roles each test set is drawn from: the first role with rows in the fold. A dataset
+# with a fixed o.o.d. set as published (the paper's sex task: male positives vs female
+# negatives) gives it role "test_ood"; otherwise all three come from the "test" rows.
+TEST_POOLS = {"iid": ("test",), "ood": ("test_ood", "test"), "clean": ("test_clean", "test")}
+
+
+class ConfoundingError(ValueError):
+    """A fold whose rows cannot make a run's sets."""
+
+
+def confound_rows(rows: pd.DataFrame, conf: Confounder | None, p: float, seed: int,
+                  test_set: str) -> pd.DataFrame:
+    """Rows with a ``confounded`` column (a subset of rows for sampled confounders)."""
+    if conf is None:
+        return rows.assign(confounded=False)
+    return apply_prevalence(rows, conf, p, seed, test_set)
+
+
+def run_sets(manifest: Manifest, conf: Confounder | None, *, fold: int, p: float, seed: int,
+             name: str | None = None) -> dict[str, pd.DataFrame]:
+    """train, val (confounded like train) and the test sets of fold ``fold`` with ``conf`` at
+    prevalence ``p`` (``conf`` None: nothing confounded); ``name`` names the manifest in errors.
+
+    Each test set is drawn from its pool (:data:`TEST_POOLS`); a test set whose pool has no
+    rows in the fold is left out (e.g. i.i.d. and clean on a manifest that has only a fixed
+    o.o.d. test set).
+    """
+    train = manifest.rows(fold, "train")
+    val = manifest.rows(fold, "val")
+    pools = {}
+    for test_set, roles in TEST_POOLS.items():
+        found = [manifest.rows(fold, role) for role in roles]
+        pools[test_set] = next((rows for rows in found if len(rows)), found[-1])
+    if min(len(train), len(val)) == 0 or not any(len(rows) for rows in pools.values()):
+        roles = manifest.table[f"fold_{fold}"].value_counts().to_dict()
+        raise ConfoundingError(
+            f"fold {fold} of {name or manifest.root} has {len(train)} train and {len(val)} val "
+            f"rows and no test rows (roles found: {roles}); a run needs train, val and 'test' "
+            "(or 'test_ood') rows. Rebuild the splits."
+        )
+    # As in the paper, the training pool (train + val) is confounded as a whole and then split,
+    # so that a sampled confounder's pool sizes come from the pool, not from the small val set.
+    pool = confound_rows(pd.concat([train, val]), conf, p, seed, "train")
+    role = manifest.table.loc[pool.index, f"fold_{fold}"]
+    sets = {"train": pool[role == "train"], "val": pool[role == "val"]}
+    for test_set in TEST_SETS:
+        if len(pools[test_set]):
+            sets[test_set] = confound_rows(pools[test_set], conf, p, seed, test_set)
+    return sets
+
+
+# --- notebook 02 ----------------------------------------------------------------------------
+
+# Rows of the count table: a run's sets (run_sets), in this order and name.
 SETS = {"train": "train", "val": "val", "iid": "test iid", "ood": "test ood",
         "clean": "test clean"}
 
@@ -21,18 +83,16 @@ def prevalence_counts(manifest: Manifest, confs: list[Confounder], p: float, see
                       fold: int) -> pd.DataFrame:
     """Per confounder and set: rows used, and confounded positives / negatives.
 
-    The sets are exactly those a run uses (:func:`sm_utils.export.run_splits`): train and
+    The sets are exactly those a run uses (:func:`run_sets`): train and
     val confounded as one pool and then split, each test set from its pool (``test_ood`` /
     ``test_clean`` rows where the manifest has them, else ``test``); a test set the fold
     has no rows for is left out. A confounder a run could not use at ``p`` gets one row
     with its ``error``.
     """
-    from ..export import run_splits  # imports torch (sm_utils.runs) on first use
-
     records = []
     for conf in confs:
         try:
-            splits = run_splits(manifest, conf, p, seed, fold)
+            splits = run_sets(manifest, conf, fold=fold, p=p, seed=seed)
         except ValueError as error:
             records.append({"confounder": conf.name, "set": "all", "error": str(error)})
             continue
@@ -53,9 +113,7 @@ def prevalence_counts(manifest: Manifest, confs: list[Confounder], p: float, see
 
 def example_row(manifest: Manifest, conf: Confounder, p: float, seed: int, fold: int) -> pd.Series:
     """A training row a run puts the confounder on at ``p`` (any training positive if none)."""
-    from ..export import run_splits
-
-    rows = run_splits(manifest, conf, p, seed, fold)["train"]
+    rows = run_sets(manifest, conf, fold=fold, p=p, seed=seed)["train"]
     chosen = rows[rows["confounded"] & (rows["label"] == 1)]
     return (chosen if len(chosen) else rows[rows["label"] == 1]).iloc[0]
 
@@ -78,7 +136,7 @@ def plot_examples(images: dict[str, np.ndarray], confs: list[Confounder], seed: 
     """Clean | confounded | difference for each synthetic confounder; saved to ``path``."""
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from .io import atomic_path
 
     synthetic = [c for c in confs if c.kind == "synthetic"]
     n_rows = int(np.ceil(len(synthetic) / per_row))

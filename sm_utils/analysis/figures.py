@@ -1,0 +1,113 @@
+"""The paper's figure: AUC against p per confounder and source, with bands over folds."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import atomic_path
+from .results import METRICS, AnalysisError
+from .summaries import summarise
+
+# Metric column -> (summary mean, interval low, interval high, words for labels).
+
+def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
+                  rows: Sequence[str] = ("ood", "iid"), confidence: float = 0.95,
+                  title: str | None = None, metric: str = "auc"):
+    """The paper's figure: a column per (dataset, confounder), a row per test set, AUC vs p.
+
+    ``metric``: ``"auc"`` (binary ROC AUC, our primary metric) or ``"micro_auc"`` (the paper's
+    Keras AUC, micro-averaged over both softmax columns); the axis labels and the title name it.
+    ``reference`` (the paper's reported means, see :func:`reference_lines`) is drawn as dashed
+    lines, and only with ``metric="micro_auc"``: the reported means are micro-averages, which
+    differ from the binary AUC (binary 1.0 can be micro 0.86), so a non-empty ``reference``
+    with ``metric="auc"`` raises :class:`AnalysisError` rather than drawing a misleading line.
+    """
+    import matplotlib.pyplot as plt
+
+    if metric not in METRICS:
+        raise AnalysisError(f"metric must be one of {sorted(METRICS)}, not {metric!r}")
+    if reference is not None and not reference.empty and metric != "micro_auc":
+        raise AnalysisError("the paper's reported means are micro-averaged AUCs: draw them with "
+                            "metric='micro_auc', not over the binary AUC")
+    mean_column, low_column, high_column, words = METRICS[metric]
+    means = summarise(table[table["test_set"].isin(rows)], confidence)
+    if means.empty:
+        raise AnalysisError(f"no results for test sets {list(rows)}; run the grid first")
+    if means[mean_column].isna().all():
+        raise AnalysisError(f"no {metric} values in these results")
+    columns = list(dict.fromkeys(zip(means["dataset"], means["confounder"], means["strength"])))
+    several_datasets = means["dataset"].nunique() > 1
+    several_strengths = means.groupby("confounder")["strength"].nunique().max() > 1
+    sources = list(dict.fromkeys(table["source"]))
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sources)}
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 2.9 * len(rows)),
+                             sharex=True, sharey=True, squeeze=False)
+    names = {"ood": "o.o.d.", "iid": "i.i.d.", "clean": "clean"}
+    for j, (dataset, confounder, strength) in enumerate(columns):
+        for i, test_set in enumerate(rows):
+            ax = axes[i, j]
+            here = means[(means["dataset"] == dataset) & (means["confounder"] == confounder)
+                         & (means["strength"] == strength) & (means["test_set"] == test_set)]
+            for source in sources:
+                # Several architectures or seeds of one source each get their own line.
+                for (arch, seed), line in here[here["source"] == source].groupby(["arch", "seed"]):
+                    line = line.sort_values("p")
+                    label = source if here["arch"].nunique() == 1 else f"{source}/{arch}"
+                    ax.plot(line["p"], line[mean_column], marker="o", color=colours[source], label=label)
+                    # AUC lives in [0, 1]; with few folds the t interval reaches far beyond
+                    ax.fill_between(line["p"], line[low_column].clip(0, 1), line[high_column].clip(0, 1),
+                                    color=colours[source], alpha=0.15, linewidth=0)
+                if reference is not None and not reference.empty:
+                    ref = reference[(reference["dataset"] == dataset) & (reference["confounder"] == confounder)
+                                    & (reference["test_set"] == test_set) & (reference["source"] == source)]
+                    if not ref.empty:
+                        ref = ref.sort_values("p")
+                        ax.plot(ref["p"], ref["mean_auc"], linestyle="--", color=colours[source],
+                                alpha=0.8, label=f"{source} (paper)")
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_ylim(-0.02, 1.02)
+            if i == 0:
+                head = confounder + (f" (strength {strength:g})" if several_strengths else "")
+                ax.set_title(head + (f"\n{dataset}" if several_datasets else ""), fontsize=10)
+            if i == len(rows) - 1:
+                ax.set_xlabel("prevalence p")
+            if j == 0:
+                ax.set_ylabel(f"{names.get(test_set, test_set)} {words}")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
+               bbox_to_anchor=(0.5, -0.01))
+    n_folds = int(means["n_folds" if metric == "auc" else "n_folds_micro"].max())
+    what = "binary ROC AUC" if metric == "auc" else "micro-averaged AUC (the paper's metric)"
+    note = f"{what}, mean over {n_folds} fold(s); band: {100 * confidence:g} % t interval over folds"
+    if any(line.get_linestyle() == "--" for ax in axes.flat for line in ax.get_lines()):
+        note += "; dashed: the paper's reported means"
+    # about 38 characters of a 10-point title fit above each 3.2-inch column
+    fig.suptitle(textwrap.fill((f"{title}: " if title else "") + note, width=max(60, 38 * len(columns))),
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def save_figure(fig, base: str | os.PathLike) -> list[Path]:
+    """Save ``base``.png (150 dpi) and ``base``.pdf atomically; returns both paths.
+
+    No creation date is written, so the same figure gives the same bytes on every rerun.
+    """
+    base = Path(base)
+    written = []
+    for suffix, kwargs in ((".png", {"dpi": 150}), (".pdf", {"metadata": {"CreationDate": None}})):
+        target = base.with_suffix(suffix)
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", **kwargs)
+        written.append(target)
+    return written

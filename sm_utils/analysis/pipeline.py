@@ -1,0 +1,105 @@
+"""Everything at once: tables, statistics and figures of a grid (notebook 04, `sm analyse`)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..io import atomic_write_csv
+from ..paths import METRICS_FILE
+from .figures import plot_auc_vs_p, save_figure
+from .paper import PAPER_COLUMNS, paper_test, paper_test_report
+from .reference import REFERENCE_CSV, load_reference, reference_lines
+from .results import AnalysisError, collect_results, save_results
+from .statistics import compare_sources
+from .summaries import group_auc_summary, robustness_summary
+
+
+def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLike,
+            figures_dir: str | os.PathLike, name: str,
+            reference_datasets: dict[str, str] | None = None,
+            reference_csv: str | os.PathLike = REFERENCE_CSV,
+            n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0,
+            arms: dict[str, str] | None = None) -> dict[str, Any]:
+    """Statistics tables into ``out_dir`` and the figures into ``figures_dir``.
+
+    Tables: ``comparisons.csv`` (:func:`compare_sources`), ``paper_test.csv``
+    (:func:`paper_test` on the o.o.d. AUC, ``arms`` as there) and ``robustness.csv``.
+    Figures: ``<name>_auc_vs_p.(png|pdf)``, binary AUC, no reference lines; and, when
+    ``reference_datasets`` are given and match the paper's reported table, ``<name>_vs_paper``:
+    micro-averaged AUC (the paper's metric) with the paper's reported means dashed.
+    Returns the tables, ``paper_test`` and ``paper_test_report`` (:func:`paper_test_report`),
+    the reference lines and the paths written. When the paper's arms cannot be found by name
+    (several candidates, or an architecture clash) and ``arms`` is not given, the rest of the
+    analysis still runs: ``paper_test`` is empty and the report (and a warning) says why.
+    """
+    import matplotlib.pyplot as plt
+
+    out_dir, figures_dir = Path(out_dir), Path(figures_dir)
+    if table.empty:
+        raise AnalysisError("the results table is empty; run the grid first")
+    comparisons = compare_sources(table, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
+    try:
+        primary = paper_test(table, arms=arms, n_permutations=n_permutations, seed=seed)
+    except AnalysisError as err:
+        if arms is not None:
+            raise
+        warnings.warn(f"paper test skipped: {err}", stacklevel=2)
+        primary = pd.DataFrame(columns=PAPER_COLUMNS)
+        primary.attrs["message"] = f"No paper test: {err}"
+    report = paper_test_report(primary)
+    robustness = robustness_summary(table)
+    paths = [atomic_write_csv(out_dir / "comparisons.csv", comparisons),
+             atomic_write_csv(out_dir / "paper_test.csv", primary),
+             atomic_write_csv(out_dir / "robustness.csv", robustness)]
+    fig = plot_auc_vs_p(table, title=f"grid {name}")
+    figures = save_figure(fig, figures_dir / f"{name}_auc_vs_p")
+    plt.close(fig)
+    reference = None
+    if reference_datasets:
+        reference = reference_lines(load_reference(reference_csv), reference_datasets)
+        has_micro = "micro_auc" in table.columns and table["micro_auc"].notna().any()
+        if reference.empty:
+            warnings.warn(f"no reported values of the paper match datasets {reference_datasets}: "
+                          "no comparison figure", stacklevel=2)
+        elif not has_micro:
+            warnings.warn("the results have no micro_auc, the paper's metric: no comparison figure",
+                          stacklevel=2)
+        else:
+            fig = plot_auc_vs_p(table, reference=reference, metric="micro_auc",
+                                title=f"grid {name} vs the paper")
+            figures += save_figure(fig, figures_dir / f"{name}_vs_paper")
+            plt.close(fig)
+    encodedness = None
+    if "source_probe_auc" in table.columns and table["source_probe_auc"].notna().any():
+        from ..mechanisms import encodedness_vs_drop  # a grid with `probe: true`
+
+        encodedness = encodedness_vs_drop(table, n_permutations=n_permutations, seed=seed)
+        paths.append(atomic_write_csv(out_dir / "encodedness_vs_drop.csv", encodedness))
+    return {"table": table, "groups": groups, "group_summary": group_auc_summary(groups),
+            "comparisons": comparisons, "paper_test": primary, "paper_test_report": report,
+            "robustness": robustness, "reference": reference, "encodedness": encodedness,
+            "tables": paths, "figures": figures}
+
+
+def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, name: str,
+                 reference_datasets: dict[str, str] | None = None,
+                 reference_csv: str | os.PathLike = REFERENCE_CSV,
+                 n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0,
+                 arms: dict[str, str] | None = None) -> dict[str, Any]:
+    """Collect a grid's run directories, save the results table beside them, and :func:`analyse`."""
+    runs_dir = Path(runs_dir)
+    table, groups = collect_results(runs_dir, with_groups=True)
+    if table.empty:
+        raise AnalysisError(f"no complete run directories (with {METRICS_FILE}) under {runs_dir}")
+    paths = save_results(table, runs_dir / "results.csv")
+    if not groups.empty:
+        paths += save_results(groups, runs_dir / "results_groups.csv")
+    out = analyse(table, groups, runs_dir, figures_dir, name, reference_datasets, reference_csv,
+                  n_permutations, n_bootstrap, seed, arms)
+    out["tables"] = paths + out["tables"]
+    return out

@@ -1,0 +1,140 @@
+"""The results table: every complete run directory of a grid -> one tidy row per (run, test
+set), with the grid axes and both metrics; saved and read back as CSV."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_path, atomic_write_csv
+from ..paths import CELLS_FILE, METRICS_FILE, SOURCE_PROBES_FILE
+
+AXES = ["dataset", "confounder", "strength", "arch", "seed", "p", "source", "fold"]
+# A condition: everything but the source and the fold (folds are the replicates).
+CONDITION = ["dataset", "confounder", "strength", "arch", "seed", "test_set", "p"]
+METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "n", "n_pos", "n_confounded"]
+RUN_COLUMNS = ["best_epoch", "epochs_run", "train_seconds", "eval_seconds"]
+# Run-level columns of a grid with `probe: true` / `attribution: true` (sm_utils.mechanisms)
+MECHANISM_COLUMNS = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high", "attribution_share",
+                     "attribution_share_ci_low", "attribution_share_ci_high", "mask_share",
+                     "attribution_ratio"]
+SOURCE_PROBE_COLUMNS = ["source_probe_auc", "source_probe_auc_ci_low", "source_probe_auc_ci_high"]
+TEST_SET_ORDER = {"ood": 0, "iid": 1, "clean": 2}
+# metric -> its mean, interval columns in summaries and its name in words
+METRICS = {"auc": ("mean_auc", "ci_low", "ci_high", "binary AUC"),
+           "micro_auc": ("mean_micro_auc", "micro_ci_low", "micro_ci_high", "micro-AUC")}
+
+
+class AnalysisError(ValueError):
+    """Results that cannot be analysed as asked."""
+
+
+def _dataset_names(runs_dir: Path) -> dict[str, str]:
+    index = runs_dir / CELLS_FILE
+    if not index.exists():
+        return {}
+    table = pd.read_csv(index, dtype={"run_id": str})
+    return dict(zip(table["run_id"], table["dataset"]))
+
+
+def _read_metrics(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
+    out = []
+    for run_dir in run_dirs:
+        with open(run_dir / METRICS_FILE) as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
+    """One row per (run, test set) for every complete run directory under ``runs_dir``.
+
+    When the grid's ``cells.csv`` is there, only its cells count (a run left in the folder by
+    other means, e.g. notebook 03 run by hand, is not part of the grid) and it names each run's
+    dataset; without it, the dataset is the folder holding the run's manifest. With
+    ``with_groups`` also returns the per-group AUC table (one row per run, test set and group).
+    """
+    runs_dir = Path(runs_dir)
+    run_dirs = sorted(p.parent for p in runs_dir.glob(f"*/{METRICS_FILE}"))
+    datasets = _dataset_names(runs_dir)
+    if datasets:
+        run_dirs = [d for d in run_dirs if d.name in datasets]
+    rows, group_rows = [], []
+    for metrics in _read_metrics(run_dirs):
+        config = metrics["config"]
+        run_id = metrics["run_id"]
+        base = {
+            "run_id": run_id,
+            "dataset": datasets.get(run_id, Path(config["manifest"]).parent.name),
+            "confounder": config["confounder"],
+            "strength": float(config["strength"]),
+            "arch": config.get("arch") or "default",
+            "seed": int(config["seed"]),
+            "p": float(config["p"]),
+            "source": config["source"],
+            "fold": int(config["fold"]),
+        }
+        mechanisms = {k: v for k, v in (metrics.get("mechanisms") or {}).items()
+                      if k in MECHANISM_COLUMNS}
+        for test_set, values in metrics["test_sets"].items():
+            row = {**base, "test_set": test_set}
+            row.update({k: values.get(k, np.nan) for k in METRIC_COLUMNS})
+            row.update({k: metrics.get(k, np.nan) for k in RUN_COLUMNS})
+            row.update(mechanisms)  # run-level: the same on each of the run's test sets
+            rows.append(row)
+            for group, auc in (values.get("group_auc") or {}).items():
+                group_rows.append({**base, "test_set": test_set, "group": group, "auc": auc})
+    columns = ["run_id", *AXES, "test_set", *METRIC_COLUMNS, *RUN_COLUMNS]
+    present = [c for c in MECHANISM_COLUMNS if any(c in r for r in rows)]
+    table = _sorted(pd.DataFrame(rows, columns=columns + present))
+    probes = runs_dir / SOURCE_PROBES_FILE
+    if probes.exists() and not table.empty:  # the grid's probe of each source before fine-tuning
+        keys = ["dataset", "source", "arch", "seed", "confounder", "strength"]
+        source = pd.read_csv(probes).drop_duplicates(keys, keep="last")
+        source["arch"] = source["arch"].fillna("default")
+        table = table.merge(source[[*keys, *SOURCE_PROBE_COLUMNS]], on=keys, how="left")
+    if not with_groups:
+        return table
+    groups = _sorted(pd.DataFrame(group_rows, columns=["run_id", *AXES, "test_set", "group", "auc"]))
+    return table, groups
+
+
+def _sorted(table: pd.DataFrame) -> pd.DataFrame:
+    if table.empty:
+        return table.reset_index(drop=True)
+    order = table["test_set"].map(TEST_SET_ORDER).fillna(len(TEST_SET_ORDER))
+    keys = ["dataset", "confounder", "strength", "arch", "seed", "p", "source", "fold"]
+    extra = ["group"] if "group" in table.columns else []
+    return (table.assign(_order=order)
+            .sort_values([*keys, "_order", "test_set", *extra], kind="mergesort")
+            .drop(columns="_order").reset_index(drop=True))
+
+
+def save_results(table: pd.DataFrame, path: str | os.PathLike) -> list[Path]:
+    """Write ``path`` (.csv) and, when pyarrow is importable, the same table as .parquet."""
+    path = Path(path)
+    written = [atomic_write_csv(path.with_suffix(".csv"), table)]
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return written
+    with atomic_path(path.with_suffix(".parquet")) as tmp:
+        table.to_parquet(tmp, index=False)
+    written.append(path.with_suffix(".parquet"))
+    return written
+
+
+def load_results(path: str | os.PathLike):
+    """A results table saved by :func:`save_results` and its per-group table if beside it."""
+    path = Path(path)
+    table = pd.read_csv(path, dtype={"run_id": str})
+    table["arch"] = table["arch"].fillna("default")
+    groups_path = path.with_name(path.stem + "_groups.csv")
+    columns = ["run_id", *AXES, "test_set", "group", "auc"]
+    groups = pd.read_csv(groups_path, dtype={"run_id": str}) if groups_path.exists() else pd.DataFrame(columns=columns)
+    return table, groups

@@ -1,0 +1,125 @@
+"""Penultimate (or any layer's) pooled features of a model, for the probes."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+PENULTIMATE = "penultimate"
+
+
+class MechanismError(ValueError):
+    """A probe or attribution that cannot be computed as asked (the message says what to change)."""
+
+
+def _arch_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(getattr(model, "arch_name", None) or cfg.get("architecture") or type(model).__name__)
+
+
+def _classifier(model: nn.Module) -> nn.Linear | None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """Layer names a probe or Grad-CAM can use: ``penultimate`` and the modules at the top two
+    levels of the model (timm: ``blocks.0`` ... ``conv_head``; Keras ResNet50: ``conv3.block4``)."""
+    names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
+    return [PENULTIMATE, *names]
+
+
+def _layer_module(model: nn.Module, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if layer and layer in modules:
+        return modules[layer]
+    options = feature_layers(model)
+    close = difflib.get_close_matches(str(layer), options, n=5, cutoff=0.5)
+    shown = ", ".join(options[:12]) + (", ..." if len(options) > 12 else "")
+    raise MechanismError(
+        f"{_arch_name(model)} has no layer {layer!r}"
+        f"{' (close: ' + ', '.join(close) + ')' if close else ''}. Set layer to "
+        f"{PENULTIMATE!r} (the pooled features its classifier reads) or a module name of this "
+        f"model: {shown} (sm_utils.mechanisms.feature_layers(model) lists them all)."
+    )
+
+
+def _pool(output: Any, model: nn.Module, layer: str) -> torch.Tensor:
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or output.ndim not in (2, 3, 4):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise MechanismError(
+            f"layer {layer!r} of {_arch_name(model)} gives {shape}, not features (N, C), tokens "
+            f"(N, T, C) or a feature map (N, C, H, W). Set layer to {PENULTIMATE!r} or a block "
+            "that outputs a feature map (feature_layers(model) lists the candidates)."
+        )
+    if output.ndim == 4:
+        return output.mean(dim=(2, 3))
+    if output.ndim == 3:
+        return output.mean(dim=1)
+    return output
+
+
+def _device(device: str | torch.device) -> torch.device:
+    from ..training import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, prep, images: np.ndarray, *, layer: str = PENULTIMATE,
+                     batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """Features (N, D) float64 of uint8 images (N, H, W), the model in eval mode.
+
+    ``layer="penultimate"``: the input of the classifier (after global pooling; dropout is off
+    in eval mode); a module name: its output, average-pooled over space (or tokens).
+    """
+    device = _device(device)
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8 or not len(images):
+        raise MechanismError(f"expected uint8 images (N, H, W) with N >= 1; got {images.dtype} "
+                             f"{images.shape}.")
+    captured: list[torch.Tensor] = []
+    if layer == PENULTIMATE:
+        head = _classifier(model)
+        if head is None:
+            raise MechanismError(
+                f"{_arch_name(model)} has no linear classifier, so it has no penultimate "
+                "features: set layer to one of its modules (feature_layers(model) lists them)."
+            )
+
+        def keep_input(module, args) -> None:
+            captured.append(args[0])
+
+        hook = head.register_forward_pre_hook(keep_input)
+    else:
+        module = _layer_module(model, layer)
+
+        def keep_output(module, args, output) -> None:
+            captured.append(_pool(output, model, layer))
+
+        hook = module.register_forward_hook(keep_output)
+    model.eval().to(device)
+    chunks = []
+    try:
+        for start in range(0, len(images), batch_size):
+            captured.clear()
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            model(prep(batch.to(device)))
+            if not captured:
+                raise MechanismError(
+                    f"layer {layer!r} of {_arch_name(model)} did not run in the forward pass "
+                    f"(it is not used by this model's forward()); choose another layer."
+                )
+            chunks.append(_pool(captured[0], model, layer).float().cpu())
+    finally:
+        hook.remove()
+    return torch.cat(chunks).numpy().astype(np.float64)
