@@ -223,3 +223,26 @@ def test_device_resident_data_gives_the_same_run_on_cpu(phantom_cxr, tmp_path, c
     assert pd.read_csv(loaded / "history.csv").drop(columns="seconds").equals(
         pd.read_csv(resident / "history.csv").drop(columns="seconds"))
     assert json.loads((resident / "config.json").read_text())["device"]["resident_data"] is True
+
+
+def test_a_run_asked_for_its_mechanisms_needs_the_hook_and_calls_it(phantom_cxr, tmp_path,
+                                                                    cache_dir):
+    """Runs sit below the mechanisms (docs/ARCHITECTURE.md): the caller hands execute_run the
+    hook that measures them, and the run calls it with its fine-tuned model and data."""
+    config = _config(phantom_cxr, tmp_path, epochs=1, probe=True)
+    with pytest.raises(RunError, match=r"mechanisms=sm_utils\.mechanisms\.measure_run"):
+        execute_run(config, progress=False, cache_dir=cache_dir)
+    seen = {}
+
+    def hook(run, given):
+        seen.update(config=given, test_sets=run.test_sets, model=type(run.model).__name__)
+        return {"probe_auc": 0.5}
+
+    run_dir = execute_run(config, progress=False, cache_dir=cache_dir, n_boot=10, mechanisms=hook)
+    assert seen["config"] is config and seen["test_sets"] == ["iid", "ood", "clean"]
+    assert json.loads((run_dir / "metrics.json").read_text())["mechanisms"] == {"probe_auc": 0.5}
+    # without probe/attribution the hook is not called
+    seen.clear()
+    execute_run(_config(phantom_cxr, tmp_path / "plain", epochs=1), progress=False,
+                cache_dir=cache_dir, n_boot=10, mechanisms=hook)
+    assert seen == {}
