@@ -52,12 +52,15 @@ def test_the_layers_hold_and_an_upward_import_breaks_them(tmp_path):
 
 
 def documented_modules() -> set[str]:
-    """Module paths docs/ARCHITECTURE.md names in its module list (`x.py` within `pkg/`)."""
+    """Module paths docs/ARCHITECTURE.md names in its module list (`x.py` within `pkg/`; a
+    package's bullet stands for its `__init__.py`)."""
     text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     section = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
     named = set()
     for bullet in re.split(r"\n- ", section):
         package = re.match(r"\s*`(\w+)/`", bullet)
+        if package:  # a package's bullet describes its __init__.py too
+            named.add(f"{package.group(1)}/__init__.py")
         for name in re.findall(r"`([\w/]+\.py)`", bullet):
             named.add(f"{package.group(1)}/{name}" if package and "/" not in name else name)
     return named
