@@ -82,8 +82,9 @@ def python_sources() -> dict[str, str]:
         sources[path.name] = "\n".join(line for cell in code for line in cell.splitlines()
                                        if not line.lstrip().startswith(("%", "!")))
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
-                  if "sm_utils" in b]
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(),
+                                        flags=re.DOTALL)
+                  if re.search(r"^\s*(from|import) sm_utils", b, flags=re.MULTILINE)]
         if blocks:
             sources[path.name] = "\n".join(blocks)
     return sources
