@@ -13,10 +13,10 @@ export PYTHONHASHSEED ?= 0
 .PHONY: setup demo test test-package test-notebooks test-foreign lab sources benchmark clean-demo \
         mechanisms notebooks
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,parquet,lidc]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,parquet,lidc]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -49,7 +49,7 @@ notebooks: $(STAMP)
 	  SM_RECORD_REFERENCE=1 $(BIN)/sm notebook $$nb $$nb || exit 1; done
 
 lab: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[lab]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[lab]"
 	$(BIN)/jupyter lab notebooks
 
 sources: $(STAMP)
