@@ -165,3 +165,28 @@ def test_committed_notebooks_end_with_a_passing_check_nbval_compares(name):
     # the reference's tolerances come from the measured spread, one per quantity
     stored = json.loads(reference.read_text())
     assert set(stored["tolerances"]) == {regression.quantity(k) for k in values}
+
+
+def test_a_best_epoch_may_move_to_any_epoch_once_its_losses_spread_beyond_their_gaps():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "notebook_spread", Path(__file__).resolve().parents[1] / "benchmarks/notebook_spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+
+    def stored(loss_spread):
+        return {"values": {"history | epoch=1 | val_loss": 1.28, "history | epoch=2 | val_loss": 0.84,
+                           "history | epoch=3 | val_loss": 0.68,
+                           "validation | row=0 | best_epoch": 3.0},
+                "tolerances": {"history | val_loss": {"largest_difference": loss_spread,
+                                                      "tolerance": 1.5 * loss_spread},
+                               "validation | best_epoch": {"largest_difference": 0.0,
+                                                           "tolerance": 0.0}}}
+
+    wide = stored(0.43)  # reaches the 0.16 gap between epochs 2 and 3
+    assert spread.derive_argmin_tolerances(wide)
+    assert wide["tolerances"]["validation | best_epoch"]["tolerance"] == 2.0
+    narrow = stored(0.1)  # no two epochs' losses can swap: the best epoch stays
+    assert spread.derive_argmin_tolerances(narrow) == []
+    assert narrow["tolerances"]["validation | best_epoch"]["tolerance"] == 0.0
