@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -123,7 +124,7 @@ def derive_argmin_tolerances(stored: dict) -> list[str]:
         losses = sorted(v for k, v in values.items() if quantity(k) == source)
         if len(losses) < 2:
             continue
-        gap = min(b - a for a, b in zip(losses, losses[1:]))
+        gap = min(b - a for a, b in itertools.pairwise(losses))
         spread = tolerances[source]["largest_difference"]
         entry = tolerances[target]
         if spread >= gap and entry["tolerance"] < len(losses) - 1:
