@@ -7,6 +7,7 @@ machinery (papermill, warm kernels, workers, submitit, resume) in seconds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -236,6 +237,23 @@ def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert report.already_done == 4 and report.succeeded == 4 and not report.failures
     assert all(c.done and not (c.run_dir / "error.txt").exists() for c in cells)
+
+
+def test_the_cell_after_a_failure_runs_in_a_fresh_kernel(tmp_path, monkeypatch):
+    """A failed cell's traceback (sys.last_traceback) would keep its model and, on a GPU, its
+    memory alive in the kernel: the next cell must not inherit it."""
+    monkeypatch.setenv("SM_FAKE_FAIL_SOURCE", "random")
+    spec = load_grid(write_grid(tmp_path, confounders=["tag"]), check_names=False)
+    run_grid(spec, workers=1, analyse=False, progress=False, check=False)
+    failed = {c.run_id for c in expand_cells(spec) if c.params["source"] == "random"}
+    executions = [line.split() for line in
+                  (spec.runs_dir / "executions.log").read_text().splitlines()]
+    assert len(executions) == 8
+    pairs = list(itertools.pairwise(executions))
+    after_failure = [after[1] != before[1] for before, after in pairs if before[0] in failed]
+    after_success = [after[1] == before[1] for before, after in pairs if before[0] not in failed]
+    assert after_failure and all(after_failure)  # a new kernel process after each failure
+    assert after_success and all(after_success)  # and the same one after a success
 
 
 def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
@@ -550,7 +568,7 @@ def test_one_or_two_concurrent_runs_on_cpu_give_identical_results(tmp_path):
                 "confounders": ["tag"], "prevalences": [0, 1], "folds": [0],
                 "sources": ["imagenet_lite0", {"name": "random", "arch": "tf_efficientnet_lite0"}],
                 "training": {"image_size": 32, "epochs": 1, "batch_size": 16},
-                "run": {"threads_per_worker": 1}}
+                "run": {"threads_per_worker": 1, "device": "cpu"}}  # on CPU on a GPU machine too
         path = tmp_path / f"w{workers}.yaml"
         path.write_text(yaml.safe_dump(grid))
         spec = load_grid(path)

@@ -143,6 +143,9 @@ class CellRunner:
             error = (f"notebook {self.settings.notebook} finished without writing "
                      f"{run_dir / METRICS_FILE}; it must call sm_utils.runs.execute_run")
         if error:
+            # a fresh kernel for the next cell: this one's last traceback (sys.last_traceback)
+            # keeps the failed cell's model, optimizer and resident images, on a GPU too
+            self.close()
             atomic_write_text(run_dir / ERROR_FILE, f"{cell.label()}\n\n{error}\n")
             executed = run_dir / NOTEBOOK_FILE
             return CellResult(cell.run_id, cell.label(), False, wall, error=error,
