@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import yaml
 from sm_utils.analysis import collect_results
 from sm_utils.grid import (
     GridError,
+    check_gpus_usable,
     dry_run,
     expand_cells,
     load_grid,
@@ -237,6 +239,44 @@ def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     report = run_grid(spec, workers=1, analyse=False, progress=False, check=False)
     assert report.already_done == 4 and report.succeeded == 4 and not report.failures
     assert all(c.done and not (c.run_dir / "error.txt").exists() for c in cells)
+
+
+def fake_nvidia_smi(folder: Path) -> dict[str, str]:
+    """An environment whose nvidia-smi lists two GPUs on driver 550.54.15 (torch here has no
+    CUDA: as torch's default CUDA 13 wheel on a driver older than 580)."""
+    script = folder / "bin" / "nvidia-smi"
+    script.parent.mkdir(parents=True)
+    script.write_text('#!/bin/sh\ncase "$*" in\n  *driver_version*) printf "550.54.15\\n550.54.15\\n";;\n'
+                      '  *) printf "GPU 0: NVIDIA H100 (UUID: GPU-0)\\nGPU 1: NVIDIA H100 (UUID: GPU-1)\\n";;\n'
+                      'esac\n')
+    script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{script.parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_gpus_torch_cannot_use_stop_the_grid_before_any_cell(tmp_path, device):
+    path = write_grid(tmp_path, run={"device": device})
+    env = fake_nvidia_smi(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(path), "--no-analysis",
+                           "--progress", "off"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    consequence = "train every cell on the CPU" if device == "auto" else "fail every cell"
+    assert re.search(r"nvidia-smi lists 2 GPU\(s\) \(driver 550\.54\.15\) but torch \S+ cannot "
+                     rf"use them .*device '{device}' would {consequence}.*CUDA 12.*"
+                     r"run\.device: cpu", done.stderr), done.stderr
+    assert not (tmp_path / "runs").exists()  # stopped before any cell, any preparation
+
+
+def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    messages = []
+    check_gpus_usable("auto", messages.append)
+    check_gpus_usable("cpu", messages.append)
+    assert messages == ["device auto: no NVIDIA GPU here, every cell runs on the CPU"]
 
 
 def test_the_cell_after_a_failure_runs_in_a_fresh_kernel(tmp_path, monkeypatch):

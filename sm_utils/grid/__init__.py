@@ -39,6 +39,7 @@ from .cells import (
 from .errors import GridError, describe_error, error_headline
 from .executor_slurm import run_slurm
 from .local import (
+    check_gpus_usable,
     check_runs_fit,
     detect_gpus,
     measure_run_memory,
@@ -74,7 +75,7 @@ __all__ = [
     "TRAINING_DEFAULTS",
     "Cell", "CellResult", "CellRunner", "ConfounderSpec", "DatasetSpec", "GridError",
     "GridReport", "GridSpec", "PreparationError", "RunnerSettings", "SourceSpec",
-    "cells_table", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
+    "cells_table", "check_gpus_usable", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
     "iter_run_dirs", "load_grid", "merge_grid", "parse_grid", "prepare", "refuse_unrunnable",
     "run_batch", "run_grid", "run_id_for", "source_archs", "validate_grid",
     "worker_environments", "write_cells_index", "write_report",
@@ -193,6 +194,8 @@ def run_grid(
     start = time.perf_counter()
     if executor not in ("local", "slurm"):
         raise GridError(f"unknown executor {executor!r}; valid: local, slurm")
+    if executor == "local":  # SLURM jobs run on nodes with GPUs of their own
+        check_gpus_usable(spec.run["device"], log)
     if check:
         refuse_unrunnable(spec, expand_cells(spec), load_weights=False)
     report_prepare = prepare(spec, log=log)

@@ -52,6 +52,49 @@ def detect_gpus() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports (None without nvidia-smi or an answer)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
+def check_gpus_usable(device: str, log=print) -> None:
+    """Refuse before any cell when nvidia-smi lists GPUs that torch cannot use: ``device:
+    auto`` would train every cell on the CPU, ``cuda`` fail every cell (e.g. torch's default
+    CUDA 13 wheel on a driver older than 580). ``auto`` without any GPU is said once."""
+    device = str(device)
+    if device != "auto" and not device.startswith("cuda"):
+        return
+    gpus = detect_gpus()
+    if not gpus:
+        if device == "auto":
+            log("device auto: no NVIDIA GPU here, every cell runs on the CPU")
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = torch.version.cuda
+    raise GridError(
+        f"nvidia-smi lists {gpus} GPU(s) (driver {nvidia_driver_version() or 'unknown'}) but "
+        f"torch {torch.__version__} cannot use them ("
+        + (f"a build for CUDA {build}, which needs a newer driver" if build
+           else "a CPU-only build")
+        + f"): device {device!r} would "
+        + ("train every cell on the CPU" if device == "auto" else "fail every cell")
+        + ". Install a torch build your driver supports into this environment, e.g. a CUDA 12 "
+          "build (drivers >= 525): pip install torch torchvision --index-url "
+          "https://download.pytorch.org/whl/cu126 (README: Running a grid); or set run.device: cpu."
+    )
+
+
 def worker_environments(workers: int | str, threads_per_worker: int | None = None,
                         runs_per_gpu: int = 1) -> list[dict[str, str]]:
     """Environment per local worker: on a GPU machine ``runs_per_gpu`` workers share each GPU
