@@ -11,6 +11,10 @@ on a GPU, how busy it was (nvidia-smi, sampled every 0.5 s).
 
     python benchmarks/bench_grid.py --device cpu          # small settings, a few minutes
     python benchmarks/bench_grid.py --device cuda         # 224 px, batch 32, k = 1 2 4 8
+    python benchmarks/bench_grid.py --device cuda --gpu 1 # on another GPU of the machine
+
+On a machine with several GPUs every measurement runs on one of them (`--gpu`, default the
+first visible), so "k runs at once" means k on that GPU, not k spread over all of them.
 
 The paper's CXR grid is 360 such runs; the estimate printed is 360 / (runs/hour) at the best k.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,17 +43,29 @@ PRESETS = {  # per device: input px, batch, phantom patients (~2 images each), e
 }
 
 
-class GpuSampler(threading.Thread):
-    """Mean GPU utilisation (%) from nvidia-smi while the grid runs."""
+def pin_to_one_gpu(gpu: str | None = None) -> str:
+    """Make this process and the grid's workers see one GPU only: ``gpu`` (an index or UUID as
+    nvidia-smi gives them), default the first of CUDA_VISIBLE_DEVICES, else 0. Returns it."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
+    chosen = str(gpu) if gpu is not None else (visible[0] if visible else "0")
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's numbering = nvidia-smi's
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return chosen
 
-    def __init__(self):
+
+class GpuSampler(threading.Thread):
+    """Mean utilisation (%) of one GPU from nvidia-smi while the grid runs."""
+
+    def __init__(self, gpu: str):
         super().__init__(daemon=True)
+        self.gpu = gpu
         self.samples: list[float] = []
         self.stop = threading.Event()
 
     def run(self):
         while not self.stop.wait(0.5):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
+            out = subprocess.run(["nvidia-smi", "-i", self.gpu, "--query-gpu=utilization.gpu",
                                   "--format=csv,noheader,nounits"], capture_output=True, text=True,
                                  check=False)
             values = [float(v) for v in out.stdout.split() if v.strip().replace(".", "").isdigit()]
@@ -78,8 +95,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--patients", type=int)
+    parser.add_argument("--gpu", help="the GPU to measure on (cuda; default: the first visible)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
+    gpu = pin_to_one_gpu(args.gpu) if args.device == "cuda" else None
     preset = PRESETS[args.device]
     image_size = args.image_size or preset["image_size"]
     batch_size = args.batch_size or preset["batch_size"]
@@ -95,7 +114,8 @@ def main() -> int:
     build_dataset("phantom_cxr", work / "data", n_patients=patients,
                   image_size=max(128, image_size), n_folds=5, seed=0)
     train = int((load_manifest(work / "data/manifest.csv").table["fold_0"] == "train").sum())
-    print(f"device {args.device}: keras_resnet50 (random init), {image_size} px, batch "
+    print(f"device {args.device}" + (f" (GPU {gpu} only)" if gpu else "")
+          + f": keras_resnet50 (random init), {image_size} px, batch "
           f"{batch_size}, {epochs} epoch(s), {train} training images, tag at p = 0.5")
     print(f"{'runs at once':>12} {'cells':>6} {'wall s':>8} {'runs/hour':>10} {'img/s':>8} "
           f"{'not training':>13} {'GPU busy':>9}")
@@ -117,7 +137,7 @@ def main() -> int:
         path = work / f"bench_k{k}.yaml"
         path.write_text(yaml.safe_dump(grid))
         spec = load_grid(path)
-        sampler = GpuSampler() if args.device == "cuda" else None
+        sampler = GpuSampler(gpu) if args.device == "cuda" else None
         if sampler:
             sampler.start()
         report = run_grid(spec, analyse=False, progress=False, log=lambda message: None)

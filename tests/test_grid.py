@@ -270,6 +270,29 @@ def test_gpus_torch_cannot_use_stop_the_grid_before_any_cell(tmp_path, device):
     assert not (tmp_path / "runs").exists()  # stopped before any cell, any preparation
 
 
+def test_bench_grid_measures_k_runs_on_one_gpu_of_a_multi_gpu_machine(tmp_path, monkeypatch):
+    import importlib.util
+
+    from sm_utils.grid import worker_environments
+
+    env = fake_nvidia_smi(tmp_path)  # two GPUs
+    monkeypatch.setenv("PATH", env["PATH"])
+    # pin_to_one_gpu sets these in os.environ: recorded here so that they are undone after
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "recorded")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert len(worker_environments("auto", None, runs_per_gpu=2)) == 4  # 2 per GPU, 2 GPUs
+    spec = importlib.util.spec_from_file_location(
+        "bench_grid", Path(__file__).resolve().parents[1] / "benchmarks/bench_grid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.pin_to_one_gpu() == "0"
+    workers = worker_environments("auto", None, runs_per_gpu=2)
+    assert [w["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "0"]  # k = 2 on GPU 0 only
+    assert bench.pin_to_one_gpu("1") == "1"
+    assert [w["CUDA_VISIBLE_DEVICES"] for w in worker_environments("auto", None, 2)] == ["1", "1"]
+
+
 def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
