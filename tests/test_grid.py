@@ -25,6 +25,7 @@ from sm_utils.analysis import collect_results
 from sm_utils.grid import (
     GridError,
     check_gpus_usable,
+    check_slurm_gpus,
     dry_run,
     expand_cells,
     load_grid,
@@ -291,6 +292,21 @@ def test_bench_grid_measures_k_runs_on_one_gpu_of_a_multi_gpu_machine(tmp_path, 
     assert [w["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "0"]  # k = 2 on GPU 0 only
     assert bench.pin_to_one_gpu("1") == "1"
     assert [w["CUDA_VISIBLE_DEVICES"] for w in worker_environments("auto", None, 2)] == ["1", "1"]
+
+
+def test_slurm_refuses_runs_per_gpu_and_names_idle_gpus(tmp_path):
+    spec = load_grid(write_grid(tmp_path, run={"runs_per_gpu": 2}), check_names=False)
+    with pytest.raises(GridError, match=r"run\.runs_per_gpu=2 is not honoured by the slurm "
+                                        r"executor.*array_parallelism"):
+        run_grid(spec, executor="slurm", slurm_cluster="debug", analyse=False, progress=False,
+                 check=False)
+    assert not spec.runs_dir.exists()  # refused before any preparation or submission
+    spec = load_grid(write_grid(tmp_path, slurm={"gpus_per_task": 4}), check_names=False)
+    messages = []
+    check_slurm_gpus(spec, messages.append)
+    assert messages == [("slurm.gpus_per_task=4: a job runs its cells on its first GPU only, so 3 "
+                         "will sit idle; set slurm.gpus_per_task: 1 and raise "
+                         "slurm.array_parallelism for more runs at once")]
 
 
 def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):

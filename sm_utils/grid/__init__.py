@@ -75,7 +75,7 @@ __all__ = [
     "TRAINING_DEFAULTS",
     "Cell", "CellResult", "CellRunner", "ConfounderSpec", "DatasetSpec", "GridError",
     "GridReport", "GridSpec", "PreparationError", "RunnerSettings", "SourceSpec",
-    "cells_table", "check_gpus_usable", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
+    "cells_table", "check_gpus_usable", "check_slurm_gpus", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
     "iter_run_dirs", "load_grid", "merge_grid", "parse_grid", "prepare", "refuse_unrunnable",
     "run_batch", "run_grid", "run_id_for", "source_archs", "validate_grid",
     "worker_environments", "write_cells_index", "write_report",
@@ -147,6 +147,22 @@ def probe_sources(spec: GridSpec, cells: Sequence[Cell], log=print) -> Path | No
     return path
 
 
+def check_slurm_gpus(spec: GridSpec, log=print) -> None:
+    """Refuse runs_per_gpu > 1, which the slurm executor would not honour, and say that extra
+    GPUs of a job would idle: each job runs its cells one after another on its first GPU."""
+    runs_per_gpu, gpus = int(spec.run["runs_per_gpu"]), int(spec.slurm["gpus_per_task"])
+    if runs_per_gpu > 1:
+        raise GridError(
+            f"run.runs_per_gpu={runs_per_gpu} is not honoured by the slurm executor: a job runs "
+            "its cells one after another on one GPU. Set run.runs_per_gpu: 1 and raise "
+            "slurm.array_parallelism for more runs at once, or run the local executor on a GPU "
+            "node (sm run CONFIG inside the job).")
+    if gpus > 1:
+        log(f"slurm.gpus_per_task={gpus}: a job runs its cells on its first GPU only, so "
+            f"{gpus - 1} will sit idle; set slurm.gpus_per_task: 1 and raise "
+            "slurm.array_parallelism for more runs at once")
+
+
 def _runs_per_gpu(spec: GridSpec, todo: Sequence[Cell], log) -> int:
     """The grid's run.runs_per_gpu, checked against the GPUs' free memory before anything
     starts (the need measured on the grid's own model); 1 on a machine without a GPU."""
@@ -196,6 +212,8 @@ def run_grid(
         raise GridError(f"unknown executor {executor!r}; valid: local, slurm")
     if executor == "local":  # SLURM jobs run on nodes with GPUs of their own
         check_gpus_usable(spec.run["device"], log)
+    else:
+        check_slurm_gpus(spec, log)
     if check:
         refuse_unrunnable(spec, expand_cells(spec), load_weights=False)
     report_prepare = prepare(spec, log=log)
