@@ -26,6 +26,7 @@ from sm_utils.grid import (
     GridError,
     check_gpus_usable,
     check_slurm_gpus,
+    detect_gpus,
     dry_run,
     expand_cells,
     load_grid,
@@ -307,6 +308,29 @@ def test_slurm_refuses_runs_per_gpu_and_names_idle_gpus(tmp_path):
     assert messages == [("slurm.gpus_per_task=4: a job runs its cells on its first GPU only, so 3 "
                          "will sit idle; set slurm.gpus_per_task: 1 and raise "
                          "slurm.array_parallelism for more runs at once")]
+
+
+def test_mig_slices_count_as_devices_and_workers_get_their_uuids(tmp_path, monkeypatch):
+    from sm_utils.grid import worker_environments
+
+    script = tmp_path / "bin" / "nvidia-smi"  # GPU 0 split into two MIG slices, GPU 1 whole
+    script.parent.mkdir()
+    script.write_text(
+        "#!/bin/sh\ncat <<'EOF'\n"
+        "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d1b0f7a-0000-0000-0000-000000000000)\n"
+        "  MIG 3g.20gb     Device  0: (UUID: MIG-aaaa1111-0000-0000-0000-000000000000)\n"
+        "  MIG 3g.20gb     Device  1: (UUID: MIG-bbbb2222-0000-0000-0000-000000000000)\n"
+        "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-6e2c1a8b-0000-0000-0000-000000000000)\n"
+        "EOF\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "recorded")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert detect_gpus() == 3
+    workers = worker_environments("auto", None, runs_per_gpu=1)
+    assert [w["CUDA_VISIBLE_DEVICES"] for w in workers] == [
+        "MIG-aaaa1111-0000-0000-0000-000000000000", "MIG-bbbb2222-0000-0000-0000-000000000000",
+        "1"]
 
 
 def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):

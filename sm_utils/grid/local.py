@@ -35,21 +35,37 @@ def _local_worker(settings: RunnerSettings, tasks, results, parent_pid: int) -> 
         results.put(("kernel", os.getpid(), runner.kernel_start_seconds))
 
 
-def detect_gpus() -> int:
-    """Number of visible NVIDIA GPUs (0 without a GPU or nvidia-smi)."""
+def visible_gpus() -> list[str]:
+    """The CUDA devices cells may use, as CUDA_VISIBLE_DEVICES names them: its own entries when
+    set, else one per GPU that ``nvidia-smi -L`` lists (its index), except that a GPU split
+    into MIG slices gives one device per slice (its MIG UUID). Empty without a GPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([v for v in visible.split(",") if v.strip() not in ("", "-1")])
+        return [v.strip() for v in visible.split(",") if v.strip() not in ("", "-1")]
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
+    import re
     import subprocess
 
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20,
                              check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        return []
+    devices: list[list[str]] = []   # per GPU: [its index, then its MIG UUIDs]
+    for line in out.stdout.splitlines():
+        gpu = re.match(r"GPU (\d+):", line)
+        mig = re.search(r"\bMIG\b.*\(UUID: (MIG-[^)\s]+)\)", line)
+        if gpu:
+            devices.append([gpu.group(1)])
+        elif mig and devices:
+            devices[-1].append(mig.group(1))
+    return [uuid for gpu in devices for uuid in (gpu[1:] or gpu[:1])]
+
+
+def detect_gpus() -> int:
+    """Number of visible CUDA devices: GPUs, or their MIG slices (0 without nvidia-smi)."""
+    return len(visible_gpus())
 
 
 def nvidia_driver_version() -> str | None:
@@ -98,8 +114,10 @@ def check_gpus_usable(device: str, log=print) -> None:
 def worker_environments(workers: int | str, threads_per_worker: int | None = None,
                         runs_per_gpu: int = 1) -> list[dict[str, str]]:
     """Environment per local worker: on a GPU machine ``runs_per_gpu`` workers share each GPU
-    (``workers="auto"``: GPUs x runs_per_gpu), else a share of the CPU cores each."""
-    gpus = detect_gpus()
+    (``workers="auto"``: GPUs x runs_per_gpu; a GPU in MIG slices counts a GPU per slice),
+    else a share of the CPU cores each."""
+    ids = visible_gpus()
+    gpus = len(ids)
     if workers == "auto":
         workers = (gpus * max(1, int(runs_per_gpu)) if gpus
                    else max(1, (os.cpu_count() or 1) // max(1, threads_per_worker or 1)))
@@ -112,9 +130,7 @@ def worker_environments(workers: int | str, threads_per_worker: int | None = Non
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "SM_WORKER_INDEX": str(index)}
         if gpus:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
-            env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)].strip()
+            env["CUDA_VISIBLE_DEVICES"] = ids[index % gpus]
         envs.append(env)
     return envs
 
