@@ -331,6 +331,7 @@ def test_mig_slices_count_as_devices_and_workers_get_their_uuids(tmp_path, monke
     assert [w["CUDA_VISIBLE_DEVICES"] for w in workers] == [
         "MIG-aaaa1111-0000-0000-0000-000000000000", "MIG-bbbb2222-0000-0000-0000-000000000000",
         "1"]
+    assert {w["CUDA_DEVICE_ORDER"] for w in workers} == {"PCI_BUS_ID"}  # "1" as nvidia-smi says
 
 
 def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):

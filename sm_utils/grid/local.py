@@ -129,8 +129,8 @@ def worker_environments(workers: int | str, threads_per_worker: int | None = Non
     for index in range(workers):
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "SM_WORKER_INDEX": str(index)}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ids[index % gpus]
+        if gpus:  # nvidia-smi's numbering, which CUDA follows only in PCI bus order
+            env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=ids[index % gpus])
         envs.append(env)
     return envs
 
