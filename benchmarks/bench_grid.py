@@ -45,10 +45,10 @@ PRESETS = {  # per device: input px, batch, phantom patients (~2 images each), e
 
 def pin_to_one_gpu(gpu: str | None = None) -> str:
     """Make this process and the grid's workers see one GPU only: ``gpu`` (an index or UUID as
-    nvidia-smi gives them), default the first of CUDA_VISIBLE_DEVICES, else 0. Returns it."""
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-               if v.strip()]
-    chosen = str(gpu) if gpu is not None else (visible[0] if visible else "0")
+    nvidia-smi gives them), default the first the grid would use, else 0. Returns it."""
+    from sm_utils.grid import visible_gpus
+
+    chosen = str(gpu) if gpu is not None else (visible_gpus() or ["0"])[0]
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's numbering = nvidia-smi's
     os.environ["CUDA_VISIBLE_DEVICES"] = chosen
     return chosen

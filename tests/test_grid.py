@@ -243,13 +243,17 @@ def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     assert all(c.done and not (c.run_dir / "error.txt").exists() for c in cells)
 
 
-def fake_nvidia_smi(folder: Path) -> dict[str, str]:
-    """An environment whose nvidia-smi lists two GPUs on driver 550.54.15 (torch here has no
-    CUDA: as torch's default CUDA 13 wheel on a driver older than 580)."""
+TWO_H100 = "GPU 0: NVIDIA H100 (UUID: GPU-0)\nGPU 1: NVIDIA H100 (UUID: GPU-1)\n"
+
+
+def fake_nvidia_smi(folder: Path, listing: str = TWO_H100) -> dict[str, str]:
+    """An environment whose nvidia-smi -L prints ``listing`` (default: two GPUs) on driver
+    550.54.15 (torch here has no CUDA: as torch's default CUDA 13 wheel on a driver older than
+    580)."""
     script = folder / "bin" / "nvidia-smi"
     script.parent.mkdir(parents=True)
     script.write_text('#!/bin/sh\ncase "$*" in\n  *driver_version*) printf "550.54.15\\n550.54.15\\n";;\n'
-                      '  *) printf "GPU 0: NVIDIA H100 (UUID: GPU-0)\\nGPU 1: NVIDIA H100 (UUID: GPU-1)\\n";;\n'
+                      f"  *) cat <<'EOF'\n{listing}EOF\n;;\n"
                       'esac\n')
     script.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
@@ -313,17 +317,12 @@ def test_slurm_refuses_runs_per_gpu_and_names_idle_gpus(tmp_path):
 def test_mig_slices_count_as_devices_and_workers_get_their_uuids(tmp_path, monkeypatch):
     from sm_utils.grid import worker_environments
 
-    script = tmp_path / "bin" / "nvidia-smi"  # GPU 0 split into two MIG slices, GPU 1 whole
-    script.parent.mkdir()
-    script.write_text(
-        "#!/bin/sh\ncat <<'EOF'\n"
+    env = fake_nvidia_smi(tmp_path, (  # GPU 0 split into two MIG slices, GPU 1 whole
         "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d1b0f7a-0000-0000-0000-000000000000)\n"
         "  MIG 3g.20gb     Device  0: (UUID: MIG-aaaa1111-0000-0000-0000-000000000000)\n"
         "  MIG 3g.20gb     Device  1: (UUID: MIG-bbbb2222-0000-0000-0000-000000000000)\n"
-        "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-6e2c1a8b-0000-0000-0000-000000000000)\n"
-        "EOF\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+        "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-6e2c1a8b-0000-0000-0000-000000000000)\n"))
+    monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "recorded")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert detect_gpus() == 3

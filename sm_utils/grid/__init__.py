@@ -44,6 +44,7 @@ from .local import (
     detect_gpus,
     measure_run_memory,
     run_local,
+    visible_gpus,
     worker_environments,
 )
 from .prepare import PreparationError, execute_once, prepare
@@ -77,7 +78,7 @@ __all__ = [
     "GridReport", "GridSpec", "PreparationError", "RunnerSettings", "SourceSpec",
     "cells_table", "check_gpus_usable", "check_slurm_gpus", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
     "iter_run_dirs", "load_grid", "merge_grid", "parse_grid", "prepare", "refuse_unrunnable",
-    "run_batch", "run_grid", "run_id_for", "source_archs", "validate_grid",
+    "run_batch", "run_grid", "run_id_for", "source_archs", "validate_grid", "visible_gpus",
     "worker_environments", "write_cells_index", "write_report",
 ]
 
