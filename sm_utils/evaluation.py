@@ -1,11 +1,13 @@
 """Metrics for one fine-tuning run: AUCs, bootstrap intervals, AUC per attribute group.
 
 - ``auc``: binary ROC AUC of the positive-class score (scikit-learn), the primary metric.
-- ``micro_auc``: the paper's metric for compatibility. Its Keras code scored one-hot labels
-  against both softmax columns with ``tf.keras.metrics.AUC`` (a micro-average over the two
-  columns); here the same micro-average is computed exactly with scikit-learn
-  (``roc_auc_score(one_hot, probs, average="micro")``) instead of Keras' 200-threshold
-  approximation. It is not the binary AUC: it rewards calibration as well as ranking.
+- ``keras_auc``: the paper's metric as the paper computed it. Its Keras code (Keras 2.15) scored
+  one-hot labels against both softmax columns with ``tf.keras.metrics.AUC()``: a micro-average
+  over the two columns, counted at 200 fixed thresholds and integrated with the trapezoid rule
+  (:func:`keras_auc`). It is not the binary AUC: it rewards calibration as well as ranking, and
+  its thresholds cannot tell apart scores closer than 1/199 (saturated softmax outputs).
+- ``micro_auc``: the same micro-average computed exactly (scikit-learn,
+  ``roc_auc_score(one_hot, probs, average="micro")``), without the thresholds.
 - ``auc_ci_low/high``: percentile bootstrap interval of the binary AUC (seeded).
 - ``group_auc``: binary AUC within each level of each categorical attribute (e.g. ``sex=F``).
 """
@@ -51,18 +53,61 @@ def binary_auc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def keras_micro_auc(labels, probs) -> float:
-    """Micro-averaged AUC of one-hot labels against both softmax columns (the paper's metric).
+KERAS_THRESHOLDS = 200
+KERAS_EPSILON = 1e-7  # keras.backend.epsilon()
 
-    ``probs`` is (N, 2) (softmax output) or (N,) (probability of class 1; the other column
-    is ``1 - p``). NaN when only one class is present.
-    """
+
+def _two_columns(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(labels 0/1, probs (N, 2)) from (N, 2) softmax output or (N,) probability of class 1."""
     probs = np.asarray(probs, dtype=float)
     if probs.ndim == 1:
         probs = np.stack([1.0 - probs, probs], axis=1)
     if probs.ndim != 2 or probs.shape[1] != 2:
         raise EvaluationError(f"probs must have shape (N, 2) or (N,); got {probs.shape}.")
     labels, _ = _check(labels, probs[:, 1])
+    return labels, probs
+
+
+def keras_thresholds(num_thresholds: int = KERAS_THRESHOLDS) -> np.ndarray:
+    """Keras' thresholds: -epsilon, then i / (n - 1) for i = 1 .. n - 2, then 1 + epsilon."""
+    inner = [(i + 1) * 1.0 / (num_thresholds - 1) for i in range(num_thresholds - 2)]
+    return np.array([0.0 - KERAS_EPSILON, *inner, 1.0 + KERAS_EPSILON])
+
+
+def keras_auc(labels, probs, num_thresholds: int = KERAS_THRESHOLDS) -> float:
+    """The paper's metric: ``tf.keras.metrics.AUC()`` (ROC, 200 thresholds, ``summation_method=
+    "interpolation"``, ``multi_label=False``) of one-hot labels against both softmax columns.
+
+    As Keras 2.15 computes it: labels and predictions are flattened over the two columns (a
+    micro-average); at each threshold t a prediction counts as positive when it is greater than
+    t; true and false positive rates (0 where undefined, as ``divide_no_nan``) give the ROC
+    points, and the area is the trapezoid sum over consecutive thresholds. ``probs`` as in
+    :func:`keras_micro_auc`. NaN when only one class is present (Keras would report 0).
+    """
+    labels, probs = _two_columns(labels, probs)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    truth = np.stack([1 - labels, labels], axis=1).ravel().astype(bool)
+    scores = probs.ravel()
+    thresholds = keras_thresholds(num_thresholds)
+    predicted = scores[None, :] > thresholds[:, None]           # (thresholds, 2N)
+    tp = (predicted & truth).sum(axis=1).astype(float)
+    fp = (predicted & ~truth).sum(axis=1).astype(float)
+    fn, tn = truth.sum() - tp, (~truth).sum() - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        fpr = np.where(fp + tn > 0, fp / (fp + tn), 0.0)
+    return float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2.0))
+
+
+def keras_micro_auc(labels, probs) -> float:
+    """Micro-averaged AUC of one-hot labels against both softmax columns, computed exactly
+    (the paper's metric without Keras' thresholds: see :func:`keras_auc`).
+
+    ``probs`` is (N, 2) (softmax output) or (N,) (probability of class 1; the other column
+    is ``1 - p``). NaN when only one class is present.
+    """
+    labels, probs = _two_columns(labels, probs)
     if len(np.unique(labels)) < 2:
         return float("nan")
     one_hot = np.stack([1 - labels, labels], axis=1)
@@ -149,6 +194,7 @@ def summarise_test_set(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
         "auc_ci_low": low,
         "auc_ci_high": high,
         "micro_auc": keras_micro_auc(labels, probs),
+        "keras_auc": keras_auc(labels, probs),
         "n": len(frame),
         "n_pos": int(labels.sum()),
         "n_confounded": int(confounded.sum()),

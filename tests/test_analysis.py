@@ -40,7 +40,8 @@ SOURCES = ["imagenet_lite0", "radiology_phantom", "random"]
 def known_table(n_folds: int = 5) -> pd.DataFrame:
     """AUCs with a known structure: o.o.d. AUC falls with p, fastest for imagenet_lite0.
 
-    ``micro_auc`` is a fixed transform of ``auc`` (0.15 + 0.7 auc), so the two metrics differ.
+    ``micro_auc`` and ``keras_auc`` are fixed transforms of ``auc`` (0.15 + 0.7 auc and
+    0.1 + 0.8 auc), so the metrics differ.
     """
     rng = np.random.default_rng(7)
     slope = {"imagenet_lite0": 0.8, "radiology_phantom": 0.4, "random": 0.05}
@@ -54,7 +55,7 @@ def known_table(n_folds: int = 5) -> pd.DataFrame:
                          "p": p, "source": source, "fold": fold, "test_set": test_set,
                          "auc": auc + rng.normal(0, 0.02)})
     table = pd.DataFrame(rows)
-    return table.assign(micro_auc=0.15 + 0.7 * table["auc"])
+    return table.assign(micro_auc=0.15 + 0.7 * table["auc"], keras_auc=0.1 + 0.8 * table["auc"])
 
 
 def test_permutation_tests_match_scipy_and_holm_matches_statsmodels():
@@ -198,6 +199,12 @@ def test_reference_lines_use_our_names_and_are_drawn_over_micro_auc_only(tmp_pat
     with pytest.raises(AnalysisError, match="micro"):
         plot_auc_vs_p(known_table(), reference=reference)
     table = known_table()
+    keras = plot_auc_vs_p(table, reference=reference, metric="keras_auc")  # what analyse draws
+    assert keras.axes[0].get_ylabel() == "o.o.d. Keras AUC"
+    keras_solid = [line for line in keras.axes[0].get_lines() if line.get_linestyle() == "-"]
+    ours = table[(table["confounder"] == "tag") & (table["source"] == "imagenet_lite0")
+                 & (table["test_set"] == "ood")].groupby("p")
+    np.testing.assert_allclose(keras_solid[0].get_ydata(), ours["keras_auc"].mean())
     fig = plot_auc_vs_p(table, reference=reference, metric="micro_auc")
     axes = fig.axes
     assert len(axes) == 2 * 2  # o.o.d. and i.i.d. rows x tag and lowpass columns
@@ -269,12 +276,17 @@ def separated_table(confounders=("tag", "lowpass"), n_folds: int = 5,
             rows.append({"run_id": f"{confounder}{p}{source}{fold}", "dataset": "nih_cxr14",
                          "confounder": confounder, "strength": 1.0, "arch": arch[source], "seed": 812,
                          "p": p, "source": source, "fold": fold, "test_set": test_set,
-                         "auc": auc if test_set == "ood" else 0.9, "micro_auc": 0.5 + auc / 2})
+                         "auc": auc if test_set == "ood" else 0.9, "micro_auc": 0.5 + auc / 2,
+                         "keras_auc": 0.25 + auc / 4})
     return pd.DataFrame(rows)
 
 
 def test_paper_test_on_separated_folds_reaches_its_floor_of_2_in_252():
     result = paper_test(separated_table())
+    # on the paper's metric, Keras' AUC, as the paper tested it; never the binary AUC
+    assert set(result["metric"]) == {"keras_auc"}
+    np.testing.assert_allclose(result["mean_difference"], (0.12 - 0.62) / 4)
+    result = paper_test(separated_table(), metric="auc")
     # one row per confounder and p, ImageNet vs RadImageNet only, o.o.d. only, arch not a key
     assert len(result) == 2 * 6 and set(result["test_set"]) == {"ood"}
     assert set(result["source_imagenet"]) == {"imagenet_keras"}
@@ -331,7 +343,7 @@ def test_paper_test_pairs_folds_by_their_label_not_their_order():
     table.loc[radimagenet, "auc"] = 0.51 + 0.1 * table.loc[radimagenet, "fold"]
     table = pd.concat([table[~radimagenet], table[radimagenet & (table["fold"] != 4)].iloc[::-1]],
                       ignore_index=True)
-    result = paper_test(table).set_index("p")
+    result = paper_test(table, metric="auc").set_index("p")
     row = result.loc[0.5]
     assert row["n_imagenet"] == 5 and row["n_radimagenet"] == 4 and row["n_paired"] == 4
     np.testing.assert_allclose(row["mean_paired_difference"], -0.01)
@@ -359,7 +371,7 @@ def test_holm_family_is_the_prevalences_of_one_confounder(monkeypatch):
     import sm_utils.analysis.paper as paper_module  # where paper_test finds the t-test
 
     monkeypatch.setattr(paper_module, "_permutation_t_test", lambda x, y, n, seed: (0.0, float(x.mean())))
-    result = paper_test(pd.DataFrame(rows)).set_index(["confounder", "p"])
+    result = paper_test(pd.DataFrame(rows), metric="auc").set_index(["confounder", "p"])
     assert (result["family_size"] == 3).all()
     np.testing.assert_allclose(result.loc["tag", "p_value"], [0.01, 0.04, 0.03])
     np.testing.assert_allclose(result.loc["tag", "p_holm"], [0.03, 0.06, 0.06])
@@ -423,13 +435,20 @@ def test_analyse_writes_the_paper_test_and_a_separate_figure_against_the_paper(t
     names = [p.name for p in out["figures"]]
     assert names == ["g_auc_vs_p.png", "g_auc_vs_p.pdf", "g_vs_paper.png", "g_vs_paper.pdf"]
     written = pd.read_csv(tmp_path / "runs" / "paper_test.csv")
-    assert len(written) == 2 * 3 and set(written["source_imagenet"]) == {"imagenet_lite0"}
-    np.testing.assert_allclose(written["p_value"], out["paper_test"]["p_value"])
+    assert len(written) == 2 * 2 * 3 and set(written["source_imagenet"]) == {"imagenet_lite0"}
+    # the paper's test on its metric first, the same on the binary AUC beside it
+    assert list(written["metric"]) == ["keras_auc"] * 6 + ["auc"] * 6
+    assert set(out["paper_test"]["metric"]) == {"keras_auc"}
+    assert set(out["paper_test_binary"]["metric"]) == {"auc"}
+    np.testing.assert_allclose(written["p_value"][:6], out["paper_test"]["p_value"])
+    np.testing.assert_allclose(out["paper_test"]["mean_difference"],
+                               0.8 * out["paper_test_binary"]["mean_difference"])
+    assert "Keras AUC (the paper's metric" in out["paper_test_report"]
     assert out["paper_test_report"] == paper_test_report(out["paper_test"])
     assert "offline stand-in" in out["paper_test_report"]
-    # without micro_auc the comparison figure cannot be drawn: said, not faked with binary AUC
-    with pytest.warns(UserWarning, match="micro_auc"):
-        out = analyse(table.drop(columns="micro_auc"), pd.DataFrame(), tmp_path / "runs",
+    # without keras_auc the comparison figure cannot be drawn: said, not faked with binary AUC
+    with pytest.warns(UserWarning, match="keras_auc"):
+        out = analyse(table.drop(columns="keras_auc"), pd.DataFrame(), tmp_path / "runs",
                       tmp_path / "again", "g", reference_datasets={"phantom_cxr": "nih_cxr14"},
                       n_permutations=99, n_bootstrap=99)
     assert [p.name for p in out["figures"]] == ["g_auc_vs_p.png", "g_auc_vs_p.pdf"]
@@ -447,3 +466,23 @@ def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
     first = save_figure(plot_auc_vs_p(known_table()), tmp_path / "a" / "fig")
     second = save_figure(plot_auc_vs_p(known_table()), tmp_path / "b" / "fig")
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_runs_made_before_keras_auc_get_it_from_their_predictions(tmp_path):
+    from sm_utils.evaluation import keras_auc
+
+    write_run(tmp_path, "r1", "tag", 0.5, "imagenet_lite0", 0, {"ood": 0.7, "iid": 0.8})
+    rng = np.random.default_rng(3)
+    frames = []
+    for test_set in ("ood", "iid"):
+        labels = rng.integers(0, 2, 30)
+        score = np.clip(0.3 + 0.4 * labels + rng.normal(0, 0.2, 30), 0, 1)
+        frames.append(pd.DataFrame({"test_set": test_set, "image_id": [f"i{k}" for k in range(30)],
+                                    "label": labels, "score": score, "prob_0": 1 - score,
+                                    "prob_1": score}))
+    predictions = pd.concat(frames, ignore_index=True)
+    predictions.to_csv(tmp_path / "r1" / "predictions.csv", index=False)
+    table = collect_results(tmp_path).set_index("test_set")
+    for test_set, part in predictions.groupby("test_set"):
+        assert table.loc[test_set, "keras_auc"] == keras_auc(
+            part["label"].to_numpy(), part[["prob_0", "prob_1"]].to_numpy())

@@ -11,7 +11,9 @@ from sm_utils.evaluation import (
     bootstrap_auc_ci,
     group_auc,
     json_safe,
+    keras_auc,
     keras_micro_auc,
+    keras_thresholds,
     rank_auc,
     summarise_test_set,
 )
@@ -93,3 +95,43 @@ def test_bad_input_is_refused_and_nan_becomes_null():
     with pytest.raises(EvaluationError, match="0/1"):
         binary_auc([0, 2], [0.5, 0.1])
     assert json_safe({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
+
+
+def test_keras_thresholds_are_kerass():
+    # tf.keras.metrics.AUC(num_thresholds=200): -epsilon, i/199 for i = 1..198, 1 + epsilon
+    thresholds = keras_thresholds()
+    assert len(thresholds) == 200
+    assert thresholds[0] == -1e-7 and thresholds[-1] == 1 + 1e-7
+    assert thresholds[1] == 1 / 199 and thresholds[198] == 198 / 199
+
+
+def test_keras_auc_counts_pairs_when_every_score_has_a_threshold_between():
+    # softmax columns: A (label 1, p = 0.9): positive 0.9, negative 0.1; B (label 0, p = 0.7):
+    # positive 0.3, negative 0.7; C (label 1, p = 0.45): positive 0.45, negative 0.55.
+    # Positives {0.9, 0.3, 0.45} beat negatives {0.1, 0.7, 0.55} in 3 + 1 + 1 = 5 of 9 pairs;
+    # with a threshold between any two scores the trapezoid sum is that fraction.
+    labels, probs = [1, 0, 1], [0.9, 0.7, 0.45]
+    assert keras_auc(labels, probs) == pytest.approx(5 / 9, abs=1e-12)
+    assert keras_micro_auc(labels, probs) == pytest.approx(5 / 9)
+
+
+def test_keras_auc_cannot_tell_apart_scores_between_two_thresholds():
+    # A (label 1, p = 0.501): positive 0.501, negative 0.499; B (label 0, p = 0.502): positive
+    # 0.498, negative 0.502. All four lie between the thresholds 99/199 = 0.4975 and
+    # 100/199 = 0.5025, so Keras sees one tie: 0.5. Exactly, the positives beat the negatives
+    # in 1 of 4 pairs (0.501 > 0.499): 0.25.
+    labels, probs = [1, 0], [0.501, 0.502]
+    assert keras_auc(labels, probs) == pytest.approx(0.5, abs=1e-12)
+    assert keras_micro_auc(labels, probs) == pytest.approx(0.25)
+    # (N, 2) softmax output gives the same as the probability of class 1
+    assert keras_auc(labels, np.array([[0.499, 0.501], [0.498, 0.502]])) == pytest.approx(0.5)
+
+
+def test_keras_auc_is_in_the_metrics_of_a_test_set():
+    labels, scores = _toy()
+    frame = pd.DataFrame({"label": labels, "score": scores, "prob_0": 1 - scores, "prob_1": scores})
+    summary = summarise_test_set(frame, n_boot=50)
+    assert summary["keras_auc"] == keras_auc(labels, scores)
+    # smooth scores: Keras' thresholds move the micro-average by little, never to the binary AUC
+    assert abs(summary["keras_auc"] - summary["micro_auc"]) < 0.01
+    assert math.isnan(keras_auc([1, 1], [0.2, 0.3]))

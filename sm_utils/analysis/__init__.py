@@ -2,15 +2,16 @@
 
 - :func:`collect_results`: every complete run directory of a grid -> one tidy table, one row per
   (run, test set), with the grid axes (dataset, confounder, strength, p, fold, source, arch, seed)
-  and both metrics: ``auc`` (binary ROC AUC, our primary metric) and ``micro_auc`` (the paper's
-  Keras AUC, a micro-average over both softmax columns).
-- :func:`summarise`: mean and t interval over folds of both metrics.
+  and the metrics: ``auc`` (binary ROC AUC, our primary metric), ``keras_auc`` (the paper's
+  metric as its Keras code computed it: a micro-average over both softmax columns at 200
+  thresholds) and ``micro_auc`` (the same average computed exactly).
+- :func:`summarise`: mean and t interval over folds of each metric.
 - :func:`plot_auc_vs_p`: the paper's figure: a column per confounder, o.o.d. AUC on the top row
   and i.i.d. AUC on the bottom row against p, a line per source with a confidence band over
-  folds; ``metric="micro_auc"`` with the paper's reported means as dashed lines (they are
+  folds; ``metric="keras_auc"`` with the paper's reported means as dashed lines (they are
   micro-averages, so they are never drawn over the binary AUC).
 - :func:`paper_test`: the paper's primary statistic as the paper ran it (ImageNet vs RadImageNet,
-  o.o.d. AUC, two-sided permutation t-test per confounder and p, folds as independent samples,
+  o.o.d. Keras AUC, two-sided permutation t-test per confounder and p, folds as independent samples,
   no correction) and beside it a paired, fold-matched sign-flip test, Holm over the prevalences
   of a confounder, and the smallest p-value each can give; :func:`paper_test_report` says in
   one paragraph what those bounds mean for the folds at hand.
@@ -53,6 +54,8 @@ from .results import (
     MECHANISM_COLUMNS,
     METRIC_COLUMNS,
     METRICS,
+    PAPER_METRIC,
+    PAPER_METRICS,
     RUN_COLUMNS,
     SOURCE_PROBE_COLUMNS,
     TEST_SET_ORDER,
@@ -62,7 +65,7 @@ from .results import (
     save_results,
 )
 from .statistics import compare_sources, min_p_independent, min_p_paired
-from .summaries import group_auc_summary, robustness_summary, summarise
+from .summaries import SUMMARY_COLUMNS, group_auc_summary, robustness_summary, summarise
 
 __all__ = [
     "ARM_CANDIDATES",
@@ -74,12 +77,15 @@ __all__ = [
     "PAPER_COLUMNS",
     "PAPER_CONDITION",
     "PAPER_FAMILY",
+    "PAPER_METRIC",
+    "PAPER_METRICS",
     "REFERENCE_CONFOUNDERS",
     "REFERENCE_CSV",
     "REFERENCE_SOURCES",
     "RUN_COLUMNS",
     "SOURCE_PROBE_COLUMNS",
     "STAND_INS",
+    "SUMMARY_COLUMNS",
     "TEST_SET_ORDER",
     "AnalysisError",
     "analyse",

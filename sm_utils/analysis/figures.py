@@ -10,30 +10,31 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import atomic_path
-from .results import METRICS, AnalysisError
-from .summaries import summarise
+from .results import METRICS, PAPER_METRIC, PAPER_METRICS, AnalysisError
+from .summaries import SUMMARY_COLUMNS, summarise
 
-# Metric column -> (summary mean, interval low, interval high, words for labels).
 
 def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                   rows: Sequence[str] = ("ood", "iid"), confidence: float = 0.95,
                   title: str | None = None, metric: str = "auc"):
     """The paper's figure: a column per (dataset, confounder), a row per test set, AUC vs p.
 
-    ``metric``: ``"auc"`` (binary ROC AUC, our primary metric) or ``"micro_auc"`` (the paper's
-    Keras AUC, micro-averaged over both softmax columns); the axis labels and the title name it.
+    ``metric``: ``"auc"`` (binary ROC AUC, our primary metric), ``"keras_auc"`` (the paper's
+    metric: Keras' AUC, micro-averaged over both softmax columns at 200 thresholds) or
+    ``"micro_auc"`` (the same average, exact); the axis labels and the title name it.
     ``reference`` (the paper's reported means, see :func:`reference_lines`) is drawn as dashed
-    lines, and only with ``metric="micro_auc"``: the reported means are micro-averages, which
-    differ from the binary AUC (binary 1.0 can be micro 0.86), so a non-empty ``reference``
-    with ``metric="auc"`` raises :class:`AnalysisError` rather than drawing a misleading line.
+    lines, and only over the paper's metric (``keras_auc``, or ``micro_auc``): the reported
+    means are micro-averages, which differ from the binary AUC (binary 1.0 can be micro 0.86),
+    so a non-empty ``reference`` with ``metric="auc"`` raises :class:`AnalysisError` rather
+    than drawing a misleading line.
     """
     import matplotlib.pyplot as plt
 
     if metric not in METRICS:
         raise AnalysisError(f"metric must be one of {sorted(METRICS)}, not {metric!r}")
-    if reference is not None and not reference.empty and metric != "micro_auc":
+    if reference is not None and not reference.empty and metric not in PAPER_METRICS:
         raise AnalysisError("the paper's reported means are micro-averaged AUCs: draw them with "
-                            "metric='micro_auc', not over the binary AUC")
+                            f"metric='{PAPER_METRIC}', not over the binary AUC")
     mean_column, low_column, high_column, words = METRICS[metric]
     means = summarise(table[table["test_set"].isin(rows)], confidence)
     if means.empty:
@@ -86,8 +87,10 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                 labels.append(label)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
                bbox_to_anchor=(0.5, -0.01))
-    n_folds = int(means["n_folds" if metric == "auc" else "n_folds_micro"].max())
-    what = "binary ROC AUC" if metric == "auc" else "micro-averaged AUC (the paper's metric)"
+    n_folds = int(means[SUMMARY_COLUMNS[metric][4]].max())
+    what = {"auc": "binary ROC AUC",
+            "keras_auc": "Keras AUC (the paper's metric: micro-averaged, 200 thresholds)",
+            "micro_auc": "micro-averaged AUC (the paper's metric, exact)"}[metric]
     note = f"{what}, mean over {n_folds} fold(s); band: {100 * confidence:g} % t interval over folds"
     if any(line.get_linestyle() == "--" for ax in axes.flat for line in ax.get_lines()):
         note += "; dashed: the paper's reported means"

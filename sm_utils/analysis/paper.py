@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .results import METRICS, AnalysisError
+from .results import METRICS, PAPER_METRIC, AnalysisError
 from .statistics import (
     _family_floor,
     _fold_differences,
@@ -71,7 +71,7 @@ def paper_test(
     table: pd.DataFrame,
     arms: dict[str, str] | None = None,
     test_set: str | Sequence[str] = "ood",
-    metric: str = "auc",
+    metric: str = PAPER_METRIC,
     n_permutations: int = 9999,
     alpha: float = 0.05,
     family: Sequence[str] = PAPER_FAMILY,
@@ -85,8 +85,9 @@ def paper_test(
     :class:`AnalysisError`: filter the table by ``arch`` first).
 
     - **The paper's test** (``statistic``, ``p_value``): ImageNet arm vs RadImageNet arm
-      (``arms``; see :func:`paper_arms`), ``metric`` (``"auc"``, or ``"micro_auc"`` for the
-      paper's own AUC) on ``test_set``, two-sided Student t-test with a permutation null, the
+      (``arms``; see :func:`paper_arms`), ``metric`` (default ``"keras_auc"``, the paper's
+      metric as its code computed it; ``"micro_auc"`` the same average exact, ``"auc"`` the
+      binary AUC) on ``test_set``, two-sided Student t-test with a permutation null, the
       folds as independent samples (scipy ``ttest_ind(..., method=PermutationMethod(...))``;
       exact when C(n_a + n_b, n_a) <= ``n_permutations``; the paper passed
       ``permutations=10000``), no multiple-comparison correction. ``reject``: ``p_value`` <=
@@ -213,7 +214,9 @@ def paper_test_report(result: pd.DataFrame, alpha: float | None = None) -> str:
 
     spelled = {"ood": "o.o.d.", "iid": "i.i.d."}
     test_sets = ", ".join(spelled.get(name, name) for name in dict.fromkeys(result["test_set"]))
-    metric_words = "binary AUC" if metric == "auc" else "micro-averaged AUC (the paper's metric)"
+    metric_words = {"auc": "binary AUC",
+                    "keras_auc": "Keras AUC (the paper's metric as its code computed it)",
+                    "micro_auc": "micro-averaged AUC (the paper's metric, computed exactly)"}[metric]
     opening = (f"The paper's test compares the {named('ImageNet', source_a)} with the "
                f"{named('RadImageNet', source_b)} on the {test_sets} {metric_words}: a two-sided "
                "permutation t-test per confounder and p, folds as independent samples, uncorrected.")

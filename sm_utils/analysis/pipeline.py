@@ -14,7 +14,7 @@ from ..paths import METRICS_FILE
 from .figures import plot_auc_vs_p, save_figure
 from .paper import PAPER_COLUMNS, paper_test, paper_test_report
 from .reference import REFERENCE_CSV, load_reference, reference_lines
-from .results import AnalysisError, collect_results, save_results
+from .results import PAPER_METRIC, AnalysisError, collect_results, save_results
 from .statistics import compare_sources
 from .summaries import group_auc_summary, robustness_summary
 
@@ -28,11 +28,13 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     """Statistics tables into ``out_dir`` and the figures into ``figures_dir``.
 
     Tables: ``comparisons.csv`` (:func:`compare_sources`), ``paper_test.csv``
-    (:func:`paper_test` on the o.o.d. AUC, ``arms`` as there) and ``robustness.csv``.
+    (:func:`paper_test` on the o.o.d. Keras AUC, the paper's metric, ``arms`` as there; its
+    rows with ``metric`` "auc" repeat it on the binary AUC) and ``robustness.csv``.
     Figures: ``<name>_auc_vs_p.(png|pdf)``, binary AUC, no reference lines; and, when
     ``reference_datasets`` are given and match the paper's reported table, ``<name>_vs_paper``:
-    micro-averaged AUC (the paper's metric) with the paper's reported means dashed.
-    Returns the tables, ``paper_test`` and ``paper_test_report`` (:func:`paper_test_report`),
+    the Keras AUC (the paper's metric) with the paper's reported means dashed.
+    Returns the tables, ``paper_test`` (on the paper's metric), ``paper_test_binary`` (the
+    same on the binary AUC) and ``paper_test_report`` (:func:`paper_test_report`),
     the reference lines and the paths written. When the paper's arms cannot be found by name
     (several candidates, or an architecture clash) and ``arms`` is not given, the rest of the
     analysis still runs: ``paper_test`` is empty and the report (and a warning) says why.
@@ -44,17 +46,23 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
         raise AnalysisError("the results table is empty; run the grid first")
     comparisons = compare_sources(table, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
     try:
-        primary = paper_test(table, arms=arms, n_permutations=n_permutations, seed=seed)
+        primary = paper_test(table, arms=arms, metric=PAPER_METRIC, n_permutations=n_permutations,
+                             seed=seed)
+        binary = paper_test(table, arms=arms, metric="auc", n_permutations=n_permutations,
+                            seed=seed)
     except AnalysisError as err:
         if arms is not None:
             raise
         warnings.warn(f"paper test skipped: {err}", stacklevel=2)
         primary = pd.DataFrame(columns=PAPER_COLUMNS)
         primary.attrs["message"] = f"No paper test: {err}"
+        binary = primary
     report = paper_test_report(primary)
+    both = [t for t in (primary, binary) if not t.empty]
     robustness = robustness_summary(table)
     paths = [atomic_write_csv(out_dir / "comparisons.csv", comparisons),
-             atomic_write_csv(out_dir / "paper_test.csv", primary),
+             atomic_write_csv(out_dir / "paper_test.csv",
+                              pd.concat(both, ignore_index=True) if both else primary),
              atomic_write_csv(out_dir / "robustness.csv", robustness)]
     fig = plot_auc_vs_p(table, title=f"grid {name}")
     figures = save_figure(fig, figures_dir / f"{name}_auc_vs_p")
@@ -62,15 +70,15 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     reference = None
     if reference_datasets:
         reference = reference_lines(load_reference(reference_csv), reference_datasets)
-        has_micro = "micro_auc" in table.columns and table["micro_auc"].notna().any()
+        has_metric = PAPER_METRIC in table.columns and table[PAPER_METRIC].notna().any()
         if reference.empty:
             warnings.warn(f"no reported values of the paper match datasets {reference_datasets}: "
                           "no comparison figure", stacklevel=2)
-        elif not has_micro:
-            warnings.warn("the results have no micro_auc, the paper's metric: no comparison figure",
-                          stacklevel=2)
+        elif not has_metric:
+            warnings.warn(f"the results have no {PAPER_METRIC}, the paper's metric: no comparison "
+                          "figure", stacklevel=2)
         else:
-            fig = plot_auc_vs_p(table, reference=reference, metric="micro_auc",
+            fig = plot_auc_vs_p(table, reference=reference, metric=PAPER_METRIC,
                                 title=f"grid {name} vs the paper")
             figures += save_figure(fig, figures_dir / f"{name}_vs_paper")
             plt.close(fig)
@@ -81,7 +89,8 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
         encodedness = encodedness_vs_drop(table, n_permutations=n_permutations, seed=seed)
         paths.append(atomic_write_csv(out_dir / "encodedness_vs_drop.csv", encodedness))
     return {"table": table, "groups": groups, "group_summary": group_auc_summary(groups),
-            "comparisons": comparisons, "paper_test": primary, "paper_test_report": report,
+            "comparisons": comparisons, "paper_test": primary, "paper_test_binary": binary,
+            "paper_test_report": report,
             "robustness": robustness, "reference": reference, "encodedness": encodedness,
             "tables": paths, "figures": figures}
 

@@ -18,7 +18,8 @@ from ..paths import CELLS_FILE, METRICS_FILE, SOURCE_PROBES_FILE
 AXES = ["dataset", "confounder", "strength", "arch", "seed", "p", "source", "fold"]
 # A condition: everything but the source and the fold (folds are the replicates).
 CONDITION = ["dataset", "confounder", "strength", "arch", "seed", "test_set", "p"]
-METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "n", "n_pos", "n_confounded"]
+METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "keras_auc", "n", "n_pos",
+                  "n_confounded"]
 RUN_COLUMNS = ["best_epoch", "epochs_run", "train_seconds", "eval_seconds"]
 # Run-level columns of a grid with `probe: true` / `attribution: true` (sm_utils.mechanisms)
 MECHANISM_COLUMNS = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high", "attribution_share",
@@ -28,7 +29,12 @@ SOURCE_PROBE_COLUMNS = ["source_probe_auc", "source_probe_auc_ci_low", "source_p
 TEST_SET_ORDER = {"ood": 0, "iid": 1, "clean": 2}
 # metric -> its mean, interval columns in summaries and its name in words
 METRICS = {"auc": ("mean_auc", "ci_low", "ci_high", "binary AUC"),
-           "micro_auc": ("mean_micro_auc", "micro_ci_low", "micro_ci_high", "micro-AUC")}
+           "micro_auc": ("mean_micro_auc", "micro_ci_low", "micro_ci_high", "micro-AUC"),
+           "keras_auc": ("mean_keras_auc", "keras_ci_low", "keras_ci_high", "Keras AUC")}
+# The paper's metric (its reported means, its test): Keras' AUC as its code computed it
+# (sm_utils.evaluation.keras_auc); micro_auc is the same average without Keras' thresholds.
+PAPER_METRIC = "keras_auc"
+PAPER_METRICS = ("keras_auc", "micro_auc")
 
 
 class AnalysisError(ValueError):
@@ -47,8 +53,25 @@ def _read_metrics(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     out = []
     for run_dir in run_dirs:
         with open(run_dir / METRICS_FILE) as fh:
-            out.append(json.load(fh))
+            metrics = json.load(fh)
+        _add_keras_auc(metrics, run_dir)
+        out.append(metrics)
     return out
+
+
+def _add_keras_auc(metrics: dict[str, Any], run_dir: Path) -> None:
+    """Runs made before metrics.json carried ``keras_auc`` get it from their predictions."""
+    missing = [t for t, v in metrics["test_sets"].items() if "keras_auc" not in v]
+    predictions = run_dir / "predictions.csv"
+    if not missing or not predictions.exists():
+        return
+    from ..evaluation import keras_auc
+
+    frame = pd.read_csv(predictions, usecols=["test_set", "label", "prob_0", "prob_1"])
+    for test_set, part in frame.groupby("test_set"):
+        if test_set in missing:
+            metrics["test_sets"][test_set]["keras_auc"] = keras_auc(
+                part["label"].to_numpy(), part[["prob_0", "prob_1"]].to_numpy())
 
 
 def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
