@@ -1,7 +1,8 @@
 """What makes two runs the same run: the content of their inputs, never where they live.
 
 A run id is a stable hash of every parameter that changes a result (all of notebook 03's, see
-docs/RUNS.md, except ``runs_dir``, ``device`` and ``num_workers``), with the two files a run
+docs/RUNS.md, except where and how it runs: ``runs_dir``, ``device``, ``precision``,
+``deterministic`` and ``num_workers``), with the two files a run
 reads named by their content:
 
 - the manifest by a digest of its table (the CSV bytes) and of its meta sidecar without the
@@ -31,7 +32,7 @@ from typing import Any
 from .io import stable_hash
 
 # Parameters of a run that do not change its result.
-NON_IDENTITY_FIELDS = ("runs_dir", "device", "num_workers")
+NON_IDENTITY_FIELDS = ("runs_dir", "device", "precision", "deterministic", "num_workers")
 FLOAT_FIELDS = ("strength", "p", "lr", "weight_decay", "drop_rate")
 INT_FIELDS = ("fold", "image_size", "epochs", "batch_size", "patience", "seed", "num_workers")
 # Extra measurements a run can be asked for (sm_utils.mechanisms); only when on are they part of

@@ -77,6 +77,8 @@ class RunConfig:
     probe: bool = False           # after fine-tuning: encodedness probe of the model (mechanisms)
     attribution: bool = False     # and its attribution share inside the confounder's mask
     device: str = "auto"
+    precision: str = "auto"       # of training: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16
+    deterministic: bool = False   # GPU: deterministic algorithms, no cuDNN autotuning, no TF32
     num_workers: int = 0
     runs_dir: str = "runs/single"  # one-off runs; a grid passes its own
 
@@ -88,6 +90,7 @@ class RunConfig:
                      "num_workers"):
             setattr(self, name, int(getattr(self, name)))
         self.augment = bool(self.augment)
+        self.deterministic = bool(self.deterministic)
         self.probe, self.attribution = bool(self.probe), bool(self.attribution)
         self.manifest = str(self.manifest)
         self.runs_dir = str(self.runs_dir)
@@ -247,7 +250,8 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
     train_loader = loader(train_set, True, drop_last=len(train_set) % config.batch_size == 1)
     val_loader = loader(dataset("val", False), False)
 
-    with configure_device(device, threads) as device_settings:
+    with configure_device(device, threads, deterministic=config.deterministic,
+                          precision=config.precision) as device_settings:
         torch.manual_seed(config.seed)  # head initialisation, dropout
         np.random.seed(config.seed % 2**32)
         weights = None if config.weights is None else resolve(config.weights)
@@ -258,7 +262,7 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
         result = train_model(
             model, prep, train_loader, val_loader, device=device, epochs=config.epochs,
             lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
-            patience=config.patience, progress=progress,
+            patience=config.patience, progress=progress, precision=config.precision,
         )
         yield TrainedRun(model=model, prep=prep, manifest=manifest, manifest_path=manifest_path,
                          splits=splits, cache=cache, confounder=conf, result=result,

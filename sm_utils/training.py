@@ -2,9 +2,12 @@
 Adam (or AdamW), early stopping on validation loss and the best-validation-loss checkpoint
 restored at the end.
 
-On a GPU: bf16 autocast and channels_last memory format (fast). On a CPU: deterministic
+On a GPU: training under bf16 autocast (``precision="auto"``; ``"fp32"`` to train in full
+precision) and channels_last memory format; ``deterministic=True`` trades speed for repeatable
+runs (deterministic algorithms, no cuDNN autotuning, no TF32). On a CPU: deterministic
 algorithms and a fixed number of threads, so a run repeated on the same machine reproduces
-its metrics exactly (see :func:`configure_device`).
+its metrics exactly (see :func:`configure_device`). Scoring (:func:`predict`: the validation
+loss that picks the checkpoint, the test scores) is always fp32, on every device.
 
 Batches arrive as uint8 tensors (N, 1, H, W) and go to the device as uint8 (4x less to copy);
 the source's ``prep`` turns them into the float input its weights expect, on the device.
@@ -32,6 +35,7 @@ from .evaluation import binary_auc
 
 OPTIMIZERS = ("adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")  # of training; auto: bf16 autocast on a GPU, fp32 on a CPU
 THREADS_ENV = "SM_NUM_THREADS"
 # Seconds between progress-bar updates on a terminal (notebooks and logs get fewer lines).
 PROGRESS_INTERVAL_S = 1.0
@@ -70,37 +74,58 @@ def cpu_threads() -> int:
     return threads
 
 
+def training_precision(device: torch.device, precision: str = "auto") -> str:
+    """``"bf16"`` (autocast) or ``"fp32"``: what training runs in on ``device``."""
+    if precision not in PRECISIONS:
+        raise TrainingError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}.")
+    if precision == "bf16" and device.type != "cuda":
+        raise TrainingError("precision='bf16' (autocast) is for GPUs; on the CPU use 'auto' or "
+                            "'fp32'.")
+    return "bf16" if device.type == "cuda" and precision != "fp32" else "fp32"
+
+
 @contextlib.contextmanager
-def configure_device(device: torch.device, threads: int | None = None) -> Iterator[dict]:
+def configure_device(device: torch.device, threads: int | None = None, *,
+                     deterministic: bool = False, precision: str = "auto") -> Iterator[dict]:
     """Set up the process for training on ``device``; restore the previous settings after.
 
-    CPU: ``torch.use_deterministic_algorithms(True)`` and a fixed thread count. GPU:
-    cuDNN autotuning and TF32 (speed over bit-exactness). Yields a record of the settings,
-    with the CPU numerics in effect (:mod:`sm_utils.numerics`; a warning where a library
-    loaded before ``sm_utils`` escaped pinning).
+    CPU: ``torch.use_deterministic_algorithms(True)`` and a fixed thread count, always. GPU:
+    cuDNN autotuning and TF32 (speed over bit-exactness), or with ``deterministic`` none of
+    them and deterministic algorithms (cuBLAS gets ``CUBLAS_WORKSPACE_CONFIG``, which acts
+    before its first use in the process). Yields a record of the settings, with the training
+    and scoring precision and the CPU numerics in effect (:mod:`sm_utils.numerics`; a
+    warning where a library loaded before ``sm_utils`` escaped pinning).
     """
     numerics.warn_if_unpinned()
+    trained_in = training_precision(device, precision)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
-                torch.backends.cudnn.benchmark)
+                torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32)
     if device.type == "cpu":
         threads = cpu_threads() if threads is None else int(threads)
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(threads)
-        record = {"device": "cpu", "threads": threads, "deterministic": True,
-                  "numerics": numerics.describe()}
+        record = {"device": "cpu", "threads": threads, "deterministic": True}
     else:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(bool(deterministic))
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
         record = {"device": str(device), "gpu": torch.cuda.get_device_name(device),
-                  "deterministic": False, "bf16_autocast": True, "channels_last": True,
-                  "numerics": numerics.describe()}
+                  "deterministic": bool(deterministic), "cudnn_benchmark": not deterministic,
+                  "tf32": not deterministic, "channels_last": True}
+    record.update(training_precision=trained_in, scoring_precision="fp32",
+                  numerics=numerics.describe())
     try:
         yield record
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.set_num_threads(previous[1])
         torch.backends.cudnn.benchmark = previous[2]
+        torch.backends.cuda.matmul.allow_tf32 = previous[3]
+        torch.backends.cudnn.allow_tf32 = previous[4]
 
 
 def reset_head(model: nn.Module) -> nn.Linear:
@@ -132,8 +157,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
+def _autocast(device: torch.device, precision: str = "auto"):
+    """Training's autocast: bf16 on a GPU unless ``precision="fp32"``; never in scoring."""
+    if training_precision(device, precision) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -150,12 +176,15 @@ def _to_input(images: torch.Tensor, prep: Callable, device: torch.device) -> tor
 def predict(
     model: nn.Module, prep: Callable, loader, device: torch.device, *, progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(softmax probabilities (N, 2), labels (N,)) of the loader's images, in loader order."""
+    """(softmax probabilities (N, 2), labels (N,)) of the loader's images, in loader order.
+
+    Always in fp32, whatever precision training used: these scores pick the best checkpoint
+    (validation loss) and are the test results (AUCs, ties).
+    """
     model.eval()
     probs, labels = [], []
     for images, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        with _autocast(device):
-            logits = model(_to_input(images, prep, device))
+        logits = model(_to_input(images, prep, device))
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
     return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).cpu().numpy()
@@ -190,12 +219,14 @@ class TrainResult:
 def train_model(
     model: nn.Module, prep: Callable, train_loader, val_loader, *, device: torch.device,
     epochs: int, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
-    patience: int = 3, progress: bool = True,
+    patience: int = 3, progress: bool = True, precision: str = "auto",
 ) -> TrainResult:
     """Fine-tune ``model`` in place; on return it holds the best-validation-loss weights.
 
     Early stopping: training stops after ``patience`` epochs without a lower validation
     loss (``patience <= 0`` never stops early). Epochs are numbered from 1.
+
+    ``precision``: of training (:func:`training_precision`); validation is always fp32.
 
     A NaN validation loss (the model's outputs are not finite: it diverged) is recorded in the
     history but never counts as the best; it is an epoch without improvement. If no epoch
@@ -228,7 +259,7 @@ def train_model(
                    mininterval=PROGRESS_INTERVAL_S if sys.stderr.isatty() else 30.0)
         for images, labels in bar:
             labels = labels.to(device, non_blocking=True)
-            with _autocast(device):
+            with _autocast(device, precision):
                 logits = model(_to_input(images, prep, device))
                 loss = loss_fn(logits.float(), labels)
             opt.zero_grad(set_to_none=True)

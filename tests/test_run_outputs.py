@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from sm_utils.evaluation import keras_auc
 from sm_utils.runs import RunConfig, execute_run
 
 
@@ -58,6 +59,8 @@ def test_every_test_set_metric_is_recomputed_from_the_predictions(run):
         one_hot = np.stack([1 - labels, labels], axis=1)
         probs = part[["prob_0", "prob_1"]].to_numpy()
         assert _close(recorded["micro_auc"], _auc(one_hot.ravel(), probs.ravel())), name
+        # ... and as the paper's Keras code counted it, at 200 thresholds (tf.keras.metrics.AUC)
+        assert _close(recorded["keras_auc"], keras_auc(labels, probs)), name
         assert recorded["n"] == len(part)
         assert recorded["n_pos"] == int(labels.sum())
         assert recorded["n_confounded"] == int(part["confounded"].sum())

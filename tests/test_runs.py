@@ -11,7 +11,8 @@ from sm_utils.runs import RunConfig, RunError, execute_run
 CONTRACT_FIELDS = [
     "manifest", "confounder", "strength", "confounder_params", "p", "fold", "source", "weights",
     "arch", "image_size", "resize", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience",
-    "augment", "drop_rate", "seed", "probe", "attribution", "device", "num_workers", "runs_dir",
+    "augment", "drop_rate", "seed", "probe", "attribution", "device", "precision", "deterministic",
+    "num_workers", "runs_dir",
 ]
 
 
@@ -27,13 +28,15 @@ def test_run_id_is_a_stable_hash_of_the_result_defining_fields(tmp_path):
     m = str(manifest)
     config = RunConfig(manifest=m, runs_dir="a", device="cpu", num_workers=0)
     identity = {k: v for k, v in asdict(config).items()
-                if k not in ("runs_dir", "device", "num_workers", "probe", "attribution")}
+                if k not in ("runs_dir", "device", "precision", "deterministic", "num_workers",
+                             "probe", "attribution")}
     identity.update(manifest=manifest_digest(manifest), weights=None)
     assert config.run_id == stable_hash(identity) and len(config.run_id) == 12
     # Mechanism measurements are extra outputs: off they leave the id alone, on they make a new run.
     assert RunConfig(manifest=m, probe=True).run_id not in (config.run_id,
                                                            RunConfig(manifest=m, attribution=True).run_id)
-    same = RunConfig(manifest=m, runs_dir="elsewhere", device="cuda", num_workers=8, p=0.5)
+    same = RunConfig(manifest=m, runs_dir="elsewhere", device="cuda", num_workers=8, p=0.5,
+                     precision="fp32", deterministic=True)
     assert same.run_id == config.run_id
     assert RunConfig(manifest=m, lr=1e-4).run_id != config.run_id
     assert RunConfig(manifest=m, p=1).run_id == RunConfig(manifest=m, p=1.0).run_id
@@ -89,8 +92,8 @@ def test_run_directory_is_complete_and_metrics_follow_the_contract(phantom_cxr, 
     assert metrics["run_id"] == config.run_id and metrics["config"] == asdict(config)
     assert set(metrics["test_sets"]) == {"iid", "ood", "clean"}
     for entry in metrics["test_sets"].values():
-        assert set(entry) == {"auc", "auc_ci_low", "auc_ci_high", "micro_auc", "n", "n_pos",
-                              "n_confounded", "group_auc"}
+        assert set(entry) == {"auc", "auc_ci_low", "auc_ci_high", "micro_auc", "keras_auc", "n",
+                              "n_pos", "n_confounded", "group_auc"}
         assert 0 <= entry["auc"] <= 1 and "sex=F" in entry["group_auc"]
     sets = metrics["test_sets"]
     assert sets["clean"]["n_confounded"] == 0

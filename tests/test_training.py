@@ -12,6 +12,7 @@ from sm_utils.training import (
     predict,
     resolve_device,
     train_model,
+    training_precision,
 )
 
 
@@ -166,7 +167,8 @@ def test_configure_device_sets_and_restores_determinism():
         assert torch.get_num_threads() == 1
         numerics = record.pop("numerics")  # the CPU kernels in effect (tests/test_numerics.py)
         assert numerics["mode"] == sm_utils.numerics.mode()
-        assert record == {"device": "cpu", "threads": 1, "deterministic": True}
+        assert record == {"device": "cpu", "threads": 1, "deterministic": True,
+                          "training_precision": "fp32", "scoring_precision": "fp32"}
     assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
 
 
@@ -181,3 +183,53 @@ def test_bad_settings_are_refused():
         with pytest.raises(TrainingError, match="no CUDA GPU"):
             resolve_device("cuda")
         assert resolve_device("auto").type == "cpu"
+
+
+def test_scoring_never_runs_under_autocast_while_training_does(monkeypatch):
+    """The validation loss that picks the checkpoint and the test scores are fp32 on every
+    device: predict never enters training's autocast (bf16 on a GPU), train_model does."""
+    from sm_utils import training
+
+    calls = []
+    real = training._autocast
+
+    def recording(device, precision="auto"):
+        calls.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(training, "_autocast", recording)
+    model, _, val = _train(epochs=1)
+    assert len(calls) == 4  # one per training batch (64 images / 16)
+    calls.clear()
+    probs, _ = predict(model, prep, val, torch.device("cpu"))
+    assert calls == [] and probs.dtype == np.float64
+
+
+def test_training_precision_is_a_setting_and_bf16_is_for_gpus():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert training_precision(cpu) == "fp32" and training_precision(gpu) == "bf16"
+    assert training_precision(gpu, "fp32") == "fp32"
+    with pytest.raises(TrainingError, match="bf16.*is for GPUs"):
+        training_precision(cpu, "bf16")
+    with pytest.raises(TrainingError, match="precision must be one of"):
+        training_precision(gpu, "fp16")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_gpu_settings_are_set_for_the_run_and_restored_after(monkeypatch, deterministic):
+    """The GPU branch of configure_device, on a machine without one: TF32, autotuning and
+    deterministic algorithms as asked, every flag back as it was afterwards."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = lambda: (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before = flags()
+    with configure_device(torch.device("cuda"), deterministic=deterministic) as record:
+        assert flags() == (deterministic, not deterministic, not deterministic, not deterministic)
+        assert record["deterministic"] is deterministic and record["tf32"] is (not deterministic)
+        assert record["training_precision"] == "bf16" and record["scoring_precision"] == "fp32"
+        if deterministic:
+            import os
+
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert flags() == before

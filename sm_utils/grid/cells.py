@@ -119,6 +119,9 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
                 "seed": int(seed),
                 "device": spec.run["device"],
                 "num_workers": int(spec.run["num_workers"]),
+                # how a GPU runs, only when not the default (notebook 03's defaults)
+                **({"precision": spec.run["precision"]} if spec.run["precision"] != "auto" else {}),
+                **({"deterministic": True} if spec.run["deterministic"] else {}),
                 "runs_dir": str(spec.runs_dir),
                 # only when asked for: notebook 03's defaults are off
                 **({"probe": True} if spec.probe else {}),

@@ -44,6 +44,8 @@ TOP_LEVEL_KEYS = {
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "device": "auto",          # passed to notebook 03
+    "precision": "auto",       # of training, passed to notebook 03: auto (bf16 on GPUs) | fp32 | bf16
+    "deterministic": False,    # GPU runs without autotuning or TF32 (slower, repeatable)
     "num_workers": 0,          # data-loader workers inside a run
     "workers": "auto",         # parallel cells on a local machine
     "cells_per_kernel": 16,    # cells executed in one warm kernel before it is restarted
