@@ -8,7 +8,10 @@
   its thresholds cannot tell apart scores closer than 1/199 (saturated softmax outputs).
 - ``micro_auc``: the same micro-average computed exactly (scikit-learn,
   ``roc_auc_score(one_hot, probs, average="micro")``), without the thresholds.
-- ``auc_ci_low/high``: percentile bootstrap interval of the binary AUC (seeded).
+- ``auc_ci_low/high``: percentile bootstrap interval of the binary AUC (seeded), resampling
+  patients: every image of a drawn patient comes along (a patient's images are not
+  independent); ``n_patients`` beside ``n``. Without a ``patient_id`` column each image is
+  its own patient.
 - ``group_auc``: binary AUC within each level of each categorical attribute (e.g. ``sex=F``).
 """
 
@@ -19,7 +22,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 # Attributes with more levels than this (ids, ages) are not reported per group.
@@ -114,34 +116,47 @@ def keras_micro_auc(labels, probs) -> float:
     return float(roc_auc_score(one_hot, probs, average="micro"))
 
 
-def rank_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Binary AUC of each row of (B, N) ``labels``/``scores`` (Mann-Whitney U, ties halved).
-
-    Equals ``roc_auc_score`` row by row, vectorised for the bootstrap; rows with a single
-    class give NaN.
-    """
-    ranks = rankdata(scores, axis=-1)  # average ranks: ties count one half
-    n_pos = labels.sum(axis=-1)
-    n_neg = labels.shape[-1] - n_pos
-    rank_sum = (ranks * labels).sum(axis=-1)
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Binary AUC (ties halved) of each row of ``weights`` (B, N): image i counted
+    ``weights[b, i]`` times. NaN for a row whose weights leave a single class."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores, positive = scores[order], labels[order] == 1
+    weights = np.asarray(weights, dtype=float)[:, order]
+    levels = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    pos = np.add.reduceat(weights * positive, levels, axis=1)    # (B, distinct scores)
+    neg = np.add.reduceat(weights * ~positive, levels, axis=1)
+    below = np.cumsum(neg, axis=1) - neg                          # negatives strictly below
+    denominator = pos.sum(axis=1) * neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        return np.where(denominator > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / denominator,
+                        np.nan)
 
 
 def bootstrap_auc_ci(
-    labels, scores, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+    labels, scores, *, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+    stream: int = 20240307,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the binary AUC.
+    """Percentile bootstrap interval of the binary AUC, resampling ``groups`` (patients).
 
-    Resamples images with replacement (seeded); resamples holding a single class are
-    skipped. Returns (NaN, NaN) when the data hold a single class.
+    A draw takes as many groups as there are, with replacement, and every image of a drawn
+    group comes along (the images of a patient are not independent). ``groups`` None: each
+    image is its own group. Draws holding a single class are skipped; (NaN, NaN) when the data
+    hold a single class. Seeded by ``seed`` and ``stream`` (a caller's own sequence).
     """
     labels, scores = _check(labels, scores)
     if len(np.unique(labels)) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 20240307]))
-    draws = rng.integers(0, len(labels), size=(n_boot, len(labels)))
-    values = rank_auc(labels[draws], scores[draws])
+    codes = (np.arange(len(labels)) if groups is None
+             else pd.factorize(pd.Series(np.asarray(groups)).astype(str))[0])
+    if len(codes) != len(labels):
+        raise EvaluationError(f"groups must have one entry per image; got {len(codes)} for "
+                              f"{len(labels)} images.")
+    n_groups = int(codes.max()) + 1
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream)]))
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    counts = np.zeros((n_boot, n_groups))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
+    values = weighted_auc(labels, scores, counts[:, codes])
     values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
@@ -179,7 +194,8 @@ def summarise_test_set(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
     """The metrics.json entry of one test set from its predictions.
 
     ``frame`` needs columns ``label``, ``score`` (probability of class 1) and optionally
-    ``prob_0``, ``confounded`` and attributes.
+    ``prob_0``, ``patient_id`` (the bootstrap resamples patients), ``confounded`` and
+    attributes.
     """
     if len(frame) == 0:
         raise EvaluationError("cannot evaluate an empty test set; check the manifest's test rows.")
@@ -187,7 +203,8 @@ def summarise_test_set(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
     scores = frame["score"].to_numpy()
     probs = (frame[["prob_0", "prob_1"]].to_numpy() if {"prob_0", "prob_1"} <= set(frame)
              else scores)
-    low, high = bootstrap_auc_ci(labels, scores, n_boot=n_boot, seed=seed)
+    patients = frame["patient_id"].to_numpy() if "patient_id" in frame else None
+    low, high = bootstrap_auc_ci(labels, scores, groups=patients, n_boot=n_boot, seed=seed)
     confounded = frame["confounded"].astype(bool) if "confounded" in frame else pd.Series(False)
     return {
         "auc": binary_auc(labels, scores),
@@ -196,6 +213,7 @@ def summarise_test_set(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
         "micro_auc": keras_micro_auc(labels, probs),
         "keras_auc": keras_auc(labels, probs),
         "n": len(frame),
+        "n_patients": int(pd.Series(patients).nunique()) if patients is not None else len(frame),
         "n_pos": int(labels.sum()),
         "n_confounded": int(confounded.sum()),
         "group_auc": group_auc(frame),

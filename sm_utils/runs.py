@@ -300,6 +300,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
             probs, labels = run.predict(name)
             rows = run.splits[name].reset_index(drop=True)
             frame = pd.DataFrame({"test_set": name, "image_id": rows["image_id"].astype(str),
+                                  "patient_id": rows["patient_id"].astype(str).to_numpy(),
                                   "label": labels, "score": probs[:, 1], "prob_0": probs[:, 0],
                                   "prob_1": probs[:, 1], "confounded": rows["confounded"]})
             attributes = [c for c in run.manifest.attributes if c in rows]

@@ -14,8 +14,8 @@ from sm_utils.evaluation import (
     keras_auc,
     keras_micro_auc,
     keras_thresholds,
-    rank_auc,
     summarise_test_set,
+    weighted_auc,
 )
 
 
@@ -59,12 +59,36 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_auc():
     assert 0.02 < high - low < 0.3
 
 
-def test_rank_auc_equals_sklearn_with_ties():
+def test_weighted_auc_counts_each_image_its_weight_and_halves_ties():
     rng = np.random.default_rng(5)
-    labels = rng.integers(0, 2, (20, 40))
-    scores = np.round(rng.random((20, 40)), 1)  # many ties
-    expected = [roc_auc_score(y, s) for y, s in zip(labels, scores)]
-    np.testing.assert_allclose(rank_auc(labels, scores), expected, rtol=1e-12)
+    labels = rng.integers(0, 2, 40)
+    scores = np.round(rng.random(40), 1)  # many ties
+    weights = rng.integers(0, 4, (20, 40)).astype(float)
+    expected = [roc_auc_score(np.repeat(labels, w.astype(int)), np.repeat(scores, w.astype(int)))
+                for w in weights]
+    np.testing.assert_allclose(weighted_auc(labels, scores, weights), expected, rtol=1e-12)
+    assert np.isnan(weighted_auc(labels, scores, (labels == 1)[None, :].astype(float))[0])
+
+
+def test_the_bootstrap_resamples_patients_whose_images_move_together():
+    """20 images of each of 12 patients, a patient's images alike: resampling patients is the
+    same as resampling one image per patient, and far wider than resampling the 240 images."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(rng.permutation([0, 1] * 6), 1)
+    scores = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.3, 12), 0, 1)
+    patients = np.array([f"p{i}" for i in range(12)])
+    one = bootstrap_auc_ci(labels, scores, groups=patients, n_boot=500, seed=1)
+    many = bootstrap_auc_ci(np.repeat(labels, 20), np.repeat(scores, 20),
+                            groups=np.repeat(patients, 20), n_boot=500, seed=1)
+    assert many == pytest.approx(one, abs=1e-12)
+    images = bootstrap_auc_ci(np.repeat(labels, 20), np.repeat(scores, 20), n_boot=500, seed=1)
+    assert (images[1] - images[0]) < 0.5 * (many[1] - many[0])
+    # and summarise_test_set resamples patients when it knows them, counting them
+    frame = pd.DataFrame({"label": np.repeat(labels, 20), "score": np.repeat(scores, 20),
+                          "patient_id": np.repeat(patients, 20)})
+    out = summarise_test_set(frame, n_boot=500, seed=1)
+    assert (out["auc_ci_low"], out["auc_ci_high"]) == pytest.approx(many, abs=1e-12)
+    assert out["n"] == 240 and out["n_patients"] == 12
 
 
 def test_group_auc_per_sex():
@@ -84,6 +108,7 @@ def test_summary_fields_and_counts():
                           "sex": np.where(np.arange(60) % 2, "F", "M")})
     out = summarise_test_set(frame, n_boot=100, seed=1)
     assert out["n"] == 60 and out["n_pos"] == int(labels.sum()) and out["n_confounded"] == 20
+    assert out["n_patients"] == 60  # no patient_id: each image its own patient
     assert out["auc"] == pytest.approx(roc_auc_score(labels, scores))
     assert set(out["group_auc"]) == {"confounded=False", "confounded=True", "sex=F", "sex=M"}
     assert out["auc_ci_low"] < out["auc"] < out["auc_ci_high"]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from sm_utils.evaluation import keras_auc
+from sm_utils.evaluation import bootstrap_auc_ci, keras_auc
 from sm_utils.runs import RunConfig, execute_run
 
 
@@ -28,7 +28,7 @@ def run(phantom_cxr, tmp_path_factory):
     return {
         "metrics": json.loads((run_dir / "metrics.json").read_text()),
         "config": json.loads((run_dir / "config.json").read_text()),
-        "predictions": pd.read_csv(run_dir / "predictions.csv"),
+        "predictions": pd.read_csv(run_dir / "predictions.csv", dtype={"patient_id": str}),
         "history": pd.read_csv(run_dir / "history.csv"),
     }
 
@@ -65,6 +65,12 @@ def test_every_test_set_metric_is_recomputed_from_the_predictions(run):
         assert recorded["n_pos"] == int(labels.sum())
         assert recorded["n_confounded"] == int(part["confounded"].sum())
         assert recorded["auc_ci_low"] <= recorded["auc_ci_high"]
+        # the interval resamples the set's patients (their images together), seeded by the run
+        assert recorded["n_patients"] == part["patient_id"].nunique() < len(part)
+        interval = bootstrap_auc_ci(labels, part["score"].to_numpy(),
+                                    groups=part["patient_id"].to_numpy(), n_boot=50,
+                                    seed=run["metrics"]["config"]["seed"])
+        assert (recorded["auc_ci_low"], recorded["auc_ci_high"]) == pytest.approx(interval)
         # Group AUCs: every categorical attribute with two or more levels in this set.
         groups = {}
         for column in ("sex", "view", "modality", "confounded"):

@@ -93,7 +93,7 @@ def test_run_directory_is_complete_and_metrics_follow_the_contract(phantom_cxr, 
     assert set(metrics["test_sets"]) == {"iid", "ood", "clean"}
     for entry in metrics["test_sets"].values():
         assert set(entry) == {"auc", "auc_ci_low", "auc_ci_high", "micro_auc", "keras_auc", "n",
-                              "n_pos", "n_confounded", "group_auc"}
+                              "n_patients", "n_pos", "n_confounded", "group_auc"}
         assert 0 <= entry["auc"] <= 1 and "sex=F" in entry["group_auc"]
     sets = metrics["test_sets"]
     assert sets["clean"]["n_confounded"] == 0

@@ -18,8 +18,8 @@ from ..paths import CELLS_FILE, METRICS_FILE, SOURCE_PROBES_FILE
 AXES = ["dataset", "confounder", "strength", "arch", "seed", "p", "source", "fold"]
 # A condition: everything but the source and the fold (folds are the replicates).
 CONDITION = ["dataset", "confounder", "strength", "arch", "seed", "test_set", "p"]
-METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "keras_auc", "n", "n_pos",
-                  "n_confounded"]
+METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "keras_auc", "n",
+                  "n_patients", "n_pos", "n_confounded"]
 RUN_COLUMNS = ["best_epoch", "epochs_run", "train_seconds", "eval_seconds"]
 # Run-level columns of a grid with `probe: true` / `attribution: true` (sm_utils.mechanisms)
 MECHANISM_COLUMNS = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high", "attribution_share",

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..evaluation import bootstrap_auc_ci
 from .features import PENULTIMATE, MechanismError, extract_features
 from .probe_sets import probe_set
 
@@ -22,33 +23,12 @@ DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 1.0)
 
 def grouped_bootstrap_auc(y, scores, groups, *, n_boot: int = 1000, level: float = 0.95,
                           seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the AUC, resampling groups (patients) with replacement.
-
-    Every image of a drawn patient comes along (the images of a patient are not independent,
-    nor are an image's clean and confounded versions). Draws without both classes are skipped.
-    """
-    y = np.asarray(y).astype(int)
-    scores = np.asarray(scores, dtype=float)
-    codes = pd.factorize(pd.Series(np.asarray(groups)).astype(str))[0]
-    pos, neg = y == 1, y == 0
-    if not pos.any() or not neg.any():
-        return float("nan"), float("nan")
-    sp, sn = scores[pos], scores[neg]
-    wins = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1212]))
-    n_groups = codes.max() + 1
-    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
-    weights = np.zeros((n_boot, n_groups))
-    np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0)
-    wp, wn = weights[:, codes[pos]], weights[:, codes[neg]]
-    denominator = wp.sum(1) * wn.sum(1)
-    ok = denominator > 0
-    values = ((wp[ok] @ wins) * wn[ok]).sum(1) / denominator[ok]
-    if not len(values):
-        return float("nan"), float("nan")
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    """Percentile interval of the AUC, resampling groups (patients) with replacement
+    (:func:`sm_utils.evaluation.bootstrap_auc_ci`): every image of a drawn patient comes along
+    (the images of a patient are not independent, nor are an image's clean and confounded
+    versions). Draws without both classes are skipped."""
+    return bootstrap_auc_ci(y, scores, groups=groups, n_boot=n_boot, level=level, seed=seed,
+                            stream=1212)
 
 
 def fit_probe(features, y, groups, *, n_splits: int = 5, C: float = 1.0, n_boot: int = 1000,
