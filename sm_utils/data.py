@@ -15,20 +15,20 @@
   normalisation is the source's business (``prep`` in :mod:`sm_utils.sources`), applied to
   whole batches on the training device.
 
-Augmentation follows the paper's Keras ``ImageDataGenerator(rotation_range=10,
-width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1, zoom_range=0.1)``, with no
-flips, through ``torchvision.transforms.v2.functional.affine``. Differences from Keras, on
-purpose or unavoidable: shear 0.1 is read as radians (about 5.7 degrees; modern Keras reads
-``shear_range`` in degrees, which would make it 0.1 degrees, i.e. nearly nothing); zoom is
-isotropic (Keras draws x and y zoom separately); the border is filled with black (Keras
-repeats the edge pixels). The random parameters of each image are drawn from a generator
-seeded by (seed, epoch, row), so an epoch's augmentation does not depend on the number of
-data-loader workers or on the order the workers run in.
+Augmentation is the paper's Keras 2.15 ``ImageDataGenerator(rotation_range=10,
+width_shift_range=0.1, height_shift_range=0.1, shear_range=0.1, zoom_range=0.1)`` (no flips,
+``fill_mode="nearest"``), as Keras computes it (:class:`Augmentation`): the same random draws
+(rotation and shear in degrees, so the shear is at most 0.1 degree; shifts in fractions of the
+side; a zoom per axis), the same transform matrix about the image centre, and bilinear
+sampling with the edge pixels repeated, done for a whole batch at once with ``grid_sample``
+(border padding) on the device that holds it. What differs: the draws come from numpy's
+generator seeded by (seed, epoch, row), not Keras' global one (so an epoch's augmentation does
+not depend on data-loader workers), and the result is rounded to uint8 (Keras passes floats
+on to the preprocessing).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +40,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
@@ -61,28 +59,73 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random affine augmentation; the defaults are the paper's settings."""
+    """Keras 2.15's ``ImageDataGenerator`` random affine transform; the defaults are the
+    paper's settings (``rotation_range=10``, ``height_shift_range=width_shift_range=0.1``,
+    ``shear_range=0.1``, ``zoom_range=0.1``, ``fill_mode="nearest"``)."""
 
     rotation_degrees: float = 10.0
-    translate: float = 0.1        # fraction of the side, each axis
-    shear_degrees: float = math.degrees(0.1)  # Keras shear 0.1 read as radians (~5.73 deg)
-    zoom: float = 0.1             # scale drawn from [1 - zoom, 1 + zoom]
+    shift: float = 0.1             # of the side, rows and columns each
+    shear_degrees: float = 0.1     # Keras' shear_range is in degrees (np.deg2rad in Keras 2.x)
+    zoom: float = 0.1              # rows and columns each scaled by [1 - zoom, 1 + zoom]
 
-    def sample(self, rng: np.random.Generator, size: int) -> dict[str, Any]:
-        """One image's affine parameters for ``torchvision.transforms.v2.functional.affine``."""
-        angle, tx, ty, shear, scale = rng.uniform(-1.0, 1.0, 5)
-        return {
-            "angle": float(angle * self.rotation_degrees),
-            "translate": [round(tx * self.translate * size),
-                          round(ty * self.translate * size)],
-            "scale": float(1.0 + scale * self.zoom),
-            "shear": [float(shear * self.shear_degrees), 0.0],
-        }
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> dict[str, float]:
+        """One image's parameters, drawn as Keras' ``get_random_transform`` draws them."""
+        theta = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
+        tx = rng.uniform(-self.shift, self.shift) * height
+        ty = rng.uniform(-self.shift, self.shift) * width
+        shear = rng.uniform(-self.shear_degrees, self.shear_degrees)
+        zx, zy = rng.uniform(1.0 - self.zoom, 1.0 + self.zoom, 2)
+        return {"theta": float(theta), "tx": float(tx), "ty": float(ty), "shear": float(shear),
+                "zx": float(zx), "zy": float(zy)}
+
+    @staticmethod
+    def matrix(params: dict[str, float], height: int, width: int) -> np.ndarray:
+        """The 3 x 3 matrix that maps an output pixel's (row, column) to the input position it
+        samples, as Keras' ``apply_affine_transform`` builds it: rotation, shift, shear and
+        zoom, about the centre (h / 2 + 0.5, w / 2 + 0.5), then Keras' swap of its x and y
+        axes for row-major arrays."""
+        theta, shear = np.deg2rad(params["theta"]), np.deg2rad(params["shear"])
+        rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
+                             [0, 0, 1]])
+        shift = np.array([[1, 0, params["tx"]], [0, 1, params["ty"]], [0, 0, 1]])
+        shearing = np.array([[1, -np.sin(shear), 0], [0, np.cos(shear), 0], [0, 0, 1]])
+        zoom = np.array([[params["zx"], 0, 0], [0, params["zy"], 0], [0, 0, 1]])
+        matrix = rotation @ shift @ shearing @ zoom
+        o_x, o_y = height / 2 + 0.5, width / 2 + 0.5
+        centred = (np.array([[1, 0, o_x], [0, 1, o_y], [0, 0, 1]]) @ matrix
+                   @ np.array([[1, 0, -o_x], [0, 1, -o_y], [0, 0, 1]]))
+        swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+        return swap @ centred @ swap
+
+    def draw(self, rngs: Sequence[np.random.Generator], height: int, width: int) -> np.ndarray:
+        """(N, 3, 3) matrices, one per generator."""
+        return np.stack([self.matrix(self.sample(rng, height, width), height, width)
+                         for rng in rngs])
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Augment a uint8 tensor (C, H, W); the result is uint8 of the same shape."""
-        params = self.sample(rng, image.shape[-1])
-        return TF.affine(image, **params, interpolation=InterpolationMode.BILINEAR, fill=0)
+        """Augment one uint8 tensor (C, H, W); the result is uint8 of the same shape."""
+        return apply_affine(image.unsqueeze(0), self.draw([rng], *image.shape[-2:]))[0]
+
+
+def apply_affine(images: torch.Tensor, matrices: np.ndarray) -> torch.Tensor:
+    """Transform a batch of uint8 images (N, C, H, W) by (N, 3, 3) matrices (output (row,
+    column) -> input position, :meth:`Augmentation.matrix`): bilinear sampling, positions
+    outside the image take the nearest edge pixel (Keras' ``fill_mode="nearest"`` with
+    ``order=1``, as ``scipy.ndimage.affine_transform``), in one ``grid_sample`` on the images'
+    device; rounded back to uint8."""
+    _, _, height, width = images.shape
+    # grid_sample works in (x, y) = (column, row), normalised so that -1 and 1 are the centres
+    # of the first and last pixels (align_corners=True); convert the index-space matrices.
+    to_xy = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    scale = np.diag([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1), 1.0])
+    unit = np.array([[1, 0, -1], [0, 1, -1], [0, 0, 1]], dtype=float)
+    normalise = unit @ scale
+    theta = normalise @ to_xy @ matrices @ to_xy @ np.linalg.inv(normalise)
+    theta = torch.as_tensor(theta[:, :2, :], dtype=torch.float32, device=images.device)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=True)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear",
+                                          padding_mode="border", align_corners=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 PAPER_AUGMENTATION = Augmentation()
@@ -324,7 +367,7 @@ class ResidentLoader:
 
     The model-input images of every row (confounded or not: ``dataset.image``) are copied to
     ``device`` once, as uint8, when the loader is made; an epoch then copies nothing: batches are
-    indexed on the device and augmented there (torchvision's affine on device tensors, with
+    indexed on the device and augmented there, a batch at a time (:func:`apply_affine`, with
     each image's parameters drawn exactly as :class:`ConfoundedImageDataset` draws them). The
     order of the rows is the DataLoader's (the same seeded sampler), so on the CPU this loader
     gives the batches :func:`make_loader` gives, bit for bit.
@@ -354,8 +397,7 @@ class ResidentLoader:
             index = batch.to(self.device)
             images = self.images[index]
             if augmentation is not None:
-                images = torch.stack([
-                    augmentation(image, np.random.default_rng(np.random.SeedSequence(
-                        [self.dataset.seed, self.dataset.epoch, int(i), 7])))
-                    for i, image in zip(batch.tolist(), images)])
+                rngs = [np.random.default_rng(np.random.SeedSequence(
+                    [self.dataset.seed, self.dataset.epoch, int(i), 7])) for i in batch.tolist()]
+                images = apply_affine(images, augmentation.draw(rngs, *images.shape[-2:]))
             yield images, self.labels[index]

@@ -32,6 +32,7 @@ import torch
 from .confounding import NO_CONFOUNDER, TEST_SETS, ConfoundingError, run_sets
 from .data import (
     PAPER_AUGMENTATION,
+    Augmentation,
     ConfoundedImageDataset,
     ImageCache,
     ResidentLoader,
@@ -142,6 +143,12 @@ def get_run_confounder(config: RunConfig):
     return get_confounder(config.confounder, strength=config.strength, **config.confounder_params)
 
 
+def run_augmentation(config: RunConfig) -> Augmentation | None:
+    """The augmentation a run trains with: the paper's (Keras 2.15's ImageDataGenerator as its
+    code configured it) when ``config.augment``, else none."""
+    return PAPER_AUGMENTATION if config.augment else None
+
+
 def split_rows(config: RunConfig, manifest, conf) -> dict[str, pd.DataFrame]:
     """train, val (confounded like train) and the test sets of the run's fold
     (:func:`sm_utils.confounding.run_sets`)."""
@@ -232,7 +239,7 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
 
     def dataset(name: str, augment: bool) -> ConfoundedImageDataset:
         return ConfoundedImageDataset(splits[name], cache, confounder=conf, seed=config.seed,
-                                      augmentation=PAPER_AUGMENTATION if augment else None,
+                                      augmentation=run_augmentation(config) if augment else None,
                                       root=manifest.root, resize=config.resize, progress=progress)
 
     if resident is None:
@@ -320,7 +327,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "source": _describe_source(config),
         "preprocessing": run.prep.describe() if hasattr(run.prep, "describe") else repr(run.prep),
         "confounder": run.confounder.spec() if run.confounder is not None else {"name": NO_CONFOUNDER},
-        "augmentation": asdict(PAPER_AUGMENTATION) if config.augment else None,
+        "augmentation": asdict(run_augmentation(config)) if config.augment else None,
         "manifest": {"path": str(run.manifest_path), "sha256": sha256_file(run.manifest_path),
                      "meta": run.manifest.meta},
         "image_cache": run.cache.path.name,

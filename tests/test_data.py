@@ -11,6 +11,7 @@ from sm_utils.data import (
     ConfoundedImageDataset,
     DataError,
     ImageCache,
+    apply_affine,
     make_loader,
 )
 from sm_utils.manifest import Manifest, load_manifest
@@ -58,23 +59,57 @@ def test_unreadable_image_is_a_clear_error(odd_images, tmp_path):
     assert not list((tmp_path / "cache").glob("*.u8"))  # no half-built cache
 
 
-def test_augmentation_ranges_and_no_flip():
+def test_augmentation_draws_as_keras_2_15_does():
+    """rotation_range=10 (degrees), shifts 0.1 of the side, shear_range=0.1 in degrees (Keras
+    2.x converts it with np.deg2rad), zoom_range=0.1 drawn per axis."""
     rng = np.random.default_rng(1)
-    params = [PAPER_AUGMENTATION.sample(rng, 100) for _ in range(2000)]
-    angles = np.array([p["angle"] for p in params])
-    shifts = np.array([p["translate"] for p in params])
-    scales = np.array([p["scale"] for p in params])
-    shears = np.array([p["shear"][0] for p in params])
-    assert 9.5 < np.abs(angles).max() <= 10
-    assert np.abs(shifts).max() == 10  # 0.1 of 100 px
-    assert 0.9 <= scales.min() < 0.91 and 1.09 < scales.max() <= 1.1
-    assert 5.5 < np.abs(shears).max() <= np.degrees(0.1) + 1e-9
-    # An identity draw leaves the image unchanged (no hidden flip).
-    image = torch.arange(64 * 64, dtype=torch.int64).reshape(1, 64, 64).remainder(256).to(torch.uint8)
-    none = Augmentation(rotation_degrees=0, translate=0, shear_degrees=0, zoom=0)
-    assert torch.equal(none(image, rng), image)
-    moved = PAPER_AUGMENTATION(image, np.random.default_rng(2))
-    assert moved.dtype == torch.uint8 and moved.shape == image.shape and not torch.equal(moved, image)
+    params = [PAPER_AUGMENTATION.sample(rng, 100, 80) for _ in range(2000)]
+    draws = {key: np.array([p[key] for p in params]) for key in params[0]}
+    assert 9.5 < np.abs(draws["theta"]).max() <= 10
+    assert 9.5 < np.abs(draws["tx"]).max() <= 10 and 7.6 < np.abs(draws["ty"]).max() <= 8  # rows, cols
+    assert 0.095 < np.abs(draws["shear"]).max() <= 0.1  # degrees: at most 0.1 degree
+    for axis in ("zx", "zy"):
+        assert 0.9 <= draws[axis].min() < 0.905 and 1.095 < draws[axis].max() <= 1.1
+    assert np.corrcoef(draws["zx"], draws["zy"])[0, 1] < 0.1  # a zoom per axis, not one
+
+
+def test_the_transform_is_kerass_matrix_sampled_as_scipy_does():
+    """Keras 2.15 applies its matrix with scipy.ndimage.affine_transform(order=1,
+    mode="nearest"); the batched grid_sample gives the same pixels up to rounding."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    image = ndimage.gaussian_filter(rng.random((48, 64)) * 255, 2).astype(np.uint8)
+    strong = Augmentation(rotation_degrees=30, shift=0.2, shear_degrees=20, zoom=0.3)
+    matrices = strong.draw([np.random.default_rng(k) for k in range(8)], 48, 64)
+    ours = apply_affine(torch.from_numpy(np.stack([image] * 8))[:, None], matrices)
+    for matrix, out in zip(matrices, ours[:, 0].numpy()):
+        keras = ndimage.affine_transform(image.astype(float), matrix[:2, :2], matrix[:2, 2],
+                                         order=1, mode="nearest")
+        assert np.abs(np.round(keras) - out).max() <= 1  # float32 vs float64 at .5
+        assert np.mean(np.round(keras) == out) > 0.99
+    # Keras' shifts by hand: its matrix is built in (x, y) and swapped for row-major arrays,
+    # so tx (drawn from height_shift_range, times the height) moves the columns and ty the
+    # rows: output (r, c) samples input (r, c + tx), or (r + ty, c); beyond the edge the
+    # edge pixel repeats (fill_mode "nearest"), there is no black border.
+    def shifted(tx, ty):
+        matrix = Augmentation.matrix({"theta": 0.0, "tx": tx, "ty": ty, "shear": 0.0, "zx": 1.0,
+                                      "zy": 1.0}, 48, 64)
+        return apply_affine(torch.from_numpy(image)[None, None], matrix[None])[0, 0].numpy()
+
+    across = shifted(5.0, 0.0)
+    np.testing.assert_array_equal(across[:, :59], image[:, 5:])
+    np.testing.assert_array_equal(across[:, 59:], np.repeat(image[:, -1:], 5, axis=1))
+    down = shifted(0.0, 20.0)
+    np.testing.assert_array_equal(down[:28], image[20:])
+    np.testing.assert_array_equal(down[28:], np.repeat(image[-1:], 20, axis=0))
+    # an identity draw leaves the image unchanged (no hidden flip)
+    none = Augmentation(rotation_degrees=0, shift=0, shear_degrees=0, zoom=0)
+    tensor = torch.from_numpy(image)[None]
+    assert torch.equal(none(tensor, rng), tensor)
+    moved = PAPER_AUGMENTATION(tensor, np.random.default_rng(2))
+    assert moved.dtype == torch.uint8 and moved.shape == tensor.shape
+    assert not torch.equal(moved, tensor)
 
 
 @pytest.fixture(scope="module")

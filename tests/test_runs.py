@@ -1,5 +1,6 @@
 import json
 from dataclasses import asdict, fields
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -249,3 +250,26 @@ def test_a_run_asked_for_its_mechanisms_needs_the_hook_and_calls_it(phantom_cxr,
     execute_run(_config(phantom_cxr, tmp_path / "plain", epochs=1), progress=False,
                 cache_dir=cache_dir, n_boot=10, mechanisms=hook)
     assert seen == {}
+
+
+@pytest.mark.parametrize("grid", ["paper_cxr", "paper_ct"])
+def test_the_paper_grids_augment_as_the_papers_keras_did(grid):
+    """Every cell of the paper's grids augments, shearing by at most 0.1 degree (Keras 2.15
+    reads shear_range=0.1 in degrees), with a zoom per axis and edges repeated."""
+    import numpy as np
+
+    from sm_utils.grid import expand_cells, load_grid
+    from sm_utils.runs import run_augmentation
+
+    spec = load_grid(Path(__file__).resolve().parents[1] / "configs" / f"{grid}.yaml",
+                     check_paths=False)
+    cells = expand_cells(spec)
+    assert cells
+    for cell in cells:
+        augmentation = run_augmentation(RunConfig.from_dict(cell.params))
+        assert augmentation is not None, cell.label()
+        assert augmentation.shear_degrees == 0.1 and augmentation.rotation_degrees == 10.0
+        assert augmentation.shift == 0.1 and augmentation.zoom == 0.1
+    rng = np.random.default_rng(0)
+    shears = [augmentation.sample(rng, 224, 224)["shear"] for _ in range(1000)]
+    assert max(abs(s) for s in shears) <= 0.1
