@@ -129,7 +129,7 @@ def cmd_analyse(args) -> int:
         runs_dir, name = target, args.name or target.name
         figures_dir = Path(args.figures_dir or "figures")
     out = analyse_runs(runs_dir, figures_dir, name, reference_datasets=reference,
-                       n_permutations=args.permutations, n_bootstrap=args.bootstrap, seed=args.seed)
+                       n_permutations=args.permutations, seed=args.seed)
     print(out["robustness"].to_string(index=False))
     print("tables:\n  " + "\n  ".join(str(p) for p in out["tables"]))
     print("figures:\n  " + "\n  ".join(str(p) for p in out["figures"]))
@@ -240,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     analyse.add_argument("--figures-dir", default=None)
     analyse.add_argument("--name", default=None, help="figure name prefix (default: the grid's name)")
     analyse.add_argument("--permutations", type=int, default=9999)
-    analyse.add_argument("--bootstrap", type=int, default=9999)
     analyse.add_argument("--seed", type=int, default=0)
     override_argument(analyse)
     analyse.set_defaults(func=cmd_analyse)

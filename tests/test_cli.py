@@ -86,7 +86,7 @@ def test_dry_run_then_run_then_analyse(tmp_path, capsys):
     assert "8 cells (8 done, 0 failed, 0 partial, 0 pending)" in capsys.readouterr().out
 
     assert main(["analyse", str(tmp_path / "runs/clitest"), "--figures-dir", str(tmp_path / "again"),
-                 "--permutations", "99", "--bootstrap", "99"]) == 0
+                 "--permutations", "99"]) == 0
     assert (tmp_path / "again" / "clitest_auc_vs_p.pdf").exists()
 
 

@@ -155,6 +155,28 @@ def test_sex_task_without_the_iid_pool_is_the_papers_structure(tmp_path):
     assert set(table["fold_0"]) == {"train", "val", "test_ood"}
 
 
+def test_our_iid_pool_never_starves_the_papers_pools(tmp_path):
+    """On a small data set the paper's pools come first: a shortfall is our i.i.d. pool's, and
+    the error names its parameter."""
+    root = tmp_path / "nih"
+    records = [Record(f"{pid:08d}_{k:03d}.png", finding, k, pid, 50, sex, "PA")
+               for pid in range(1, 121)
+               for sex in ["MF"[pid % 2]]
+               for k, finding in enumerate(["Atelectasis", "No Finding", "Atelectasis|Effusion"]
+                                           [: 1 + pid % 3])]
+    write_data_entry(root / "Data_Entry_2017_v2020.csv", records)
+    write_pngs(root, records)
+    sizes = {"n_dev_female_positive": 14, "n_dev_male_positive": 14, "n_dev_male_negative": 14,
+             "n_test_male_positive": 8, "n_test_female_negative": 8}
+    build_dataset("nih_sex_task", tmp_path / "paper", root=root, n_folds=2, seed=812,
+                  n_iid_test_per_group=0, **sizes)  # the paper's pools alone fit
+    with pytest.raises(NIHInputError, match=r"need 40 \(n_iid_test_per_group\)") as err:
+        build_dataset("nih_sex_task", tmp_path / "out", root=root, n_folds=2, seed=812,
+                      n_iid_test_per_group=40, **sizes)
+    assert "n_dev_" not in str(err.value).split(". Images")[0]
+    assert "(n_test_" not in str(err.value)
+
+
 def test_sex_task_too_few_images_says_what_is_available(tmp_path):
     root = tmp_path / "nih"
     make_nih_root(root, n_patients=20)

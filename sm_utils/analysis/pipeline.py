@@ -23,7 +23,7 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
             figures_dir: str | os.PathLike, name: str,
             reference_datasets: dict[str, str] | None = None,
             reference_csv: str | os.PathLike = REFERENCE_CSV,
-            n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0,
+            n_permutations: int = 9999, seed: int = 0,
             arms: dict[str, str] | None = None) -> dict[str, Any]:
     """Statistics tables into ``out_dir`` and the figures into ``figures_dir``.
 
@@ -44,7 +44,7 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     out_dir, figures_dir = Path(out_dir), Path(figures_dir)
     if table.empty:
         raise AnalysisError("the results table is empty; run the grid first")
-    comparisons = compare_sources(table, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
+    comparisons = compare_sources(table, n_permutations=n_permutations, seed=seed)
     try:
         primary = paper_test(table, arms=arms, metric=PAPER_METRIC, n_permutations=n_permutations,
                              seed=seed)
@@ -98,7 +98,7 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
 def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, name: str,
                  reference_datasets: dict[str, str] | None = None,
                  reference_csv: str | os.PathLike = REFERENCE_CSV,
-                 n_permutations: int = 9999, n_bootstrap: int = 9999, seed: int = 0,
+                 n_permutations: int = 9999, seed: int = 0,
                  arms: dict[str, str] | None = None) -> dict[str, Any]:
     """Collect a grid's run directories, save the results table beside them, and :func:`analyse`."""
     runs_dir = Path(runs_dir)
@@ -109,6 +109,6 @@ def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, na
     if not groups.empty:
         paths += save_results(groups, runs_dir / "results_groups.csv")
     out = analyse(table, groups, runs_dir, figures_dir, name, reference_datasets, reference_csv,
-                  n_permutations, n_bootstrap, seed, arms)
+                  n_permutations, seed, arms)
     out["tables"] = paths + out["tables"]
     return out

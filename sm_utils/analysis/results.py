@@ -67,11 +67,14 @@ def _add_keras_auc(metrics: dict[str, Any], run_dir: Path) -> None:
         return
     from ..evaluation import keras_auc
 
-    frame = pd.read_csv(predictions, usecols=["test_set", "label", "prob_0", "prob_1"])
+    frame = pd.read_csv(predictions)
+    columns = ["prob_0", "prob_1"] if {"prob_0", "prob_1"} <= set(frame) else "score"
+    if not {"test_set", "label"} <= set(frame) or (columns == "score" and "score" not in frame):
+        return  # not the predictions of a run (docs/RUNS.md): nothing to compute it from
     for test_set, part in frame.groupby("test_set"):
         if test_set in missing:
             metrics["test_sets"][test_set]["keras_auc"] = keras_auc(
-                part["label"].to_numpy(), part[["prob_0", "prob_1"]].to_numpy())
+                part["label"].to_numpy(), part[columns].to_numpy())
 
 
 def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):

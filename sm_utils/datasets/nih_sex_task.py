@@ -25,6 +25,10 @@ from .nih import (
 
 # Manifest role of each side of the sex task.
 SEX_TASK_ROLES = {"dev": "dev", "test": "test_ood", "iid": "test"}
+# The parameter that sizes each pool (what an error names when a pool cannot be filled).
+POOL_PARAMETERS = {("dev", "F", 1): "n_dev_female_positive", ("dev", "M", 1): "n_dev_male_positive",
+                   ("dev", "M", 0): "n_dev_male_negative", ("test", "M", 1): "n_test_male_positive",
+                   ("test", "F", 0): "n_test_female_negative"}
 
 
 def assign_patients(
@@ -92,7 +96,8 @@ def build_nih_sex_task(
     paper): male positives vs female negatives. i.i.d. test pool (role ``test``; ours, the
     paper has none): ``n_iid_test_per_group`` images of each of F+, M+, M-, F-, from which a
     run draws the training correlation at its p (i.i.d.) and a sex-balanced clean set;
-    0 leaves it out. Each patient is on one side only.
+    0 leaves it out. Each patient is on one side only. The paper's pools are filled first; our
+    i.i.d. pool takes only patients they left, so on a small data set it never starves them.
     """
     root = Path(root)
     meta_file = find_metadata(root, metadata_csv)
@@ -108,18 +113,24 @@ def build_nih_sex_task(
         bad["n_iid_test_per_group"] = n_iid_test_per_group
     if bad:
         raise NIHInputError(f"pool sizes must be positive integers; got {bad}.")
-    if n_iid_test_per_group:
-        quotas.update({("iid", sex, label): n_iid_test_per_group
-                       for sex, label in (("F", 1), ("M", 1), ("M", 0), ("F", 0))})
+    iid_quotas = {("iid", sex, label): n_iid_test_per_group
+                  for sex, label in (("F", 1), ("M", 1), ("M", 0), ("F", 0))
+                  if n_iid_test_per_group}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1402]))
-    side_of = assign_patients(frame, quotas, rng)
-    frame["side"] = frame["patient_id"].map(side_of)
+    side_of = assign_patients(frame, quotas, rng)  # the paper's pools first
+    if iid_quotas:  # then ours, from the patients left
+        side_of.update(assign_patients(frame[~frame["patient_id"].astype(str).isin(side_of)],
+                                       iid_quotas, rng))
+    quotas.update(iid_quotas)
+    frame["side"] = frame["patient_id"].astype(str).map(side_of)
 
     picked, shortfalls = [], []
     for (side, sex, label), n in quotas.items():
         pool = frame[(frame["side"] == side) & (frame["sex"] == sex) & (frame["label"] == label)]
         if len(pool) < n:
-            shortfalls.append(f"{side} {sex} label={label}: need {n}, have {len(pool)}")
+            parameter = POOL_PARAMETERS.get((side, sex, label), "n_iid_test_per_group")
+            shortfalls.append(f"{side} {sex} label={label}: need {n} ({parameter}), "
+                              f"have {len(pool)}")
             continue
         picked.append(draw_spread(pool, n, rng))
     if shortfalls:
@@ -127,7 +138,8 @@ def build_nih_sex_task(
         raise NIHInputError(
             "not enough images for the sex task pools with whole patients on one side: "
             + "; ".join(shortfalls) + f". Images available per (sex, label): {available}. "
-            "Lower the pool sizes (n_dev_* / n_test_*)."
+            "Lower the pool sizes named; our i.i.d. pool takes only patients the paper's pools "
+            "leave (n_iid_test_per_group=0 leaves it out)."
         )
     table = pd.concat(picked).sort_values("image_index").reset_index(drop=True)
     fixed = table["side"].map(SEX_TASK_ROLES)
