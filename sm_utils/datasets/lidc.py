@@ -39,17 +39,9 @@ from . import register_dataset
 from .dicom import CTInputError, Volume, find_series, read_series, window_to_uint8
 
 LUNG_WINDOW = (-600.0, 1500.0)  # (centre, width) in HU
-
-
 PATIENT_COLUMNS = ("centroid_x", "centroid_y", "centroid_z")
-
-
 VOXEL_COLUMNS = ("centroid_slice", "centroid_row", "centroid_col")
-
-
 PIXEL_Z_COLUMNS = ("centroid_row", "centroid_col", "centroid_z")  # pylidc: pixels + z in mm
-
-
 TABLE_ALIASES = {"patient": "patient_id", "series_instance_uid": "series_uid",
                  "seriesinstanceuid": "series_uid", "nodule": "nodule_id",
                  "radiologist": "reader"}

@@ -32,21 +32,13 @@ from ..splits import make_splits
 from . import register_dataset
 
 METADATA_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
-
-
 OFFICIAL_SPLIT_FILES = ("train_val_list.txt", "test_list.txt")
-
-
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
     "Fibrosis", "Hernia", "Infiltration", "Mass", "No Finding", "Nodule",
     "Pleural_Thickening", "Pneumonia", "Pneumothorax",
 )
-
-
 VIEWS = ("PA", "AP")
-
-
 # provider header name -> manifest column
 BASE_COLUMNS = {
     "Image Index": "image_index",
@@ -57,14 +49,10 @@ BASE_COLUMNS = {
     "Patient Gender": "sex",
     "View Position": "view",
 }
-
-
 BRACKET_COLUMNS = {
     "OriginalImage[Width,Height]": ("width", "height"),
     "OriginalImagePixelSpacing[x,y]": ("pixel_spacing_x", "pixel_spacing_y"),
 }
-
-
 AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
 
 

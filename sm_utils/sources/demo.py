@@ -17,11 +17,7 @@ from .preprocessing import LITE
 from .registry import Source, _load_file, _preprocessing_from_file, _required_file, register_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 RADIOLOGY_PHANTOM_DEFAULT = REPO_ROOT / "data" / "sources" / "radiology_phantom_lite0.safetensors"
-
-
 LITE0_ARCH = "tf_efficientnet_lite0"
 
 

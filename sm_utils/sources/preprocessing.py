@@ -73,15 +73,11 @@ class Preprocessing:
 
 # Keras applications' "caffe" mode: RGB -> BGR, subtract the ImageNet BGR means, no std.
 CAFFE = Preprocessing("keras_caffe", mean=(103.939, 116.779, 123.68), channel_order="BGR")
-
-
 # The paper's RadImageNet arm: caffe mode, then x 1/255 (Keras ImageDataGenerator applies its
 # preprocessing_function before rescale).
 CAFFE_RESCALED = Preprocessing(
     "keras_caffe_x_1/255", mean=CAFFE.mean, channel_order="BGR", scale=1 / 255
 )
-
-
 # TF EfficientNet-Lite checkpoints were trained on (x - 127) / 128.
 LITE = Preprocessing("efficientnet_lite", mean=(127.0,) * 3, std=(128.0,) * 3)
 
