@@ -52,7 +52,7 @@ from pydicom.uid import generate_uid
 from sm_utils.confounders import get_confounder
 from sm_utils.data import ConfoundedImageDataset, ImageCache
 from sm_utils.datasets import build_dataset
-from sm_utils.datasets.lidc import find_series, nodule_image, read_series, write_png
+from sm_utils.datasets.lidc import find_series, read_series, write_slice
 from sm_utils.datasets.nih import index_images, read_metadata
 from sm_utils.manifest import Manifest
 from sm_utils.phantoms import render_ct_hu, render_cxr, sample_patient, window_to_uint8
@@ -266,10 +266,10 @@ def bench_lidc(tmp: Path, args) -> Path:
 
     def write_nodules():
         for _, nodule in nodules.iterrows():
-            pixels = nodule_image(volume, nodule, image="slice", crop_size=64,
-                                  window=(-600.0, 1500.0))
-            write_png(tmp / "lidc" / "png" / f"n{int(nodule['nodule'])}.png", pixels)
-    timed("nodule slice PNGs of one series (3 nodules)", write_nodules, per=3, unit="nodule")
+            write_slice(tmp / "lidc" / "png" / f"n{int(nodule['nodule'])}.png",
+                        volume.slice_hu(int(nodule["slice_index"])))
+    timed("nodule slices as 16-bit HU PNGs, one series (3 nodules)", write_nodules, per=3,
+          unit="nodule")
     out = tmp / "lidc" / "built"
     timed(f"build_dataset 'lidc_idri', {args.lidc_series} series (table annotations)",
           build_dataset, "lidc_idri", out, root=root, annotations=table, n_folds=1, test_fraction=0.5, val_fraction=0.5, per=per, unit="series")

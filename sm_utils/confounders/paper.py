@@ -262,15 +262,23 @@ def hu_to_grey(hu: np.ndarray, window_centre: float, window_width: float) -> np.
 
 def ct_round_trip(image, rng, *, photons, window_centre, window_width, fov_cm, mu_water,
                   n_angles) -> np.ndarray:
-    """Parallel-beam projection, optional Poisson photon noise (``photons`` per bin, None:
-    no noise), filtered back-projection (ramp filter); returns HU."""
+    """:func:`ct_round_trip_hu` of an 8-bit slice read through its window, its pixel size
+    taken as ``fov_cm`` over its side; returns HU."""
+    return ct_round_trip_hu(grey_to_hu(image, window_centre, window_width), rng, photons=photons,
+                            pixel_cm=fov_cm / round(side(image)), mu_water=mu_water,
+                            n_angles=n_angles)
+
+
+def ct_round_trip_hu(hu, rng, *, photons, pixel_cm, mu_water, n_angles) -> np.ndarray:
+    """Parallel-beam projection of a slice in HU with square pixels of ``pixel_cm``, optional
+    Poisson photon noise (``photons`` per detector bin of one pixel's width, None: no noise),
+    filtered back-projection (ramp filter); returns HU."""
     from skimage.transform import iradon, radon
 
+    image = np.asarray(hu, dtype=np.float64)
     size = round(side(image))
-    pixel_cm = fov_cm / size
-    hu = grey_to_hu(image, window_centre, window_width)
     # Attenuation per pixel length; no clipping below air so the round trip keeps the mean.
-    mu_pixel = mu_water * (1.0 + hu / 1000.0) * pixel_cm
+    mu_pixel = mu_water * (1.0 + image / 1000.0) * pixel_cm
     theta = np.linspace(0.0, 180.0, n_angles if n_angles > 0 else size, endpoint=False)
     sinogram = radon(mu_pixel, theta=theta, circle=False)
     if photons is not None:
@@ -281,6 +289,33 @@ def ct_round_trip(image, rng, *, photons, window_centre, window_width, fov_cm, m
                      filter_name="ramp")
     mu_back = mu_back[: image.shape[0], : image.shape[1]]
     return (mu_back / pixel_cm / mu_water - 1.0) * 1000.0
+
+
+def _square_pixel_cm(pixel_mm) -> float:
+    row, col = (float(v) for v in pixel_mm)
+    if abs(row - col) > 0.01 * max(row, col):
+        raise ConfounderError(
+            f"ct_noise projects a slice with square pixels; this slice's pixel spacing is "
+            f"{row:g} x {col:g} mm. Resample the series to square pixels first."
+        )
+    return (row + col) / 20.0  # mm -> cm
+
+
+def _ct_noise_hu(hu, rng, *, pixel_mm, strength, n0, fbp_baseline, mu_water, n_angles, **_):
+    """The low-dose protocol on a whole slice in HU at its own pixel spacing: ``n0`` photons
+    per detector bin of one pixel's width, whatever the box or the model input."""
+    if strength == 0 and not fbp_baseline:
+        return hu
+    return ct_round_trip_hu(hu, rng, photons=None if strength == 0 else n0 / strength,
+                            pixel_cm=_square_pixel_cm(pixel_mm), mu_water=mu_water,
+                            n_angles=n_angles)
+
+
+def _ct_baseline_hu(hu, rng, *, pixel_mm, fbp_baseline, mu_water, n_angles, **_):
+    if not fbp_baseline:
+        return hu
+    return ct_round_trip_hu(hu, rng, photons=None, pixel_cm=_square_pixel_cm(pixel_mm),
+                            mu_water=mu_water, n_angles=n_angles)
 
 
 def _ct_params(params):
@@ -309,7 +344,10 @@ register_confounder(
                  "giving the streaky, correlated noise of low-dose scanners."),
     # fbp_baseline: every slice, confounded or not, goes through the same projection and
     # reconstruction (1000 angles, as LoDoPaB-CT), so only the dose differs; without it the
-    # reconstruction's blur alone would mark the confounded slices.
+    # reconstruction's blur alone would mark the confounded slices. On CT slices stored in HU
+    # (LIDC-IDRI) it acts in HU at the slice's pixel spacing (hu=); window, fov_cm,
+    # reference_size and dose_scaling then play no part: they describe 8-bit slices.
+    hu=(_ct_noise_hu, _ct_baseline_hu),
     defaults={"n0": 4096.0, "reference_size": 512, "dose_scaling": "area", "window_centre": -600.0,
               "window_width": 1500.0, "fov_cm": 35.0, "mu_water": 0.2, "n_angles": 1000,
               "fbp_baseline": True, "resolution": "native"},

@@ -27,7 +27,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .registry import Confounder, ConfounderError, _check_seed, register_confounder
+from .registry import Confounder, ConfounderError, register_confounder
+from .validation import check_seed
 
 TEST_SETS = ("train", "iid", "ood", "clean")
 PREVALENCE_GRID = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
@@ -50,7 +51,7 @@ def _check_inputs(rows, conf, p, seed, test_set, label_column, id_column):
         raise ConfounderError(f"expected a Confounder from get_confounder(); got {type(conf).__name__}.")
     if isinstance(p, bool) or not isinstance(p, (int, float, np.number)) or not 0.0 <= p <= 1.0:
         raise ConfounderError(f"prevalence p must be a number in [0, 1]; got {p!r}.")
-    _check_seed(seed)
+    check_seed(seed)
     if test_set not in TEST_SETS:
         raise ConfounderError(f"unknown test_set {test_set!r}; valid: {', '.join(TEST_SETS)}.")
     missing = [c for c in (label_column, id_column) if c not in rows.columns]

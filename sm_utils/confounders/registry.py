@@ -19,6 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from .validation import (  # noqa: F401  (importable from here as before)
+    MIN_IMAGE_SIDE,
+    RESOLUTIONS,
+    ConfounderError,
+    check_image,
+    check_param_type,
+    check_resolution,
+    check_seed,
+    hash_words,
+)
+
 KINDS = ("synthetic", "sampled")
 # MICCAT (Medical Imaging Contextualized Confounder Taxonomy) groups used in this compendium.
 CATEGORIES = (
@@ -28,17 +39,8 @@ CATEGORIES = (
     "environment/processing",
     "environment/marker",
 )
-MIN_IMAGE_SIDE = 8
-# Where a synthetic confounder acts (its ``resolution`` parameter): on the model-input image,
-# on the stored image at its own resolution, or on the stored image resized to N x N pixels
-# (an integer; e.g. 512 for the paper's X-ray dose noise).
-RESOLUTIONS = ("input", "native")
 
 ImageFn = Callable[..., np.ndarray]
-
-
-class ConfounderError(ValueError):
-    """A confounder, its parameters or its input cannot be used as given."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ConfounderSpec:
     strength_range: tuple[float, float] = (0.0, 1.0)
     memoise: bool = False   # slow (seconds per image): runs keep its output on disk
     mask_fn: ImageFn | None = None   # localised confounders: where they paint (see mask())
+    hu_fn: ImageFn | None = None     # CT slices in HU: fn(hu, rng, *, pixel_mm, **params) -> hu
+    hu_baseline_fn: ImageFn | None = None
 
 
 _REGISTRY: dict[str, ConfounderSpec] = {}
@@ -72,6 +76,7 @@ def register_confounder(
     strength_range: tuple[float, float] = (0.0, 1.0),
     memoise: bool = False,
     mask: ImageFn | None = None,
+    hu: tuple[ImageFn, ImageFn | None] | None = None,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -86,6 +91,9 @@ def register_confounder(
     ``mask`` (localised confounders: tag, marker, support device; same signature as ``fn``)
     returns the coverage (0..1, float (H, W)) of what ``fn`` paints with the same ``rng``
     draws: the pixels attribution methods are scored against (:meth:`Confounder.mask`).
+    ``hu``: (function, baseline) acting on a whole CT slice in Hounsfield units (float (H, W)
+    in and out, with ``pixel_mm`` the slice's pixel spacing), used instead of ``fn`` and
+    ``baseline`` on CT manifests that store HU (:mod:`sm_utils.hounsfield`).
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -105,6 +113,7 @@ def register_confounder(
             name=name, category=category, kind=kind, description=description,
             defaults=values, fn=function, baseline_fn=baseline,
             strength_range=tuple(strength_range), memoise=bool(memoise), mask_fn=mask,
+            hu_fn=None if hu is None else hu[0], hu_baseline_fn=None if hu is None else hu[1],
         )
         return function
 
@@ -135,60 +144,6 @@ def confounder_table():
          "description": s.description, "parameters": dict(s.defaults)}
         for s in sorted(_REGISTRY.values(), key=lambda s: (s.kind, s.name))
     ])
-
-
-def _check_type(name: str, key: str, value: Any, default: Any) -> Any:
-    """Coerce ``value`` to the type of ``default`` or raise (bool, int, float, str, sequence)."""
-    if default is None or value is None:
-        return value
-    ok = True
-    if isinstance(default, bool):
-        ok = isinstance(value, (bool, np.bool_))
-        value = bool(value) if ok else value
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        if ok:
-            value = int(value) if isinstance(default, int) and float(value).is_integer() else float(value)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (tuple, list)):
-        ok = isinstance(value, (tuple, list, np.ndarray))
-        value = tuple(value) if ok else value
-    if not ok:
-        raise ConfounderError(
-            f"confounder {name!r}: parameter {key!r} must be like {default!r} "
-            f"({type(default).__name__}); got {value!r} ({type(value).__name__})."
-        )
-    return value
-
-
-def check_resolution(name: str, value: Any) -> str | int:
-    """``"input"``, ``"native"`` or a side in pixels (an integer >= 8, or its digits)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if value in RESOLUTIONS or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-                                and value >= MIN_IMAGE_SIDE):
-        return value if isinstance(value, str) else int(value)
-    raise ConfounderError(
-        f"confounder {name!r}: resolution must be 'input' (the model-input image), 'native' "
-        f"(the stored image) or a side in pixels >= {MIN_IMAGE_SIDE} (e.g. 512); got {value!r}."
-    )
-
-
-def check_image(image: Any, who: str = "confounder") -> np.ndarray:
-    """Raise unless ``image`` is a 2-D uint8 array of at least 8 x 8 pixels."""
-    if not isinstance(image, np.ndarray):
-        raise ConfounderError(
-            f"{who}: expected a numpy uint8 array of shape (H, W); got {type(image).__name__}. "
-            "Convert with numpy.asarray(PIL.Image.open(path).convert('L'))."
-        )
-    if image.dtype != np.uint8 or image.ndim != 2 or min(image.shape) < MIN_IMAGE_SIDE:
-        raise ConfounderError(
-            f"{who}: expected a 2-D uint8 greyscale image (H, W) with sides >= {MIN_IMAGE_SIDE}; "
-            f"got dtype {image.dtype} and shape {image.shape}. Convert colour images to grey "
-            "(e.g. PIL .convert('L')) and scale floats to 0..255 uint8 first."
-        )
-    return image
 
 
 @dataclass(frozen=True)
@@ -280,13 +235,22 @@ class Confounder:
         return coverage > 0
 
     def input_mask(self, original: np.ndarray, seed: int, image_id: Any, *, size: int,
-                   resize: str) -> np.ndarray:
+                   resize: str, view: Any = None) -> np.ndarray:
         """Boolean ``size`` x ``size`` mask of the model-input pixels that :meth:`prepare`
         changes for a confounded image: the mask is made where the confounder acts
         (``resolution``) and brought to the input as the image is (any pixel it reaches).
+        ``view``: ``original`` is a whole CT slice in HU (as for :meth:`prepare`).
         """
+        from ..hounsfield import window_to_uint8
         from ..imaging import resize_grey
 
+        if view is not None:
+            if self.resolution == "input":
+                original = view.grey(original)
+            else:  # made on the whole windowed slice, then cut as the image is
+                whole = self.mask(window_to_uint8(original, *view.window),
+                                  self.image_rng(seed, image_id))
+                return resize_grey(view.cut(whole).astype(np.uint8) * 255, size, resize) > 0
         image = check_image(original, f"confounder {self.name!r}")
         if self.resolution == "input":
             image = resize_grey(image, size, resize)
@@ -306,9 +270,28 @@ class Confounder:
         rng = self.image_rng(seed, image_id)
         return self.apply(image, rng) if confounded else self.baseline(image, rng)
 
+    @property
+    def acts_on_hu(self) -> bool:
+        """True when it acts on CT slices in Hounsfield units (e.g. ``ct_noise``)."""
+        return self._spec is not None and self._spec.hu_fn is not None
+
+    def inject_hu(self, hu: np.ndarray, confounded: bool, seed: int, image_id: Any, *,
+                  pixel_mm: tuple[float, float]) -> np.ndarray:
+        """:meth:`inject` for a whole CT slice in HU with its pixel spacing (mm)."""
+        rng = self.image_rng(seed, image_id)
+        fn = self._spec.hu_fn if confounded else self._spec.hu_baseline_fn
+        if fn is None:
+            return hu
+        out = np.asarray(fn(np.asarray(hu, dtype=np.float64), rng, pixel_mm=tuple(pixel_mm),
+                            **self.image_params))
+        if out.shape != hu.shape:
+            raise ConfounderError(f"confounder {self.name!r} returned shape {out.shape} for a "
+                                  f"CT slice of shape {hu.shape}; it must keep the shape.")
+        return out
+
     def prepare(self, original: np.ndarray | Callable[[], np.ndarray], confounded: bool,
                 seed: int, image_id: Any, *, size: int, resize: str,
-                original_key: str | None = None) -> np.ndarray:
+                original_key: str | None = None, view: Any = None) -> np.ndarray:
         """The model-input image (``size`` x ``size`` uint8) of a stored image, confounded or not.
 
         ``resolution`` decides where the confounder acts: ``"input"``: the image is resized to
@@ -318,13 +301,21 @@ class Confounder:
         bilinear, :mod:`sm_utils.imaging`), confounded there, then resized to the input.
         ``original`` may be a function that loads the image, so that with a cache
         (:meth:`with_cache`) and an ``original_key`` (a digest of the stored file) a cached
-        result is returned without decoding the original.
+        result is returned without decoding the original. ``view``: ``original`` is a whole CT
+        slice in HU and the :class:`~sm_utils.hounsfield.SliceView` of its row says how it
+        becomes 8-bit (the confounder acts before the box and the window).
         """
         from ..imaging import resize_grey
 
         if self.cache_dir is not None:
             return self._cached_prepare(original, confounded, seed, image_id, size, resize,
-                                        original_key)
+                                        original_key, view)
+        if view is not None:
+            hu = original() if callable(original) else original
+            from .slices import prepare_slice
+
+            return prepare_slice(self, hu, confounded, seed, image_id, size=size, resize=resize,
+                                 view=view)
         image = check_image(original() if callable(original) else original,
                             f"confounder {self.name!r}")
         if self.resolution == "input":
@@ -351,19 +342,21 @@ class Confounder:
         return self
 
     def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
-                        original_key) -> np.ndarray:
+                        original_key, view=None) -> np.ndarray:
         from PIL import Image
 
         from ..io import atomic_path
 
         image = None
         if original_key is None:
-            image = check_image(original() if callable(original) else original,
-                                f"confounder {self.name!r}")
+            image = original() if callable(original) else original
+            if view is None:
+                check_image(image, f"confounder {self.name!r}")
             original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps(
-            [self.spec(), _check_seed(seed), str(image_id), bool(confounded), int(size), resize,
-             original_key], sort_keys=True, default=str).encode()).hexdigest()
+            [self.spec(), check_seed(seed), str(image_id), bool(confounded), int(size), resize,
+             original_key] + ([] if view is None else [view.key()]),
+            sort_keys=True, default=str).encode()).hexdigest()
         path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
         if path.is_file():
             with Image.open(path) as cached:
@@ -371,7 +364,7 @@ class Confounder:
         if image is None:
             image = original() if callable(original) else original
         out = replace(self, cache_dir=None).prepare(image, confounded, seed, image_id,
-                                                    size=size, resize=resize)
+                                                    size=size, resize=resize, view=view)
         with atomic_path(path) as tmp:
             Image.fromarray(out).save(tmp, format="PNG")
         return out
@@ -379,7 +372,7 @@ class Confounder:
     def image_rng(self, seed: int, image_id: Any) -> np.random.Generator:
         """Per-image generator from (seed, image id, confounder name): same on every machine."""
         return np.random.default_rng(np.random.SeedSequence(
-            [_check_seed(seed), *hash_words(self.name, str(image_id))]))
+            [check_seed(seed), *hash_words(self.name, str(image_id))]))
 
     def spec(self) -> dict[str, Any]:
         """JSON-ready record of this confounder (for run specs and manifests)."""
@@ -393,18 +386,6 @@ def _check_output(out: Any, image: np.ndarray, name: str) -> np.ndarray:
             f"{getattr(out, 'shape', '')}; it must return uint8 of shape {image.shape}."
         )
     return out
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfounderError(f"seed must be a non-negative integer; got {seed!r}.")
-    return int(seed)
-
-
-def hash_words(*parts: Any, n_words: int = 4) -> list[int]:
-    """``n_words`` 32-bit integers from the SHA-256 of the parts (stable across machines)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
-    return [int.from_bytes(digest[4 * i: 4 * i + 4], "little") for i in range(n_words)]
 
 
 def get_confounder(name: str, strength: float = 1.0, **params: Any) -> Confounder:
@@ -428,7 +409,7 @@ def get_confounder(name: str, strength: float = 1.0, **params: Any) -> Confounde
             f"setting, 0 = no effect); got {strength!r}."
         )
     values = {k: check_resolution(name, params.get(k, v)) if k == "resolution"
-              else _check_type(name, k, params.get(k, v), v) for k, v in spec.defaults.items()}
+              else check_param_type(name, k, params.get(k, v), v) for k, v in spec.defaults.items()}
     values["strength"] = float(strength)
     return Confounder(name=spec.name, category=spec.category, kind=spec.kind,
                       description=spec.description, params=values, _spec=spec)

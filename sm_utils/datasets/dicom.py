@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from ..hounsfield import window_to_uint8  # noqa: F401  (its home before sm_utils.hounsfield)
 from ..manifest import ManifestError
 from ..progress import progress_bar
 
@@ -94,6 +95,12 @@ def read_series(files: Sequence[str | Path], spacing_tolerance: float = 0.1) -> 
     if len(uids) > 1:
         raise CTInputError(f"{where}: files of {len(uids)} series mixed: {sorted(uids)}.")
     orientation = _ds_tuple(first, "ImageOrientationPatient", files[0])
+    if "PixelSpacing" not in first:
+        raise CTInputError(
+            f"series {next(iter(uids))} ({where}): DICOM attribute PixelSpacing is missing from "
+            f"{files[0].name}. The nodule box (roi_mm) and the dose noise (ct_noise) need the "
+            "pixel size in mm: download the series again, or leave the series out (patients=)."
+        )
     spacing = _ds_tuple(first, "PixelSpacing", files[0])
     shape = (int(first.Rows), int(first.Columns))
     for ds, path in zip(slices, files):
@@ -180,8 +187,3 @@ def _series_header(path: Path) -> tuple[str, str]:
     return str(ds.get("SeriesInstanceUID", "")), str(ds.get("Modality", "CT"))
 
 
-def window_to_uint8(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """Linear window [centre - width/2, centre + width/2] -> 0..255 (clipped)."""
-    low = centre - width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float64) - low) / width * 255.0
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

