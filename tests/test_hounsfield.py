@@ -124,3 +124,22 @@ def test_notebook_examples_show_a_ct_row_as_the_model_sees_it(tmp_path):
                                   load_stored(manifest.root / row["path"], view))
     fig = example_grid(manifest, by=("label",), per_group=2)
     assert fig.axes[0].images[0].get_array().shape == (12, 12)  # the box, not the 16-bit slice
+
+
+def test_notebook_02s_ct_example_is_what_a_run_makes_of_the_slice():
+    from sm_utils.confounders.slices import prepare_slice
+    from sm_utils.confounding import ct_dose_example
+
+    hu = np.full((64, 64), -850.0)
+    hu[28:36, 28:36] = 40.0
+    conf = get_confounder("ct_noise", n_angles=200)
+    examples = {mm: ct_dose_example(hu, mm, (32, 32), roi_mm=32 * mm, input_size=48,
+                                    resize="nearest", seed=3, conf=conf) for mm in (0.5, 1.0)}
+    example = examples[1.0]
+    assert example["box"] == (16, 16, 48, 48) and example["roi_px"] == 32
+    view = SliceView(window=(-600.0, 1500.0), pixel_mm=(1.0, 1.0), box=example["box"])
+    for name, confounded in (("normal dose", False), ("low dose", True)):
+        made = prepare_slice(conf, hu, confounded, 3, "example", size=48, resize="nearest",
+                             view=view)
+        np.testing.assert_array_equal(example[name], made)
+    assert examples[0.5]["noise_sd_hu"] / example["noise_sd_hu"] == pytest.approx(2.0, rel=0.15)
