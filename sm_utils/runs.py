@@ -44,7 +44,14 @@ from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, s
 from .manifest import load_manifest
 from .paths import METRICS_FILE, resolve
 from .provenance import git_commit, package_versions
-from .training import configure_device, predict, reset_head, resolve_device, train_model
+from .training import (
+    configure_device,
+    predict,
+    ran_on,
+    reset_head,
+    resolve_device,
+    train_model,
+)
 
 
 class RunError(ValueError):
@@ -353,6 +360,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "train_seconds": run.result.train_seconds,
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
+        "ran_on": ran_on(run.device_settings),
     }
     if measured is not None:
         metrics["mechanisms"] = measured

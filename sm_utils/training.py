@@ -157,6 +157,19 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def ran_on(settings: dict) -> dict:
+    """Where and in what precision a run trained, from :func:`configure_device`'s record (as
+    results.csv's ``device`` and ``precision`` columns): device "cpu" or "cuda"; precision
+    "bf16" (autocast), "tf32" (fp32 with TF32 matmuls and convolutions, a GPU's default) or
+    "fp32"; "unknown" where an older record lacks it."""
+    device = str(settings.get("device", "unknown")).split(":")[0]
+    precision = settings.get("training_precision", "fp32" if device == "cpu" else "unknown")
+    if precision == "fp32" and settings.get("tf32"):
+        precision = "tf32"
+    return {"device": device, "gpu": settings.get("gpu"), "precision": precision,
+            "deterministic": settings.get("deterministic")}
+
+
 def _autocast(device: torch.device, precision: str = "auto"):
     """Training's autocast: bf16 on a GPU unless ``precision="fp32"``; never in scoring."""
     if training_precision(device, precision) == "bf16":

@@ -89,6 +89,21 @@ def test_dry_run_then_run_then_analyse(tmp_path, capsys):
                  "--permutations", "99"]) == 0
     assert (tmp_path / "again" / "clitest_auc_vs_p.pdf").exists()
 
+    # each run says where it trained; a condition whose runs disagree is refused
+    assert set(results["device"]) == {"cpu"} and set(results["precision"]) == {"fp32"}
+    resumed = results.loc[results["p"] == results["p"].max(), "run_id"].iloc[0]
+    metrics_path = tmp_path / "runs/clitest" / resumed / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["ran_on"] = {"device": "cuda", "gpu": "NVIDIA H100", "precision": "bf16",
+                         "deterministic": False}  # as the run would have been resumed on a GPU
+    metrics_path.write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert main(["analyse", str(tmp_path / "runs/clitest"), "--figures-dir", str(tmp_path / "mixed"),
+                 "--permutations", "99"]) != 0
+    err = capsys.readouterr().err
+    assert "mixes devices/precisions" in err and "3 run(s) on cpu/fp32, 1 run(s) on cuda/bf16" in err
+    assert resumed in err and not (tmp_path / "mixed").exists()
+
 
 def test_check_splits_reports_leaks(tmp_path, capsys):
     from sm_utils.datasets import build_dataset

@@ -102,3 +102,24 @@ def test_the_best_epoch_is_the_one_with_the_lowest_validation_loss(run):
     assert metrics["best_epoch"] != metrics["epochs_run"]  # this run peaked early: not trivial
     # It stopped after one epoch without a lower validation loss (patience 1).
     assert metrics["epochs_run"] == metrics["best_epoch"] + 1 <= 6
+
+
+def test_the_run_says_where_and_in_what_precision_it_trained(run):
+    # results.csv's device and precision columns come from here (and decide what may be pooled)
+    assert run["metrics"]["ran_on"] == {"device": "cpu", "gpu": None, "precision": "fp32",
+                                        "deterministic": True}
+    assert run["config"]["device"]["training_precision"] == "fp32"
+    assert run["config"]["device"]["scoring_precision"] == "fp32"
+
+
+def test_ran_on_names_a_gpus_tf32_and_bf16_and_what_an_old_record_lacks():
+    from sm_utils.training import ran_on
+
+    gpu = {"device": "cuda:0", "gpu": "NVIDIA H200", "deterministic": False, "tf32": True}
+    assert ran_on({**gpu, "training_precision": "bf16"})["precision"] == "bf16"
+    assert ran_on({**gpu, "training_precision": "fp32"}) == {
+        "device": "cuda", "gpu": "NVIDIA H200", "precision": "tf32", "deterministic": False}
+    assert ran_on({**gpu, "training_precision": "fp32", "tf32": False})["precision"] == "fp32"
+    assert ran_on({"device": "cuda:1"})["precision"] == "unknown"  # a GPU run before the record
+    assert ran_on({}) == {"device": "unknown", "gpu": None, "precision": "unknown",
+                          "deterministic": None}

@@ -14,7 +14,13 @@ from ..paths import METRICS_FILE
 from .figures import plot_auc_vs_p, save_figure
 from .paper import PAPER_COLUMNS, paper_test, paper_test_report
 from .reference import REFERENCE_CSV, load_reference, reference_lines
-from .results import PAPER_METRIC, AnalysisError, collect_results, save_results
+from .results import (
+    PAPER_METRIC,
+    AnalysisError,
+    check_one_device_per_condition,
+    collect_results,
+    save_results,
+)
 from .statistics import compare_sources
 from .summaries import group_auc_summary, robustness_summary
 
@@ -44,6 +50,7 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     out_dir, figures_dir = Path(out_dir), Path(figures_dir)
     if table.empty:
         raise AnalysisError("the results table is empty; run the grid first")
+    check_one_device_per_condition(table)
     comparisons = compare_sources(table, n_permutations=n_permutations, seed=seed)
     try:
         primary = paper_test(table, arms=arms, metric=PAPER_METRIC, n_permutations=n_permutations,

@@ -21,6 +21,8 @@ CONDITION = ["dataset", "confounder", "strength", "arch", "seed", "test_set", "p
 METRIC_COLUMNS = ["auc", "auc_ci_low", "auc_ci_high", "micro_auc", "keras_auc", "n",
                   "n_patients", "n_pos", "n_confounded"]
 RUN_COLUMNS = ["best_epoch", "epochs_run", "train_seconds", "eval_seconds"]
+# Where a run trained (sm_utils.training.ran_on): a condition's runs must agree on these
+RAN_ON_COLUMNS = ["device", "precision"]
 # Run-level columns of a grid with `probe: true` / `attribution: true` (sm_utils.mechanisms)
 MECHANISM_COLUMNS = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high", "attribution_share",
                      "attribution_share_ci_low", "attribution_share_ci_high", "mask_share",
@@ -55,8 +57,20 @@ def _read_metrics(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
         with open(run_dir / METRICS_FILE) as fh:
             metrics = json.load(fh)
         _add_keras_auc(metrics, run_dir)
+        _add_ran_on(metrics, run_dir)
         out.append(metrics)
     return out
+
+
+def _add_ran_on(metrics: dict[str, Any], run_dir: Path) -> None:
+    """Runs made before metrics.json carried ``ran_on`` get it from their config.json."""
+    if "ran_on" in metrics:
+        return
+    from ..training import ran_on
+
+    config = run_dir / "config.json"
+    settings = json.loads(config.read_text()).get("device") if config.exists() else None
+    metrics["ran_on"] = ran_on(settings or {})
 
 
 def _add_keras_auc(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -111,11 +125,12 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
             row = {**base, "test_set": test_set}
             row.update({k: values.get(k, np.nan) for k in METRIC_COLUMNS})
             row.update({k: metrics.get(k, np.nan) for k in RUN_COLUMNS})
+            row.update({k: metrics["ran_on"][k] for k in RAN_ON_COLUMNS})
             row.update(mechanisms)  # run-level: the same on each of the run's test sets
             rows.append(row)
             for group, auc in (values.get("group_auc") or {}).items():
                 group_rows.append({**base, "test_set": test_set, "group": group, "auc": auc})
-    columns = ["run_id", *AXES, "test_set", *METRIC_COLUMNS, *RUN_COLUMNS]
+    columns = ["run_id", *AXES, "test_set", *METRIC_COLUMNS, *RUN_COLUMNS, *RAN_ON_COLUMNS]
     present = [c for c in MECHANISM_COLUMNS if any(c in r for r in rows)]
     table = _sorted(pd.DataFrame(rows, columns=columns + present))
     probes = runs_dir / SOURCE_PROBES_FILE
@@ -128,6 +143,29 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
         return table
     groups = _sorted(pd.DataFrame(group_rows, columns=["run_id", *AXES, "test_set", "group", "auc"]))
     return table, groups
+
+
+def check_one_device_per_condition(table: pd.DataFrame) -> None:
+    """Raise AnalysisError when the runs of one condition (all its sources and folds) trained
+    on different devices or in different precisions (a grid begun on the CPU and resumed on a
+    GPU: fp32 and bf16 results are not replicates of each other). Tables without the columns
+    (made before they existed) pass."""
+    if table.empty or not set(RAN_ON_COLUMNS) <= set(table.columns):
+        return
+    condition = [c for c in CONDITION if c != "test_set"]
+    ran_on = table[RAN_ON_COLUMNS].astype(str).agg("/".join, axis=1)
+    for key, part in table.assign(_ran_on=ran_on).groupby(condition, dropna=False):
+        if part["_ran_on"].nunique() < 2:
+            continue
+        counts = part.drop_duplicates("run_id")["_ran_on"].value_counts()
+        minority = part[part["_ran_on"] != counts.index[0]].drop_duplicates("run_id")
+        what = ", ".join(f"{n} run(s) on {setting}" for setting, n in counts.items())
+        shown = ", ".join(minority["run_id"].head(8)) + (" ..." if len(minority) > 8 else "")
+        raise AnalysisError(
+            f"condition {dict(zip(condition, key))} mixes devices/precisions (device/precision): "
+            f"{what}. Their AUCs are not replicates of one another. Delete the run directories "
+            f"of the {len(minority)} run(s) on the other setting ({shown}) and run the grid "
+            "again on one device (run.device, run.precision), or analyse each part separately.")
 
 
 def _sorted(table: pd.DataFrame) -> pd.DataFrame:
