@@ -17,6 +17,7 @@ removed before a run starts, so an interrupted run never looks complete.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -222,6 +223,40 @@ class TrainedRun:
                        self.device)
 
 
+RESIDENT_SHARE = 0.25       # of a GPU's memory, shared by the runs on it, for resident images
+FALLBACK_WORKERS = 4        # data-loader workers of a GPU run whose images are not resident
+RUNS_PER_GPU_ENV = "SM_RUNS_PER_GPU"   # set by the grid for its workers
+
+
+def data_placement(device: torch.device, n_images: int, image_size: int,
+                   num_workers: int = 0) -> dict[str, Any]:
+    """Where a run's images live while it trains (recorded in config.json).
+
+    On a GPU they stay on it (:class:`ResidentLoader`) when their uint8 bytes (``n_images``:
+    the training, validation and largest test set together) fit in ``RESIDENT_SHARE`` of the
+    GPU's memory divided among the runs that share it (``$SM_RUNS_PER_GPU``), and no
+    data-loader workers were asked for. Otherwise batches come from a DataLoader with pinned
+    memory and ``num_workers`` workers (``FALLBACK_WORKERS`` when 0 was given). On the CPU:
+    the DataLoader with ``num_workers``. Both loaders give the same batches.
+    """
+    need = int(n_images) * int(image_size) ** 2
+    if device.type != "cuda":
+        return {"resident": False, "num_workers": int(num_workers), "bytes": need,
+                "reason": "CPU run"}
+    if num_workers > 0:
+        return {"resident": False, "num_workers": int(num_workers), "bytes": need,
+                "reason": f"num_workers={num_workers} asked for"}
+    sharing = max(1, int(os.environ.get(RUNS_PER_GPU_ENV) or 1))
+    budget = RESIDENT_SHARE * torch.cuda.get_device_properties(device).total_memory / sharing
+    if need <= budget:
+        return {"resident": True, "num_workers": 0, "bytes": need, "budget_bytes": int(budget),
+                "reason": "fits the budget"}
+    workers = min(FALLBACK_WORKERS, os.cpu_count() or 1)
+    return {"resident": False, "num_workers": workers, "bytes": need, "budget_bytes": int(budget),
+            "reason": f"{need / 2**30:.2f} GiB of images exceed the budget of {budget / 2**30:.2f} "
+                      f"GiB ({RESIDENT_SHARE:.0%} of the GPU / {sharing} run(s) on it)"}
+
+
 @contextmanager
 def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
               resident: bool | None = None, threads: int | None = None) -> Iterator[TrainedRun]:
@@ -249,16 +284,20 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
                                       augmentation=run_augmentation(config) if augment else None,
                                       root=manifest.root, resize=config.resize, progress=progress)
 
-    if resident is None:
-        resident = device.type == "cuda"
+    largest_test = max((len(splits[t]) for t in TEST_SETS if t in splits), default=0)
+    placement = data_placement(device, len(splits["train"]) + len(splits["val"]) + largest_test,
+                               config.image_size, config.num_workers)
+    if resident is not None:  # the caller's choice (tests, benchmarks)
+        placement.update(resident=bool(resident), reason="asked for")
+    resident = placement["resident"]
 
     def loader(data: ConfoundedImageDataset, shuffle: bool, drop_last: bool = False):
         if resident:
             return ResidentLoader(data, batch_size=config.batch_size, shuffle=shuffle,
                                   seed=config.seed, device=device, drop_last=drop_last)
         return make_loader(data, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed,
-                           num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                           drop_last=drop_last)
+                           num_workers=placement["num_workers"],
+                           pin_memory=device.type == "cuda", drop_last=drop_last)
 
     train_set = dataset("train", config.augment)
     train_loader = loader(train_set, True, drop_last=len(train_set) % config.batch_size == 1)
@@ -280,7 +319,8 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
         )
         yield TrainedRun(model=model, prep=prep, manifest=manifest, manifest_path=manifest_path,
                          splits=splits, cache=cache, confounder=conf, result=result,
-                         device=device, device_settings=device_settings,
+                         device=device, device_settings={**device_settings,
+                                                         "data_placement": placement},
                          resident=bool(resident), dataset=dataset, loader=loader)
 
 

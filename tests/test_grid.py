@@ -331,6 +331,27 @@ def test_mig_slices_count_as_devices_and_workers_get_their_uuids(tmp_path, monke
         "MIG-aaaa1111-0000-0000-0000-000000000000", "MIG-bbbb2222-0000-0000-0000-000000000000",
         "1"]
     assert {w["CUDA_DEVICE_ORDER"] for w in workers} == {"PCI_BUS_ID"}  # "1" as nvidia-smi says
+    assert [w["SM_RUNS_PER_GPU"] for w in worker_environments("auto", None, 2)] == ["2"] * 6
+    # the grid's own GPU work (probes, memory check) runs in a child on the first worker's slice
+    from sm_utils.grid import spawned_child
+
+    with spawned_child("auto") as child:
+        seen = child.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result()
+        assert seen == "MIG-aaaa1111-0000-0000-0000-000000000000"
+        assert child.submit(os.getpid).result() != os.getpid()
+    with spawned_child("cpu") as child:  # a CPU grid: the child is not pointed at a GPU
+        assert child.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result() is None
+
+
+def test_source_probes_run_on_the_grids_device(tmp_path):
+    from sm_utils.grid import probe_sources
+    from sm_utils.training import TrainingError
+
+    spec = load_grid(write_grid(tmp_path, probe=True, run={"device": "cuda"}), check_names=False)
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    # device cuda on a machine without one: the probe says so instead of probing on the CPU
+    with pytest.raises(TrainingError, match="device='cuda' was asked for but no CUDA GPU"):
+        probe_sources(spec, expand_cells(spec), log=lambda message: None)
 
 
 def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):
@@ -636,12 +657,99 @@ def test_runs_per_gpu_shares_each_gpu_and_refuses_what_does_not_fit(monkeypatch)
     envs = worker_environments("auto", runs_per_gpu=3)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3", "5", "3", "5", "3", "5"]
     gib = 1024 ** 3
-    check_runs_fit(4, 3 * gib, {"3": 40 * gib, "5": 40 * gib}, "model")  # 4 x 3.45 GiB fit
+    check_runs_fit(4, 3 * gib, {"3": 40 * gib, "5": 40 * gib}, "model")  # 4 x 4.2 GiB fit
     with pytest.raises(GridError) as info:
         check_runs_fit(8, 3 * gib, {"3": 40 * gib, "5": 20 * gib}, "keras_resnet50 at 224 px")
     message = str(info.value)
-    assert "one run needs 3.45 GiB (measured: keras_resnet50 at 224 px, peak 3.00 GiB" in message
-    assert "GPU 5 has 20.0 GiB free. Set runs_per_gpu to 5 or less." in message
+    assert ("one run needs 4.20 GiB (measured: keras_resnet50 at 224 px, peak 3.00 GiB, plus 15% "
+            "and 0.75 GiB for its CUDA context)") in message
+    assert "GPU 5 has 20.0 GiB free. Set runs_per_gpu to 4 or less." in message
+
+
+def test_the_memory_check_measures_every_configuration_in_children(tmp_path, monkeypatch):
+    """runs_per_gpu: 2 on two GPUs (a fake nvidia-smi), a grid of two architectures: each
+    distinct configuration is measured in a child on the workers' first GPU, each GPU's free
+    memory by a child of its own, the largest need decides, and the grid process itself never
+    touches CUDA."""
+    import contextlib
+    from concurrent.futures import Future
+
+    import torch
+
+    from sm_utils.grid import local
+    from sm_utils.grid import _runs_per_gpu
+
+    gib = 1024 ** 3
+    measured, children = [], []
+    peaks = {"tf_efficientnet_lite0": 1 * gib, "keras_resnet50": 9 * gib}
+    free = {"0": 40 * gib, "1": 30 * gib}
+
+    class FakeChild:  # what a spawned child would answer on a GPU
+        def __init__(self, gpu):
+            self.gpu = gpu
+
+        def submit(self, function, *args):
+            future = Future()
+            if function is local.measure_run_memory:
+                config, device, runs_per_gpu = args
+                measured.append((config["arch"], config["image_size"], device, runs_per_gpu))
+                future.set_result({"peak_bytes": peaks[config["arch"]], "resident_bytes": 0,
+                                   "passes": ["training", "evaluation"],
+                                   "free_bytes": free[self.gpu], "total_bytes": 80 * gib})
+            else:
+                assert function is local.free_gpu_memory
+                future.set_result(free[self.gpu])
+            return future
+
+    @contextlib.contextmanager
+    def fake_spawned_child(device, gpu=None):
+        children.append((device, gpu))
+        yield FakeChild(gpu)
+
+    def no_cuda_here(*args, **kwargs):
+        raise AssertionError("CUDA used in the grid process")
+
+    monkeypatch.setattr(local, "spawned_child", fake_spawned_child)
+    for name in ("mem_get_info", "init", "max_memory_reserved", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda_here)
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path)["PATH"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    sources = [{"name": "random", "arch": "tf_efficientnet_lite0"},
+               {"name": "random", "arch": "keras_resnet50"}]
+    spec = load_grid(write_grid(tmp_path, sources=sources, run={"runs_per_gpu": 2}),
+                     check_names=False)
+    cells = expand_cells(spec)
+    assert _runs_per_gpu(spec, cells, print) == 2  # 2 x (9 x 1.15 + 0.75) GiB < 30.75 GiB
+    assert sorted(measured) == [("keras_resnet50", 32, "cuda", 2),
+                                ("tf_efficientnet_lite0", 32, "cuda", 2)]  # 16 cells, 2 configs
+    assert children == [("cuda", "0"), ("cuda", "0"), ("cuda", "1")]
+    (tmp_path / "three").mkdir()
+    spec = load_grid(write_grid(tmp_path / "three", sources=sources, run={"runs_per_gpu": 3}),
+                     check_names=False)
+    with pytest.raises(GridError, match=r"measured: keras_resnet50 at 32 px, batch 32, training "
+                                        r"\+ evaluation.*GPU 1 has 30\.8 GiB free\. Set "
+                                        r"runs_per_gpu to 2 or less"):
+        _runs_per_gpu(spec, expand_cells(spec), print)
+
+
+def test_the_memory_measurement_runs_every_pass_a_run_makes():
+    """The child's measurement, on the CPU (peak resident memory instead of the GPU
+    allocator's): training, the evaluation pass and, when the grid attributes, attribution;
+    a bigger model and input need more."""
+    from sm_utils.grid import measure_run_memory, spawned_child
+
+    small = {"source": "random", "arch": "tf_efficientnet_lite0", "weights": None,
+             "image_size": 32, "batch_size": 4, "optimizer": "adam", "precision": "auto",
+             "deterministic": False, "attribution": True, "num_workers": 0, "n_images": 100}
+    large = {**small, "arch": "keras_resnet50", "image_size": 64, "batch_size": 8,
+             "attribution": False}
+    results = []
+    for config in (small, large):
+        with spawned_child("cpu") as child:  # a fresh process each: its own peak
+            results.append(child.submit(measure_run_memory, config, "cpu").result())
+    assert results[0]["passes"] == ["training", "evaluation", "attribution"]
+    assert results[1]["passes"] == ["training", "evaluation"]
+    assert 0 < results[0]["peak_bytes"] < results[1]["peak_bytes"] - 300 * 2**20
 
 
 def test_runs_per_gpu_is_ignored_without_a_gpu_with_one_line(tmp_path, monkeypatch):

@@ -357,6 +357,7 @@ def test_a_grid_with_probe_and_attribution_adds_their_columns_and_relates_them(t
     assert results["probe_auc"].between(0, 1).all() and results["mask_share"].lt(0.05).all()
     sources = pd.read_csv(tmp_path / "runs" / "source_probes.csv")
     assert sorted(sources["source"]) == ["imagenet_lite0", "random"]  # once per source
+    assert set(sources["device"]) == {"cpu"}  # the grid's device (run.device: auto, no GPU here)
     relation = pd.read_csv(tmp_path / "runs" / "encodedness_vs_drop.csv")
     assert list(relation["confounder"]) == ["tag"] and relation["n_points"].iloc[0] == 2
     # the analysis step ran notebook 05 on what the grid measured, not on its own fine-tunings

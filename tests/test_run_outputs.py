@@ -110,6 +110,7 @@ def test_the_run_says_where_and_in_what_precision_it_trained(run):
                                         "deterministic": True}
     assert run["config"]["device"]["training_precision"] == "fp32"
     assert run["config"]["device"]["scoring_precision"] == "fp32"
+    assert run["config"]["device"]["data_placement"]["reason"] == "CPU run"
 
 
 def test_ran_on_names_a_gpus_tf32_and_bf16_and_what_an_old_record_lacks():

@@ -1,9 +1,11 @@
 import json
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from sm_utils import numerics, runs
 from sm_utils.io import stable_hash
@@ -273,3 +275,29 @@ def test_the_paper_grids_augment_as_the_papers_keras_did(grid):
     rng = np.random.default_rng(0)
     shears = [augmentation.sample(rng, 224, 224)["shear"] for _ in range(1000)]
     assert max(abs(s) for s in shears) <= 0.1
+
+
+def test_images_stay_on_the_gpu_only_within_their_memory_budget(monkeypatch):
+    """NIH ChestX-ray14 at 224 px (112,120 images: 5.24 GiB as uint8) on an 80 GiB GPU: resident
+    for one run per GPU (budget 20 GiB); with 4 runs sharing it (5 GiB each) the pinned-memory
+    DataLoader with workers instead; asked-for workers are honoured."""
+    from types import SimpleNamespace
+
+    from sm_utils.runs import FALLBACK_WORKERS, data_placement
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    gpu = torch.device("cuda")
+    monkeypatch.delenv("SM_RUNS_PER_GPU", raising=False)
+    alone = data_placement(gpu, 112_120, 224)
+    assert alone["resident"] and alone["budget_bytes"] == 20 * 2**30
+    monkeypatch.setenv("SM_RUNS_PER_GPU", "4")
+    shared = data_placement(gpu, 112_120, 224)
+    assert not shared["resident"] and shared["budget_bytes"] == 5 * 2**30
+    assert shared["num_workers"] == min(FALLBACK_WORKERS, os.cpu_count() or 1)
+    assert "5.24 GiB of images exceed the budget of 5.00 GiB" in shared["reason"]
+    assert data_placement(gpu, 1000, 64)["resident"]  # a small data set still fits
+    asked = data_placement(gpu, 1000, 64, num_workers=3)
+    assert not asked["resident"] and asked["num_workers"] == 3
+    assert data_placement(torch.device("cpu"), 1000, 64, num_workers=2) == {
+        "resident": False, "num_workers": 2, "bytes": 1000 * 64 * 64, "reason": "CPU run"}

@@ -42,8 +42,11 @@ from .local import (
     check_gpus_usable,
     check_runs_fit,
     detect_gpus,
+    measure_grid_memory,
     measure_run_memory,
+    memory_configurations,
     run_local,
+    spawned_child,
     visible_gpus,
     worker_environments,
 )
@@ -77,7 +80,9 @@ __all__ = [
     "Cell", "CellResult", "CellRunner", "ConfounderSpec", "DatasetSpec", "GridError",
     "GridReport", "GridSpec", "PreparationError", "RunnerSettings", "SourceSpec",
     "cells_table", "check_gpus_usable", "check_slurm_gpus", "detect_gpus", "dry_run", "error_headline", "expand_cells", "failed_cells",
-    "iter_run_dirs", "load_grid", "merge_grid", "parse_grid", "prepare", "refuse_unrunnable",
+    "iter_run_dirs", "load_grid", "measure_grid_memory", "measure_run_memory",
+    "memory_configurations", "merge_grid", "parse_grid", "prepare", "probe_sources",
+    "refuse_unrunnable", "spawned_child",
     "run_batch", "run_grid", "run_id_for", "source_archs", "validate_grid", "visible_gpus",
     "worker_environments", "write_cells_index", "write_report",
 ]
@@ -119,9 +124,7 @@ def probe_sources(spec: GridSpec, cells: Sequence[Cell], log=print) -> Path | No
         return None
     import pandas as pd
 
-    from ..confounders import get_confounder
     from ..io import atomic_write_csv
-    from ..mechanisms import probe_source
     from ..paths import SOURCE_PROBES_FILE
 
     path = spec.runs_dir / SOURCE_PROBES_FILE
@@ -129,6 +132,7 @@ def probe_sources(spec: GridSpec, cells: Sequence[Cell], log=print) -> Path | No
     keys = ["dataset", "source", "arch", "seed", "confounder", "strength"]
     have = set(map(tuple, done[keys].astype(str).to_numpy())) if len(done) else set()
     rows = done.to_dict("records")
+    todo = []
     for cell in cells:
         p = cell.params
         key = (cell.dataset, p["source"], p["arch"] or "default", p["seed"], p["confounder"],
@@ -136,16 +140,37 @@ def probe_sources(spec: GridSpec, cells: Sequence[Cell], log=print) -> Path | No
         if p["confounder"] == "none" or tuple(map(str, key)) in have:
             continue
         have.add(tuple(map(str, key)))
-        log(f"probing source {p['source']!r} for {p['confounder']!r} ({cell.dataset})")
-        conf = get_confounder(p["confounder"], strength=p["strength"], **p["confounder_params"])
-        out = probe_source(p["source"], weights=p["weights"], arch=p["arch"],
-                           manifest=p["manifest"], confounder=conf, init_seed=p["seed"],
-                           image_size=int(p["image_size"]), resize=p["resize"])
-        rows.append({**dict(zip(keys, key)), "source_probe_auc": out["probe_auc"],
-                     "source_probe_auc_ci_low": out["probe_auc_ci_low"],
-                     "source_probe_auc_ci_high": out["probe_auc_ci_high"]})
-        atomic_write_csv(path, pd.DataFrame(rows))  # after each, so a killed grid resumes
+        todo.append((key, cell))
+    if not todo:
+        return path
+    # On the grid's device, in a child process (no CUDA context left in the grid process)
+    with spawned_child(spec.run["device"]) as child:
+        for key, cell in todo:
+            p = cell.params
+            log(f"probing source {p['source']!r} for {p['confounder']!r} ({cell.dataset})")
+            out = child.submit(_probe_source_on, spec.run["device"], p).result()
+            rows.append({**dict(zip(keys, key)), "source_probe_auc": out["probe_auc"],
+                         "source_probe_auc_ci_low": out["probe_auc_ci_low"],
+                         "source_probe_auc_ci_high": out["probe_auc_ci_high"],
+                         "device": out["device"]})
+            atomic_write_csv(path, pd.DataFrame(rows))  # after each, so a killed grid resumes
     return path
+
+
+def _probe_source_on(device: str, params: dict) -> dict:
+    """One source probe of :func:`probe_sources`, in its child process."""
+    from ..confounders import get_confounder
+    from ..mechanisms import probe_source
+    from ..training import resolve_device
+
+    resolved = resolve_device(device)
+    conf = get_confounder(params["confounder"], strength=params["strength"],
+                          **params["confounder_params"])
+    out = probe_source(params["source"], weights=params["weights"], arch=params["arch"],
+                       manifest=params["manifest"], confounder=conf, init_seed=params["seed"],
+                       image_size=int(params["image_size"]), resize=params["resize"],
+                       device=resolved)
+    return {**out, "device": resolved.type}
 
 
 def check_slurm_gpus(spec: GridSpec, log=print) -> None:
@@ -176,13 +201,7 @@ def _runs_per_gpu(spec: GridSpec, todo: Sequence[Cell], log) -> int:
         log(f"run.runs_per_gpu={runs_per_gpu} ignored: no GPU here (CPU cells run one per "
             "worker; set run.workers)")
         return 1
-    import pandas as pd
-
-    cell = max(todo, key=lambda c: (c.params["image_size"], c.params["batch_size"]))
-    p = cell.params
-    n_images = len(pd.read_csv(p["manifest"], usecols=["image_id"]))
-    need, free, what = measure_run_memory(p["source"], p["arch"], p["weights"],
-                                          int(p["image_size"]), int(p["batch_size"]), n_images)
+    need, free, what = measure_grid_memory(todo, runs_per_gpu)
     check_runs_fit(runs_per_gpu, need, free, what)
     return runs_per_gpu
 

@@ -3,6 +3,7 @@ of the CPU cores), each running cells in its own warm kernel."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -130,59 +131,176 @@ def worker_environments(workers: int | str, threads_per_worker: int | None = Non
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "SM_WORKER_INDEX": str(index)}
         if gpus:  # nvidia-smi's numbering, which CUDA follows only in PCI bus order
-            env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=ids[index % gpus])
+            env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=ids[index % gpus],
+                       SM_RUNS_PER_GPU=str(max(1, int(runs_per_gpu))))  # runs' data budget
         envs.append(env)
     return envs
 
 
+def _set_environment(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+@contextlib.contextmanager
+def spawned_child(device: str = "auto", gpu: str | None = None):
+    """An executor of one fresh (spawned) process for work the grid does itself on the grid's
+    device (source probes, the memory check): on a GPU machine the child sees the first GPU
+    the workers use (MIG slice included; ``gpu``: another of them), so its CUDA context, and
+    the memory it held, end with it instead of staying in the grid process on every GPU for
+    the whole grid."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    ids = [gpu] if gpu is not None else visible_gpus() if device != "cpu" else []
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ids[0]} if ids else {}
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"),
+                             initializer=_set_environment, initargs=(env,)) as pool:
+        yield pool
+
+
 GIB = 1024 ** 3
-MEMORY_MARGIN = 1.15  # allocator fragmentation and the workers' own CUDA contexts
+MEMORY_MARGIN = 1.15  # allocator fragmentation beyond the measured peak
+# One process's CUDA context with its cuDNN and cuBLAS handles: GPU memory outside torch's
+# allocator (0.3-0.6 GiB on recent GPUs and CUDA 12/13), counted once per run.
+CONTEXT_ALLOWANCE = 0.75 * GIB
 
 
 def check_runs_fit(runs_per_gpu: int, need_bytes: float, free_bytes: dict[str, float],
                    what: str) -> None:
-    """Raise GridError unless ``runs_per_gpu`` runs of ``need_bytes`` fit in every GPU's free
-    memory (``free_bytes``: GPU id -> bytes), saying the measured need and how many would fit."""
-    need = need_bytes * MEMORY_MARGIN
+    """Raise GridError unless ``runs_per_gpu`` runs of ``need_bytes`` (allocator peak and
+    resident images, :func:`measure_run_memory`) fit in every GPU's free memory
+    (``free_bytes``: GPU id -> bytes), saying the measured need and how many would fit. Each run
+    also holds a CUDA context (:data:`CONTEXT_ALLOWANCE`)."""
+    need = need_bytes * MEMORY_MARGIN + CONTEXT_ALLOWANCE
     short = {gpu: free for gpu, free in free_bytes.items() if runs_per_gpu * need > free}
     if short:
         gpu, free = min(short.items(), key=lambda item: item[1])
         fit = int(free // need)
         raise GridError(
             f"run.runs_per_gpu={runs_per_gpu} does not fit: one run needs {need / GIB:.2f} GiB "
-            f"(measured: {what}, peak {need_bytes / GIB:.2f} GiB, plus {MEMORY_MARGIN - 1:.0%}), "
-            f"so {runs_per_gpu} need {runs_per_gpu * need / GIB:.1f} GiB, but GPU {gpu} has "
-            f"{free / GIB:.1f} GiB free. Set runs_per_gpu to {max(fit, 1)} or less"
+            f"(measured: {what}, peak {need_bytes / GIB:.2f} GiB, plus {MEMORY_MARGIN - 1:.0%} "
+            f"and {CONTEXT_ALLOWANCE / GIB:.2f} GiB for its CUDA context), so {runs_per_gpu} "
+            f"need {runs_per_gpu * need / GIB:.1f} GiB, but GPU {gpu} has {free / GIB:.1f} GiB "
+            f"free. Set runs_per_gpu to {max(fit, 1)} or less"
             + (" (not even one fits: free the GPU or lower the batch size)" if fit < 1 else "")
             + ".")
 
 
-def measure_run_memory(source: str, arch: str | None, weights: str | None, image_size: int,
-                       batch_size: int, n_images: int) -> tuple[float, dict[str, float], str]:
-    """Peak GPU memory of one training step of the grid's model (bf16, channels_last, as a run)
-    plus its images kept on the GPU, and every visible GPU's free memory."""
+MEMORY_KEYS = ("source", "arch", "weights", "image_size", "batch_size", "optimizer", "precision",
+               "deterministic", "attribution", "num_workers")
+
+
+def memory_configurations(cells) -> list[dict]:
+    """The distinct configurations of ``cells`` that can differ in GPU memory (model, input
+    size, batch, optimizer, precision, attribution, data placement), each with its largest
+    manifest (rows: an upper bound on the images a run keeps resident)."""
+    import pandas as pd
+
+    configurations: dict[tuple, dict] = {}
+    rows: dict[str, int] = {}
+    for cell in cells:
+        p = cell.params
+        config = {k: p.get(k) for k in MEMORY_KEYS}
+        config.update(precision=p.get("precision", "auto"),
+                      deterministic=bool(p.get("deterministic")),
+                      attribution=bool(p.get("attribution")), num_workers=int(p.get("num_workers") or 0))
+        if p["manifest"] not in rows:
+            rows[p["manifest"]] = len(pd.read_csv(p["manifest"], usecols=["image_id"]))
+        key = tuple(str(config[k]) for k in MEMORY_KEYS)
+        known = configurations.setdefault(key, {**config, "n_images": 0})
+        known["n_images"] = max(known["n_images"], rows[p["manifest"]])
+    return list(configurations.values())
+
+
+def measure_run_memory(config: dict, device: str = "cuda", runs_per_gpu: int = 1) -> dict:
+    """The memory one run of ``config`` (:func:`memory_configurations`) needs, measured as a
+    run uses it: the model, its optimizer, one epoch of training steps on random images under
+    the run's precision and device settings (cuDNN autotuning on unless deterministic), the fp32
+    evaluation pass and, with attribution, the attribution backward pass. Meant for a fresh
+    process (:func:`spawned_child`): on a GPU the allocator's peak, plus the images the run
+    would keep resident there (:func:`sm_utils.runs.data_placement`), and the GPU's free and
+    total memory; on the CPU the growth of the process's peak resident memory."""
+    import resource
+
     import torch
 
+    from ..runs import RUNS_PER_GPU_ENV, data_placement
     from ..sources import create_model
+    from ..training import configure_device, train_model
 
-    device = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats(device)
-    model, prep = create_model(source, arch=arch, weights=weights, num_classes=2)
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters())
-    images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8,
-                           device=device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(prep(images).contiguous(memory_format=torch.channels_last)).float().mean()
-    loss.backward()
-    optimizer.step()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_reserved(device) + n_images * image_size * image_size
-    del model, optimizer, images, loss
-    torch.cuda.empty_cache()
-    free = {str(i): float(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
-    what = f"{arch or source} at {image_size} px, batch {batch_size}, {n_images} images resident"
-    return float(peak), free, what
+    def peak_rss() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    target = torch.device(device)
+    baseline = peak_rss()
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+    size, batch = int(config["image_size"]), int(config["batch_size"])
+    passes = []
+    with configure_device(target, deterministic=config["deterministic"],
+                          precision=config["precision"]):
+        model, prep = create_model(config["source"], arch=config["arch"],
+                                   weights=config["weights"], num_classes=2, image_size=size)
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (2 * batch, 1, size, size), dtype=torch.uint8,
+                               generator=generator)
+        data = torch.utils.data.TensorDataset(images, torch.arange(2 * batch) % 2)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch)
+        train_model(model, prep, loader, loader, device=target, epochs=1, lr=1e-4,
+                    optimizer=config["optimizer"] or "adam", patience=0, progress=False,
+                    precision=config["precision"])
+        passes += ["training", "evaluation"]
+        if config["attribution"]:
+            from ..mechanisms.attribution import activation_maps
+
+            activation_maps(model, prep, images[:32, 0].numpy(), device=target)
+            passes.append("attribution")
+    out = {"passes": passes, "resident_bytes": 0, "free_bytes": None, "total_bytes": None}
+    if target.type == "cuda":
+        torch.cuda.synchronize(target)
+        out["peak_bytes"] = int(torch.cuda.max_memory_reserved(target))
+        os.environ[RUNS_PER_GPU_ENV] = str(runs_per_gpu)
+        placement = data_placement(target, config["n_images"], size, config["num_workers"])
+        out["resident_bytes"] = placement["bytes"] if placement["resident"] else 0
+        del model, images, data, loader
+        torch.cuda.empty_cache()
+        out["free_bytes"], out["total_bytes"] = map(int, torch.cuda.mem_get_info(target))
+    else:
+        out["peak_bytes"] = peak_rss() - baseline
+    return out
+
+
+def free_gpu_memory() -> int:
+    """Free bytes of the (one) GPU this process sees, for :func:`spawned_child`."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(0)[0])
+
+
+def measure_grid_memory(cells, runs_per_gpu: int) -> tuple[float, dict[str, float], str]:
+    """(the largest need of one run over the grid's distinct configurations, every GPU's free
+    memory, what that need was measured on). Each measurement runs in a fresh child process on
+    the first GPU the workers use, so no CUDA context is left in the grid process, and each
+    other GPU (or MIG slice) is asked for its free memory by a child of its own. The children's
+    free memory excludes their own CUDA context, which ends with them: it is added back."""
+    ids = visible_gpus()
+    needs = []
+    for config in memory_configurations(cells):
+        with spawned_child("cuda", gpu=ids[0]) as child:
+            measured = child.submit(measure_run_memory, config, "cuda", runs_per_gpu).result()
+        need = measured["peak_bytes"] + measured["resident_bytes"]
+        what = (f"{config['arch'] or config['source']} at {config['image_size']} px, batch "
+                f"{config['batch_size']}, {' + '.join(measured['passes'])}"
+                + (f", {measured['resident_bytes'] / GIB:.2f} GiB of images resident"
+                   if measured["resident_bytes"] else ""))
+        needs.append((need, what, measured["free_bytes"]))
+    need, what, first_free = max(needs, key=lambda item: item[0])
+    free = {ids[0]: first_free + CONTEXT_ALLOWANCE}
+    for gpu in ids[1:]:
+        with spawned_child("cuda", gpu=gpu) as child:
+            free[gpu] = child.submit(free_gpu_memory).result() + CONTEXT_ALLOWANCE
+    return float(need), free, what
+
 
 def run_local(cells: list[Cell], settings: RunnerSettings, envs: list[dict[str, str]],
               report: GridReport, progress) -> None:
