@@ -303,6 +303,8 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
     train_loader = loader(train_set, True, drop_last=len(train_set) % config.batch_size == 1)
     val_loader = loader(dataset("val", False), False)
 
+    if device.type == "cuda":  # this run's own peak (a warm kernel ran other cells before)
+        torch.cuda.reset_peak_memory_stats(device)
     with configure_device(device, threads, deterministic=config.deterministic,
                           precision=config.precision) as device_settings:
         torch.manual_seed(config.seed)  # head initialisation, dropout
@@ -322,6 +324,14 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
                          device=device, device_settings={**device_settings,
                                                          "data_placement": placement},
                          resident=bool(resident), dataset=dataset, loader=loader)
+
+
+def gpu_peak(device: torch.device) -> dict[str, int]:
+    """The GPU memory a run reserved at its peak (training, evaluation, mechanisms), as the
+    grid's memory check predicts it; nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_bytes": int(torch.cuda.max_memory_reserved(device))}
 
 
 MechanismsHook = Callable[[TrainedRun, RunConfig], dict[str, Any]]
@@ -400,7 +410,7 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "train_seconds": run.result.train_seconds,
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - started,
-        "ran_on": ran_on(run.device_settings),
+        "ran_on": {**ran_on(run.device_settings), **gpu_peak(run.device)},
     }
     if measured is not None:
         metrics["mechanisms"] = measured

@@ -719,13 +719,18 @@ def test_the_memory_check_measures_every_configuration_in_children(tmp_path, mon
     spec = load_grid(write_grid(tmp_path, sources=sources, run={"runs_per_gpu": 2}),
                      check_names=False)
     cells = expand_cells(spec)
+    spec.runs_dir.mkdir(parents=True)
     assert _runs_per_gpu(spec, cells, print) == 2  # 2 x (9 x 1.15 + 0.75) GiB < 30.75 GiB
     assert sorted(measured) == [("keras_resnet50", 32, "cuda", 2),
                                 ("tf_efficientnet_lite0", 32, "cuda", 2)]  # 16 cells, 2 configs
     assert children == [("cuda", "0"), ("cuda", "0"), ("cuda", "1")]
+    recorded = json.loads((spec.runs_dir / "memory_check.json").read_text())
+    assert recorded["need_bytes"] == 9 * gib and recorded["free_bytes"] == {
+        "0": 40 * gib + local.CONTEXT_ALLOWANCE, "1": 30 * gib + local.CONTEXT_ALLOWANCE}
     (tmp_path / "three").mkdir()
     spec = load_grid(write_grid(tmp_path / "three", sources=sources, run={"runs_per_gpu": 3}),
                      check_names=False)
+    spec.runs_dir.mkdir(parents=True)
     with pytest.raises(GridError, match=r"measured: keras_resnet50 at 32 px, batch 32, training "
                                         r"\+ evaluation.*GPU 1 has 30\.8 GiB free\. Set "
                                         r"runs_per_gpu to 2 or less"):

@@ -202,6 +202,12 @@ def _runs_per_gpu(spec: GridSpec, todo: Sequence[Cell], log) -> int:
             "worker; set run.workers)")
         return 1
     need, free, what = measure_grid_memory(todo, runs_per_gpu)
+    from ..io import atomic_write_json
+
+    # kept for comparison with the runs' own peaks (metrics.json ran_on.peak_memory_bytes)
+    atomic_write_json(spec.runs_dir / "memory_check.json",
+                      {"runs_per_gpu": runs_per_gpu, "need_bytes": need, "measured_on": what,
+                       "free_bytes": free})
     check_runs_fit(runs_per_gpu, need, free, what)
     return runs_per_gpu
 
