@@ -23,7 +23,7 @@ def test_the_dry_run_lists_every_step_within_nine_minutes_and_runs_nothing(tmp_p
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run"],
                           env={"PATH": "/usr/bin:/bin", "OUT": str(out)}, capture_output=True,
                           text=True, timeout=60, check=True)
-    steps = re.findall(r"^(\w+)\s+(\d+)s  (.*)$", done.stdout, flags=re.M)
+    steps = re.findall(r"^(\w+)\s+(\d+)s  (.*)$", done.stdout, flags=re.MULTILINE)
     assert [name for name, _, _ in steps] == STEPS
     assert sum(int(seconds) for _, seconds, _ in steps) <= 9 * 60
     commands = {name: command for name, _, command in steps}

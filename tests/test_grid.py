@@ -676,8 +676,7 @@ def test_the_memory_check_measures_every_configuration_in_children(tmp_path, mon
 
     import torch
 
-    from sm_utils.grid import local
-    from sm_utils.grid import _runs_per_gpu
+    from sm_utils.grid import _runs_per_gpu, local
 
     gib = 1024 ** 3
     measured, children = [], []
