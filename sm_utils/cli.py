@@ -136,6 +136,40 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+def cmd_claims(args) -> int:
+    from .analysis import collect_results, load_results
+    from .analysis.claims import check_claims, claims_against_paper, format_claims, paper_claims
+
+    roles, datasets = {}, None
+    for item in args.role or []:
+        role, _, source = item.partition("=")
+        if not source:
+            raise SystemExit(f"--role takes ROLE=SOURCE (e.g. imagenet=my_model); got {item!r}")
+        roles[role] = source
+    if args.paper:
+        table = paper_claims(metric="auc")
+    else:
+        target = Path(args.target) if args.target else None
+        if target is None:
+            raise SystemExit("sm claims: give a runs directory or grid file, or --paper")
+        if target.suffix in (".yaml", ".yml"):
+            spec = grid_module.load_grid(target, check_paths=False, overrides=args.override)
+            target, datasets = spec.runs_dir, spec.reference.get("datasets")
+            roles = {**spec.claims.get("roles", {}), **roles}
+        if target.is_file():
+            results = load_results(target)[0]
+        elif (target / "results.csv").exists():
+            results = load_results(target / "results.csv")[0]
+        else:
+            results = collect_results(target)
+        if results.empty:
+            raise SystemExit(f"sm claims: no results under {target}; run the grid first")
+        table = claims_against_paper(check_claims(results, roles or None, metric=args.metric),
+                                     datasets=datasets)
+    print(format_claims(table, args.format), end="" if args.format != "text" else "\n")
+    return 0
+
+
 def cmd_check_splits(args) -> int:
     from .manifest import find_leakage, format_leakage, load_manifest
     from .splits import split_summary
@@ -243,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     analyse.add_argument("--seed", type=int, default=0)
     override_argument(analyse)
     analyse.set_defaults(func=cmd_analyse)
+
+    claims = commands.add_parser(
+        "claims", help="the paper's claims checked on a grid's results, beside the paper's own")
+    claims.add_argument("target", nargs="?",
+                        help="a runs directory, its results.csv, or a grid YAML file")
+    claims.add_argument("--format", choices=["text", "md", "latex", "csv"], default="text")
+    claims.add_argument("--paper", action="store_true",
+                        help="the claims on the paper's reported means only")
+    claims.add_argument("--metric", default="auc", choices=["auc", "keras_auc", "micro_auc"])
+    claims.add_argument("--role", action="append", metavar="ROLE=SOURCE",
+                        help="which source plays a claim's role: imagenet, in_domain or random "
+                             "(repeatable; default: by name)")
+    override_argument(claims)
+    claims.set_defaults(func=cmd_claims)
 
     check = commands.add_parser("check-splits", help="check a manifest for patients shared between splits")
     check.add_argument("manifest")

@@ -29,6 +29,7 @@ Modules: ``results`` (the table), ``summaries``, ``statistics`` (tests between s
 
 from __future__ import annotations
 
+from .claims import CLAIMS, check_claims, claims_against_paper, format_claims, paper_claims
 from .figures import plot_auc_vs_p, save_figure
 from .paper import (
     ARM_CANDIDATES,
@@ -72,6 +73,7 @@ from .summaries import SUMMARY_COLUMNS, group_auc_summary, robustness_summary, s
 __all__ = [
     "ARM_CANDIDATES",
     "AXES",
+    "CLAIMS",
     "CONDITION",
     "MECHANISM_COLUMNS",
     "METRICS",
@@ -93,15 +95,19 @@ __all__ = [
     "AnalysisError",
     "analyse",
     "analyse_runs",
+    "check_claims",
     "check_one_device_per_condition",
+    "claims_against_paper",
     "collect_results",
     "compare_sources",
+    "format_claims",
     "group_auc_summary",
     "load_reference",
     "load_results",
     "min_p_independent",
     "min_p_paired",
     "paper_arms",
+    "paper_claims",
     "paper_test",
     "paper_test_report",
     "plot_auc_vs_p",

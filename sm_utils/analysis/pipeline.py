@@ -9,8 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from ..io import atomic_write_csv
+from ..io import atomic_write_csv, atomic_write_text
 from ..paths import METRICS_FILE
+from .claims import UNTESTABLE, check_claims, claims_against_paper, claims_markdown
 from .figures import plot_auc_vs_p, save_figure
 from .paper import PAPER_COLUMNS, paper_test, paper_test_report
 from .reference import REFERENCE_CSV, load_reference, reference_lines
@@ -30,7 +31,8 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
             reference_datasets: dict[str, str] | None = None,
             reference_csv: str | os.PathLike = REFERENCE_CSV,
             n_permutations: int = 9999, seed: int = 0,
-            arms: dict[str, str] | None = None) -> dict[str, Any]:
+            arms: dict[str, str] | None = None,
+            claim_roles: dict[str, str] | None = None) -> dict[str, Any]:
     """Statistics tables into ``out_dir`` and the figures into ``figures_dir``.
 
     Tables: ``comparisons.csv`` (:func:`compare_sources`), ``paper_test.csv``
@@ -39,6 +41,9 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     Figures: ``<name>_auc_vs_p.(png|pdf)``, binary AUC, no reference lines; and, when
     ``reference_datasets`` are given and match the paper's reported table, ``<name>_vs_paper``:
     the Keras AUC (the paper's metric) with the paper's reported means dashed.
+    ``claims.csv`` and ``claims.md``: the paper's claims checked on this table
+    (:func:`sm_utils.analysis.claims.check_claims`, sources in the claims' roles by name or
+    ``claim_roles``) beside the paper's own verdicts.
     Returns the tables, ``paper_test`` (on the paper's metric), ``paper_test_binary`` (the
     same on the binary AUC) and ``paper_test_report`` (:func:`paper_test_report`),
     the reference lines and the paths written. When the paper's arms cannot be found by name
@@ -67,7 +72,10 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     report = paper_test_report(primary)
     both = [t for t in (primary, binary) if not t.empty]
     robustness = robustness_summary(table)
+    claims = _claims(table, claim_roles, reference_datasets)
     paths = [atomic_write_csv(out_dir / "comparisons.csv", comparisons),
+             atomic_write_csv(out_dir / "claims.csv", claims),
+             atomic_write_text(out_dir / "claims.md", claims_markdown(claims)),
              atomic_write_csv(out_dir / "paper_test.csv",
                               pd.concat(both, ignore_index=True) if both else primary),
              atomic_write_csv(out_dir / "robustness.csv", robustness)]
@@ -99,14 +107,25 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
             "comparisons": comparisons, "paper_test": primary, "paper_test_binary": binary,
             "paper_test_report": report,
             "robustness": robustness, "reference": reference, "encodedness": encodedness,
+            "claims": claims,
             "tables": paths, "figures": figures}
+
+
+def _claims(table: pd.DataFrame, roles, reference_datasets) -> pd.DataFrame:
+    """The claims beside the paper's; an analysis whose roles cannot be told apart still runs."""
+    try:
+        return claims_against_paper(check_claims(table, roles), datasets=reference_datasets)
+    except AnalysisError as err:
+        warnings.warn(f"claims not checked: {err}", stacklevel=3)
+        return pd.DataFrame({"claim": ["-"], "verdict": [UNTESTABLE], "why": [str(err)]})
 
 
 def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, name: str,
                  reference_datasets: dict[str, str] | None = None,
                  reference_csv: str | os.PathLike = REFERENCE_CSV,
                  n_permutations: int = 9999, seed: int = 0,
-                 arms: dict[str, str] | None = None) -> dict[str, Any]:
+                 arms: dict[str, str] | None = None,
+                 claim_roles: dict[str, str] | None = None) -> dict[str, Any]:
     """Collect a grid's run directories, save the results table beside them, and :func:`analyse`."""
     runs_dir = Path(runs_dir)
     table, groups = collect_results(runs_dir, with_groups=True)
@@ -116,6 +135,6 @@ def analyse_runs(runs_dir: str | os.PathLike, figures_dir: str | os.PathLike, na
     if not groups.empty:
         paths += save_results(groups, runs_dir / "results_groups.csv")
     out = analyse(table, groups, runs_dir, figures_dir, name, reference_datasets, reference_csv,
-                  n_permutations, seed, arms)
+                  n_permutations, seed, arms, claim_roles)
     out["tables"] = paths + out["tables"]
     return out

@@ -40,7 +40,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 TOP_LEVEL_KEYS = {
     "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
     "prevalences", "folds", "sources", "architectures", "seeds", "training", "run", "slurm",
-    "notebooks", "reference", "probe", "attribution",
+    "notebooks", "reference", "probe", "attribution", "claims",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "device": "auto",          # passed to notebook 03
@@ -121,6 +121,7 @@ class GridSpec:
     slurm: dict[str, Any]
     notebooks: dict[str, Path]
     reference: dict[str, Any] = field(default_factory=dict)
+    claims: dict[str, Any] = field(default_factory=dict)   # {roles: {imagenet: src, ...}}
     path: Path | None = None
     probe: bool = False          # every run probes its model; each source is probed before
     attribution: bool = False    # every run measures attribution inside the confounder's mask
@@ -290,6 +291,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         if unknown:
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
+    claims = _claims_block(raw, [s.name for s in sources], problems)
     if problems and not collect:
         raise GridError(_problem_text(path, problems))
     runs_dir = str(raw.get("runs_dir", "runs/{name}")).replace("{name}", name)
@@ -311,10 +313,33 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         slurm=slurm,
         notebooks={k: resolve_path(root, v) for k, v in notebooks.items()},
         reference=dict(raw.get("reference") or {}),
+        claims=claims,
         probe=bool(raw.get("probe", False)),
         attribution=bool(raw.get("attribution", False)),
         path=path,
     )
+
+
+def _claims_block(raw: dict[str, Any], source_names: list[str], problems: list[str]) -> dict:
+    """``claims: {roles: {imagenet: ..., in_domain: ..., random: ...}}``: which of the grid's
+    sources play the paper's roles in its claims (sm_utils.analysis.claims)."""
+    from ..analysis.claims import ROLES
+
+    block = raw.get("claims") or {}
+    if not isinstance(block, dict) or set(block) - {"roles"}:
+        problems.append(f"claims: a mapping with 'roles' only; found {block!r}")
+        return {}
+    roles = block.get("roles") or {}
+    if not isinstance(roles, dict):
+        problems.append(f"claims.roles: a mapping of role to source; found {roles!r}")
+        return {}
+    for role, source in roles.items():
+        if role not in ROLES:
+            problems.append(f"claims.roles: unknown role {role!r}; the roles are {list(ROLES)}")
+        elif source not in source_names:
+            problems.append(f"claims.roles.{role}: {source!r} is not a source of this grid; "
+                            f"its sources: {source_names}")
+    return {"roles": dict(roles)}
 
 
 def _problem_text(path: Path | None, problems: list[str]) -> str:
