@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
+from scipy.integrate import trapezoid  # numpy.trapezoid needs numpy >= 2
 
 from .paper import ARM_CANDIDATES
 from .results import AnalysisError
@@ -82,7 +83,7 @@ def _curve(part: pd.DataFrame, metric: str) -> pd.Series:
         if len(curve) < 2 or curve.isna().any():
             continue
         span = curve.index[-1] - curve.index[0]
-        out[fold] = float(np.trapezoid(curve.to_numpy(), curve.index.to_numpy()) / span)
+        out[fold] = float(trapezoid(curve.to_numpy(), curve.index.to_numpy()) / span)
     return pd.Series(out, dtype=float)
 
 
