@@ -107,7 +107,8 @@ def test_nih_builder_bars_and_same_files(tmp_path, capsys, monkeypatch):
 
 def test_lidc_builder_bars_and_same_files(tmp_path, capsys, monkeypatch):
     _series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
-    params = {"root": tmp_path / "LIDC-IDRI", "annotations": table, **LIDC_SPLITS}
+    params = {"root": tmp_path / "LIDC-IDRI", "annotations": table, "roi_mm": 8.4,  # fits the
+              **LIDC_SPLITS}                                                 # fakes' slices
     monkeypatch.setenv(PROGRESS_ENV, "on")
     build_dataset("lidc_idri", tmp_path / "shown", **params)
     err = capsys.readouterr().err

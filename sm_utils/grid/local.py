@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+from pathlib import Path
 
 from .cells import Cell
 from .errors import GridError
@@ -220,19 +221,14 @@ def measure_run_memory(config: dict, device: str = "cuda", runs_per_gpu: int = 1
     process (:func:`spawned_child`): on a GPU the allocator's peak, plus the images the run
     would keep resident there (:func:`sm_utils.runs.data_placement`), and the GPU's free and
     total memory; on the CPU the growth of the process's peak resident memory."""
-    import resource
-
     import torch
 
     from ..runs import RUNS_PER_GPU_ENV, data_placement
     from ..sources import create_model
     from ..training import configure_device, train_model
 
-    def peak_rss() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
     target = torch.device(device)
-    baseline = peak_rss()
+    baseline = _start_peak_rss()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
     size, batch = int(config["image_size"]), int(config["batch_size"])
@@ -266,8 +262,36 @@ def measure_run_memory(config: dict, device: str = "cuda", runs_per_gpu: int = 1
         torch.cuda.empty_cache()
         out["free_bytes"], out["total_bytes"] = map(int, torch.cuda.mem_get_info(target))
     else:
-        out["peak_bytes"] = peak_rss() - baseline
+        out["peak_bytes"] = _peak_rss() - baseline
     return out
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _start_peak_rss() -> int:
+    """Start measuring this process's peak resident memory; returns the baseline. On Linux the
+    peak (VmHWM) is reset to the current RSS (writing 5 to /proc/self/clear_refs), so what the
+    imports held at their own peak does not hide what comes after."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_bytes("VmRSS") or _peak_rss()
+    except OSError:
+        return _peak_rss()
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return _proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def free_gpu_memory() -> int:
