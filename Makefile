@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test test-package test-notebooks test-foreign lab sources benchmark clean-demo \
+.PHONY: setup demo test test-package test-notebooks test-foreign test-report lab sources benchmark \
+        clean-demo \
         mechanisms notebooks
 
 $(STAMP): pyproject.toml constraints.txt
@@ -94,3 +95,16 @@ test-slurm: $(STAMP)
 	    $(SLURM_PACKAGES) >/dev/null; \
 	fi
 	$(BIN)/python -m pytest -m slurm tests
+
+# make test-report   the paper kit's LaTeX tables compiled by a real TeX engine (tests marked
+#                    report; skipped by make test where pdflatex is missing); installs Debian's
+#                    texlive-latex-base and texlive-latex-recommended first when it is missing
+TEX_PACKAGES := texlive-latex-base texlive-latex-recommended
+test-report: $(STAMP)
+	@if ! command -v pdflatex >/dev/null 2>&1; then \
+	  echo "installing $(TEX_PACKAGES) (pdflatex missing)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(TEX_PACKAGES) >/dev/null; \
+	fi
+	$(BIN)/python -m pytest -m report tests

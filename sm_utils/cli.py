@@ -140,12 +140,7 @@ def cmd_claims(args) -> int:
     from .analysis import collect_results, load_results
     from .analysis.claims import check_claims, claims_against_paper, format_claims, paper_claims
 
-    roles, datasets = {}, None
-    for item in args.role or []:
-        role, _, source = item.partition("=")
-        if not source:
-            raise SystemExit(f"--role takes ROLE=SOURCE (e.g. imagenet=my_model); got {item!r}")
-        roles[role] = source
+    roles, datasets = _roles(args.role), None
     if args.paper:
         table = paper_claims(metric="auc")
     else:
@@ -167,6 +162,40 @@ def cmd_claims(args) -> int:
         table = claims_against_paper(check_claims(results, roles or None, metric=args.metric),
                                      datasets=datasets)
     print(format_claims(table, args.format), end="" if args.format != "text" else "\n")
+    return 0
+
+
+def _roles(items) -> dict[str, str]:
+    roles = {}
+    for item in items or []:
+        role, _, source = item.partition("=")
+        if not source:
+            raise SystemExit(f"--role takes ROLE=SOURCE (e.g. imagenet=my_model); got {item!r}")
+        roles[role] = source
+    return roles
+
+
+def cmd_report(args) -> int:
+    from .analysis.report import write_report
+
+    target, roles = Path(args.target), _roles(args.role)
+    name, description, reference = args.name, None, None
+    if target.suffix in (".yaml", ".yml"):
+        spec = grid_module.load_grid(target, check_paths=False, overrides=args.override)
+        target, name = spec.runs_dir, name or spec.name
+        description, reference = spec.description, spec.reference.get("datasets")
+        roles = {**spec.claims.get("roles", {}), **roles}
+    if not target.is_dir():
+        raise SystemExit(f"sm report: {target} is not a runs directory; give the folder a grid "
+                         "ran in (its runs_dir) or the grid's YAML file")
+    paths = write_report(target, args.out, name=name, description=description,
+                         reference_datasets=reference, claim_roles=roles or None,
+                         n_permutations=args.permutations, seed=args.seed)
+    out = Path(args.out)
+    print(f"report of {target} in {out}:")
+    for path in paths:
+        print(f"  {_shown(path)}")
+    print(f"preview the tables: cd {out / 'tables'} && pdflatex tables.tex")
     return 0
 
 
@@ -291,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "(repeatable; default: by name)")
     override_argument(claims)
     claims.set_defaults(func=cmd_claims)
+
+    report = commands.add_parser(
+        "report", help="a paper kit of a grid: LaTeX and Markdown tables, figures at journal "
+                       "widths, claims, statistics and methods.md")
+    report.add_argument("target", help="a runs directory or a grid YAML file")
+    report.add_argument("out", help="folder to write the report into")
+    report.add_argument("--name", default=None, help="the grid's name (default: from the grid)")
+    report.add_argument("--role", action="append", metavar="ROLE=SOURCE",
+                        help="which source plays a claim's role (as in sm claims)")
+    report.add_argument("--permutations", type=int, default=9999)
+    report.add_argument("--seed", type=int, default=0)
+    override_argument(report)
+    report.set_defaults(func=cmd_report)
 
     check = commands.add_parser("check-splits", help="check a manifest for patients shared between splits")
     check.add_argument("manifest")

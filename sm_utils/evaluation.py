@@ -143,21 +143,49 @@ def bootstrap_auc_ci(
     image is its own group. Draws holding a single class are skipped; (NaN, NaN) when the data
     hold a single class. Seeded by ``seed`` and ``stream`` (a caller's own sequence).
     """
-    labels, scores = _check(labels, scores)
-    if len(np.unique(labels)) < 2:
-        return float("nan"), float("nan")
-    codes = (np.arange(len(labels)) if groups is None
-             else pd.factorize(pd.Series(np.asarray(groups)).astype(str))[0])
-    if len(codes) != len(labels):
-        raise EvaluationError(f"groups must have one entry per image; got {len(codes)} for "
-                              f"{len(labels)} images.")
+    return bootstrap_mean_auc_ci([(labels, scores, groups)], n_boot=n_boot, level=level,
+                                 seed=seed, stream=stream)
+
+
+def bootstrap_mean_auc_ci(
+    folds, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0, stream: int = 20240307,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean binary AUC of several models scored on one
+    test set: ``folds`` is a list of (labels, scores, groups), one per model (fold).
+
+    Each draw resamples the groups (patients) once for all folds, so the interval is the test
+    set's sampling error of the fold mean (the spread between folds is the training's, and not
+    in it). Groups are matched across folds by value; ``groups`` None: each image is its own
+    group, matched by position. With one fold this is :func:`bootstrap_auc_ci`, draw for draw.
+    Draws where a fold holds a single class are skipped; (NaN, NaN) when a fold's data hold a
+    single class.
+    """
+    checked, keys = [], []
+    for labels, scores, groups in folds:
+        labels, scores = _check(labels, scores)
+        if len(np.unique(labels)) < 2:
+            return float("nan"), float("nan")
+        names = (pd.Series(np.arange(len(labels))) if groups is None
+                 else pd.Series(np.asarray(groups)).astype(str))
+        if len(names) != len(labels):
+            raise EvaluationError(f"groups must have one entry per image; got {len(names)} for "
+                                  f"{len(labels)} images.")
+        checked.append((labels, scores))
+        keys.append(names)
+    if not checked:
+        raise EvaluationError("no folds to bootstrap")
+    codes = pd.factorize(pd.concat(keys, ignore_index=True))[0]  # shared across folds
     n_groups = int(codes.max()) + 1
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream)]))
     draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
     counts = np.zeros((n_boot, n_groups))
     np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
-    values = weighted_auc(labels, scores, counts[:, codes])
-    values = values[np.isfinite(values)]
+    values, offset = np.zeros(n_boot), 0
+    for labels, scores in checked:
+        fold_codes = codes[offset:offset + len(labels)]
+        offset += len(labels)
+        values += weighted_auc(labels, scores, counts[:, fold_codes])
+    values = values[np.isfinite(values)] / len(checked)
     if not len(values):
         return float("nan"), float("nan")
     tail = (1.0 - level) / 2 * 100

@@ -352,8 +352,9 @@ def claims_against_paper(ours: pd.DataFrame, paper: pd.DataFrame | None = None,
 
 
 def _cell(value, digits: int = 3) -> str:
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else (
-        f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+    if value is None or (not isinstance(value, str) and pd.isna(value)):  # NaN, pd.NA
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def format_claims(table: pd.DataFrame, fmt: str = "text") -> str:

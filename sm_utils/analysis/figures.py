@@ -16,7 +16,8 @@ from .summaries import SUMMARY_COLUMNS, summarise
 
 def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                   rows: Sequence[str] = ("ood", "iid"), confidence: float = 0.95,
-                  title: str | None = None, metric: str = "auc"):
+                  title: str | None = None, metric: str = "auc", width: float | None = None,
+                  note: bool = True):
     """The paper's figure: a column per (dataset, confounder), a row per test set, AUC vs p.
 
     ``metric``: ``"auc"`` (binary ROC AUC, our primary metric), ``"keras_auc"`` (the paper's
@@ -27,6 +28,10 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
     means are micro-averages, which differ from the binary AUC (binary 1.0 can be micro 0.86),
     so a non-empty ``reference`` with ``metric="auc"`` raises :class:`AnalysisError` rather
     than drawing a misleading line.
+    ``width``: the figure's width in inches (a journal column: ``sm report`` draws 3.5 and 7.16)
+    with text sized by matplotlib's rcParams, else 3.2 inches per column and 10 pt titles;
+    ``note=False`` leaves the description of the figure (:func:`figure_caption`) out of the title,
+    for a caption.
     """
     import matplotlib.pyplot as plt
 
@@ -46,7 +51,12 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
     several_strengths = means.groupby("confounder")["strength"].nunique().max() > 1
     sources = list(dict.fromkeys(table["source"]))
     colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sources)}
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 2.9 * len(rows)),
+    if width is None:
+        figsize, title_size = (3.2 * len(columns), 2.9 * len(rows)), 10
+    else:  # panels about as tall as wide (at most 1.8 in), and room for the legend below
+        panel = min(0.9 * width / len(columns), 1.8)
+        figsize, title_size = (width, panel * len(rows) + 0.35), None
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=figsize,
                              sharex=True, sharey=True, squeeze=False)
     names = {"ood": "o.o.d.", "iid": "i.i.d.", "clean": "clean"}
     for j, (dataset, confounder, strength) in enumerate(columns):
@@ -74,7 +84,7 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
             ax.set_ylim(-0.02, 1.02)
             if i == 0:
                 head = confounder + (f" (strength {strength:g})" if several_strengths else "")
-                ax.set_title(head + (f"\n{dataset}" if several_datasets else ""), fontsize=10)
+                ax.set_title(head + (f"\n{dataset}" if several_datasets else ""), fontsize=title_size)
             if i == len(rows) - 1:
                 ax.set_xlabel("prevalence p")
             if j == 0:
@@ -85,32 +95,53 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
+    wide = width is None or width > 5
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6 if wide else 3),
+               frameon=False,
                bbox_to_anchor=(0.5, -0.01))
+    if note:
+        dashed = any(line.get_linestyle() == "--" for ax in axes.flat for line in ax.get_lines())
+        text = _describe(means, metric, confidence, dashed)
+        # about 38 characters of a 10-point title fit above each 3.2-inch column
+        fig.suptitle(textwrap.fill((f"{title}: " if title else "") + text,
+                                   width=max(60, 38 * len(columns))), fontsize=10)
+    elif title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 if width is None else 0.3 / figsize[1], 1, 1))
+    return fig
+
+
+def _describe(means: pd.DataFrame, metric: str, confidence: float, dashed: bool) -> str:
     n_folds = int(means[SUMMARY_COLUMNS[metric][4]].max())
     what = {"auc": "binary ROC AUC",
             "keras_auc": "Keras AUC (the paper's metric: micro-averaged, 200 thresholds)",
             "micro_auc": "micro-averaged AUC (the paper's metric, exact)"}[metric]
-    note = f"{what}, mean over {n_folds} fold(s); band: {100 * confidence:g} % t interval over folds"
-    if any(line.get_linestyle() == "--" for ax in axes.flat for line in ax.get_lines()):
-        note += "; dashed: the paper's reported means"
-    # about 38 characters of a 10-point title fit above each 3.2-inch column
-    fig.suptitle(textwrap.fill((f"{title}: " if title else "") + note, width=max(60, 38 * len(columns))),
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return fig
+    text = f"{what}, mean over {n_folds} fold(s); band: {100 * confidence:g} % t interval over folds"
+    return text + ("; dashed: the paper's reported means" if dashed else "")
 
 
-def save_figure(fig, base: str | os.PathLike) -> list[Path]:
-    """Save ``base``.png (150 dpi) and ``base``.pdf atomically; returns both paths.
+def figure_caption(table: pd.DataFrame, metric: str = "auc", confidence: float = 0.95,
+                   reference: pd.DataFrame | None = None, rows: Sequence[str] = ("ood", "iid")) -> str:
+    """What :func:`plot_auc_vs_p` draws, as a caption."""
+    means = summarise(table[table["test_set"].isin(rows)], confidence)
+    names = {"ood": "o.o.d.", "iid": "i.i.d.", "clean": "clean"}
+    text = _describe(means, metric, confidence, reference is not None and not reference.empty)
+    return (f"AUC against the prevalence p of the confounder among positive training images; "
+            f"rows: {', '.join(names.get(r, r) for r in rows)} test set, a column per "
+            f"confounder, a line per source. {text[0].upper()}{text[1:]}. Dotted: chance (0.5).")
+
+
+def save_figure(fig, base: str | os.PathLike, dpi: int = 150, tight: bool = True) -> list[Path]:
+    """Save ``base``.png (``dpi``) and ``base``.pdf atomically; returns both paths.
+    ``tight=False`` keeps the figure's own size (a journal column's width) instead of cropping.
 
     No creation date is written, so the same figure gives the same bytes on every rerun.
     """
     base = Path(base)
     written = []
-    for suffix, kwargs in ((".png", {"dpi": 150}), (".pdf", {"metadata": {"CreationDate": None}})):
+    for suffix, kwargs in ((".png", {"dpi": dpi}), (".pdf", {"metadata": {"CreationDate": None}})):
         target = base.with_suffix(suffix)
         with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", **kwargs)
+            fig.savefig(tmp, format=suffix[1:], bbox_inches="tight" if tight else None, **kwargs)
         written.append(target)
     return written

@@ -125,6 +125,7 @@ class GridSpec:
     path: Path | None = None
     probe: bool = False          # every run probes its model; each source is probed before
     attribution: bool = False    # every run measures attribution inside the confounder's mask
+    description: str | None = None
 
 
 def _is_project(folder: Path) -> bool:
@@ -317,6 +318,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         probe=bool(raw.get("probe", False)),
         attribution=bool(raw.get("attribution", False)),
         path=path,
+        description=" ".join(str(raw.get("description") or "").split()) or None,
     )
 
 
