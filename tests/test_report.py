@@ -270,3 +270,17 @@ def test_latex_tables_compile_with_a_real_tex_engine(report, tmp_path):
     assert not re.search(r"^! ", log, re.MULTILINE), log[-3000:]
     # auc, keras_auc, claims, comparisons: a page each
     assert "Output written on tables.pdf (4 pages" in log.replace("\n", "")
+
+
+def test_the_committed_demo_report_is_the_committed_demo_table():
+    """docs/report/demo (linked from the README) was made from the runs of
+    data/reference/demo_results.csv: its AUC means and SDs are that table's."""
+    results = pd.read_csv(ROOT / "data/reference/demo_results.csv")
+    report = pd.read_csv(ROOT / "docs/report/demo/tables/auc.csv")
+    assert len(report) == results.groupby(["confounder", "test_set", "p", "source"]).ngroups
+    for row in report.itertuples():
+        runs = results[(results["confounder"] == row.confounder)
+                       & (results["test_set"] == row.test_set) & (results["p"] == row.p)
+                       & (results["source"] == row.source)]["auc"]
+        assert row.mean == pytest.approx(runs.mean(), abs=1e-12)
+        assert row.sd == pytest.approx(runs.std(ddof=1), abs=1e-12, nan_ok=True)

@@ -87,8 +87,9 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                 ax.set_title(head + (f"\n{dataset}" if several_datasets else ""), fontsize=title_size)
             if i == len(rows) - 1:
                 ax.set_xlabel("prevalence p")
-            if j == 0:
-                ax.set_ylabel(f"{names.get(test_set, test_set)} {words}")
+            if j == 0:  # at a journal width the metric is named in the caption
+                ax.set_ylabel(f"{names.get(test_set, test_set)} "
+                              + (words if width is None else "AUC"))
     handles, labels = [], []
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):

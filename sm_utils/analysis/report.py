@@ -242,8 +242,10 @@ def frame_latex(frame: pd.DataFrame, caption: str, label: str, digits: int = 3) 
     body = [" & ".join(latex_escape(c) for c in columns) + r" \\", r"\midrule"]
     for row in frame.itertuples(index=False):
         cells = []
-        for value in row:
-            if isinstance(value, float | np.floating):
+        for column, value in zip(columns, row):
+            if column == "p":
+                cells.append(f"{value:g}")
+            elif isinstance(value, float | np.floating):
                 cells.append(_number(value, digits))
             else:
                 cells.append("" if value is None or (not isinstance(value, str) and pd.isna(value))
@@ -265,7 +267,8 @@ def frame_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
         return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
 
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+    lines += ["| " + " | ".join(f"{v:g}" if c == "p" else cell(v)
+                                for c, v in zip(frame.columns, row)) + " |"
               for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -509,7 +512,8 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
 
 
 def _plain_dict(values: dict | None) -> str:
-    return ", ".join(f"{k} {_plain(v)}" for k, v in (values or {}).items())
+    return ", ".join(f"{k} {_plain(v)}" for k, v in (values or {}).items()
+                     if v is not None and v != [] and v != "")
 
 
 # --- everything ---------------------------------------------------------------------------------
