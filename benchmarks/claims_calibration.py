@@ -19,9 +19,9 @@ from pathlib import Path
 import sm_utils  # noqa: F401  (pins the numerics before numpy is imported)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_claims import PAPER_TAG_OOD, synthetic_table, verdicts  # noqa: E402
+from test_claims import PAPER_TAG_OOD, synthetic_table, verdicts
 
-from sm_utils.analysis.claims import ALPHA, HOLDS, MARGIN  # noqa: E402
+from sm_utils.analysis.claims import ALPHA, HOLDS, MARGIN
 
 
 def rate(n: int, curves: dict, claim: str, **kwargs) -> tuple[int, Counter]:
