@@ -107,4 +107,4 @@ test-report: $(STAMP)
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    $(TEX_PACKAGES) >/dev/null; \
 	fi
-	$(BIN)/python -m pytest -m report tests
+	$(BIN)/python -m pytest -m report tests  # the LaTeX compiled, its numbers against results.csv

@@ -85,6 +85,7 @@ def parse_auc_latex(text: str) -> dict:
     return cells
 
 
+@pytest.mark.report  # make test-report: this and the compilation
 def test_every_number_of_the_auc_table_comes_from_the_runs(report):
     results = pd.read_csv(report["runs"] / "results.csv")
     cells = parse_auc_latex((report["out"] / "tables/auc.tex").read_text())
