@@ -21,7 +21,8 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from sm_utils.analysis.deviations import DEVIATIONS, applicable, deviations_markdown
-from sm_utils.analysis.report import WIDTHS, whose
+from sm_utils.analysis.methods import whose
+from sm_utils.analysis.report import WIDTHS
 from sm_utils.evaluation import bootstrap_auc_ci, bootstrap_mean_auc_ci
 
 ROOT = Path(__file__).resolve().parents[1]

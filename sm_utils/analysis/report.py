@@ -22,7 +22,6 @@ Writes under ``OUT``:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -35,14 +34,13 @@ import pandas as pd
 from ..evaluation import bootstrap_mean_auc_ci
 from ..io import atomic_write_csv, atomic_write_text
 from ..paths import METRICS_FILE
-from .claims import ALPHA, CLAIMS, MARGIN, check_claims, claims_against_paper, format_claims
-from .deviations import applicable
+from .claims import ALPHA, CLAIMS, check_claims, claims_against_paper, format_claims
 from .figures import figure_caption, plot_auc_vs_p, save_figure
-from .paper import PAPER_COLUMNS, STAND_INS, paper_test
+from .methods import count_range, methods_markdown, read_configs
+from .paper import PAPER_COLUMNS, paper_test
 from .results import PAPER_METRIC, TEST_SET_ORDER, AnalysisError, collect_results
 from .statistics import compare_sources
 
-PAPER_ARCH = "keras_resnet50"
 N_BOOT = 1000        # as each run's own interval (sm_utils.runs), so one fold reproduces it
 LEVEL = 0.95
 DPI = 300
@@ -71,15 +69,6 @@ def _predictions(runs_dir: Path, run_id: str, cache: dict) -> pd.DataFrame | Non
     return cache[run_id]
 
 
-def _count(values: pd.Series) -> str:
-    """One number when the folds agree (one test set), else their range."""
-    values = values.dropna()
-    if values.empty:
-        return ""
-    low, high = int(values.min()), int(values.max())
-    return str(low) if low == high else f"{low}-{high}"
-
-
 def auc_table(table: pd.DataFrame, runs_dir: str | os.PathLike | None = None,
               metric: str = "auc", n_boot: int = N_BOOT, level: float = LEVEL) -> pd.DataFrame:
     """Per block x test set x p x source: mean and SD over folds of ``metric`` and, for the
@@ -101,8 +90,8 @@ def auc_table(table: pd.DataFrame, runs_dir: str | os.PathLike | None = None,
         row.update(n_folds=len(values), mean=values.mean() if len(values) else np.nan,
                    sd=values.std(ddof=1) if len(values) > 1 else np.nan,
                    ci_low=np.nan, ci_high=np.nan,
-                   n_images=_count(group["n"]) if "n" in group else "",
-                   n_patients=_count(group["n_patients"]) if "n_patients" in group else "")
+                   n_images=count_range(group["n"]) if "n" in group else "",
+                   n_patients=count_range(group["n_patients"]) if "n_patients" in group else "")
         if metric == "auc" and runs is not None:
             folds = []
             for run_id in group["run_id"]:
@@ -310,212 +299,6 @@ def write_figures(table: pd.DataFrame, out: Path, reference: pd.DataFrame | None
     return paths, "\n".join(captions)
 
 
-# --- methods ------------------------------------------------------------------------------------
-
-# The paper's fine-tuning settings and whose each is: "paper" (fixed in its code or stated in
-# the paper) or "script default" (the default of its fine-tuning script; the value it ran with is
-# not recorded). Sources: github.com/DovileDo/source-matters and configs/paper_cxr.yaml.
-PAPER_TRAINING = {
-    "image_size": (None, "not recorded (a required argument of the paper's script)"),
-    "resize": ("nearest", "paper"),
-    "epochs": (30, "script default"),
-    "batch_size": (256, "script default"),
-    "lr": (1e-3, "script default"),
-    "optimizer": ("adam", "paper"),
-    "weight_decay": (0.0, "paper"),
-    "patience": (30, "paper"),
-    "augment": (True, "paper"),
-    "drop_rate": (0.5, "paper"),
-    "seed": (812, "paper"),
-}
-PAPER_GRID = {"folds": (5, "paper"), "prevalences": ((0.0, 0.1, 0.2, 0.5, 0.8, 1.0), "paper")}
-
-
-def whose(setting: str, value: Any) -> str:
-    """"paper", "script default" or "ours (paper: X)" for a setting of ours."""
-    paper_value, who = {**PAPER_TRAINING, **PAPER_GRID}.get(setting, (None, None))
-    if who is None:
-        return "ours"
-    if paper_value is None:
-        return f"ours; the paper's is {who}"
-    same = (np.allclose(value, paper_value) if isinstance(paper_value, float | tuple)
-            and not isinstance(value, str) and np.size(value) == np.size(paper_value)
-            else value == paper_value)
-    return who if same else f"ours ({who}: {_plain(paper_value)})"
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return ", ".join(_plain(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def read_configs(runs_dir: Path, run_ids: Iterable[str]) -> list[dict]:
-    configs = []
-    for run_id in dict.fromkeys(run_ids):
-        path = runs_dir / run_id / "config.json"
-        if path.is_file():
-            configs.append(json.loads(path.read_text()))
-    return configs
-
-
-def _distinct(values: Iterable[Any]) -> list[Any]:
-    out = []
-    for value in values:
-        if value not in out:
-            out.append(value)
-    return out
-
-
-def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
-                     description: str | None = None, n_permutations: int = 9999) -> str:
-    """The methods section of a grid, from its results table and its runs' config.json."""
-    if not configs:
-        raise AnalysisError("no run has a config.json: the methods cannot be written")
-    runs = table.drop_duplicates("run_id")
-    settings = [c["config"] for c in configs]
-    lines = [f"# Methods: grid {name}", "",
-             (f"Generated by `sm report` from the recorded configurations of {len(configs)} "
-             f"runs (results of {len(runs)}); edit freely. Settings marked *paper* are the "
-             "paper's (Juodelyte et al. 2024, its code github.com/DovileDo/source-matters), "
-             "*script default* the default of the paper's fine-tuning script, *ours* this "
-             "compendium's."), ""]
-    if description:
-        lines += [" ".join(description.split()), ""]
-    stand_ins = sorted(set(runs["source"]) & set(STAND_INS))
-    if stand_ins:
-        lines += ["**Not the paper's experiment.** " + "; ".join(
-            f"`{s}`: {STAND_INS[s]}" for s in stand_ins)
-            + ". Results with these sources show the method, not the paper's findings.", ""]
-
-    archs = sorted(set(runs["arch"].astype(str)) - {PAPER_ARCH})
-    if archs:
-        lines += [(f"The paper fine-tuned a ResNet50 (Keras' layout, `{PAPER_ARCH}` here); this "
-                  f"grid uses {', '.join(f'`{a}`' for a in archs)}."), ""]
-
-    lines += ["## Data", ""]
-    for manifest in _distinct(c["manifest"]["sha256"] for c in configs):
-        config = next(c for c in configs if c["manifest"]["sha256"] == manifest)
-        meta = config["manifest"].get("meta", {})
-        sizes = config.get("split_sizes", {})
-        dataset = meta.get("dataset", config["config"].get("manifest"))
-        what = meta.get("task") or meta.get("description") or ""
-        generator = meta.get("generator")
-        lines.append(f"- **{dataset}**" + (f": {what}" if what else "")
-                     + (f" (synthetic, generated with {_plain_dict(generator)})" if generator
-                        else "") + f". Manifest SHA-256 `{manifest[:16]}...`.")
-        splits = meta.get("splits") or {}
-        if splits:
-            lines.append(f"  Patient-grouped, label-stratified splits: {splits.get('n_folds')} "
-                         f"folds, test fraction {splits.get('test_fraction')}, validation "
-                         f"fraction {splits.get('val_fraction')}, seed {splits.get('seed')}; "
-                         "every image of a patient in one split, the test set the same in "
-                         "every fold.")
-        if sizes:
-            lines.append("  Sizes (one run): " + "; ".join(
-                f"{split} {sizes[split]['n']} images ({sizes[split]['n_pos']} positive)"
-                for split in ("train", "val", "iid", "ood", "clean") if split in sizes) + ".")
-        n = table[table["dataset"] == dataset]
-        if "n_patients" in n and n["n_patients"].notna().any():
-            lines.append(f"  Test sets: {_count(n['n'])} images of "
-                         f"{_count(n['n_patients'])} patients.")
-    lines.append("")
-
-    lines += ["## Confounders", "",
-              ("A confounder is put on a fraction p of the positive training images; the "
-              "i.i.d. test set carries it at the same rate, the o.o.d. test set with the "
-              "correlation reversed (on the negatives), the clean test set not at all. "
-              f"p in {{{_plain(sorted(set(runs['p'].astype(float))))}}}: "
-              f"{whose('prevalences', tuple(sorted(set(runs['p'].astype(float)))))}."), ""]
-    for spec in _distinct(c["confounder"] for c in configs):
-        if spec.get("name") in (None, "none"):
-            continue
-        params = {k: v for k, v in spec.items() if k not in ("name", "kind", "category")}
-        lines.append(f"- **{spec['name']}** ({spec.get('kind', '')}, {spec.get('category', '')}): "
-                     + _plain_dict(params) + ".")
-    lines.append("")
-
-    lines += ["## Sources", ""]
-    for source in _distinct(json.dumps(c["source"], sort_keys=True) for c in configs):
-        source = json.loads(source)
-        sha = source.get("weights_sha256")
-        lines.append(f"- **{source.get('source')}** ({source.get('arch')}): "
-                     + (source.get("provenance") or "").rstrip(".") + ". "
-                     + (f"Weights SHA-256 `{sha}`." if sha else "No weights (random "
-                        "initialisation)."))
-    lines.append("")
-
-    lines += ["## Fine-tuning", "", "| setting | value | whose |", "|---|---|---|"]
-    folds = sorted(set(runs["fold"]))
-    lines.append(f"| folds | {len(folds)} | {whose('folds', len(folds))} |")
-    for setting in ("image_size", "resize", "epochs", "batch_size", "lr", "optimizer",
-                    "weight_decay", "patience", "augment", "drop_rate", "seed"):
-        values = _distinct(s.get(setting) for s in settings)
-        shown = ", ".join(_plain(v) for v in values)
-        lines.append(f"| {setting} | {shown} | "
-                     + "; ".join(_distinct(whose(setting, v) for v in values)) + " |")
-    devices = _distinct((c["device"].get("device"), c["device"].get("training_precision"),
-                         c["device"].get("deterministic")) for c in configs)
-    lines += ["", "Early stopping on the validation loss (patience above), the epoch with the "
-              "lowest validation loss kept; test scores in fp32. Trained on "
-              + "; ".join(f"{d} ({p} training precision, deterministic {x})" for d, p, x in devices)
-              + "."]
-    augmentation = _distinct(json.dumps(c.get("augmentation"), sort_keys=True) for c in configs)
-    if augmentation != ["null"]:
-        lines.append("Augmentation: " + "; ".join(_plain_dict(json.loads(a)) for a in augmentation
-                                                    if a != "null") + ".")
-    lines.append("")
-
-    lines += ["## Statistics", "",
-              ("AUC is the binary ROC AUC of the positive-class score (scikit-learn), reported "
-              "as mean +- SD over folds with a 95 % percentile bootstrap interval of the fold "
-              f"mean ({N_BOOT} draws resampling the test set's patients, all images of a "
-              "patient together, one draw for all folds). The paper's metric, Keras' AUC "
-              "(200 thresholds, micro-averaged over both softmax columns), is reported beside "
-              "it and used for the paper's test: a two-sided permutation t-test of ImageNet vs "
-              f"RadImageNet per confounder and p on the o.o.d. test set ({n_permutations} "
-              "permutations, folds as independent samples, uncorrected, as the paper), with a "
-              "fold-paired sign-flip test and Holm's correction over the prevalences beside it. "
-              f"The paper's claims are checked as pre-registered one-sided fold-paired sign-flip "
-              f"tests at alpha {ALPHA} (equivalence within +-{MARGIN} AUC for claims 1 and 4); "
-              f"with n folds no p-value falls below 2^-n, which the verdicts say."), ""]
-
-    versions = _distinct(json.dumps(c.get("versions", {}), sort_keys=True) for c in configs)
-    commits = _distinct((c.get("git") or {}).get("commit") for c in configs)
-    lines += ["## Software", ""]
-    for entry in versions:
-        lines.append("- " + ", ".join(f"{k} {v}" for k, v in json.loads(entry).items() if v))
-    lines.append("- sm_utils commit(s): " + ", ".join(f"`{c[:12]}`" for c in commits if c)
-                 if any(commits) else "- sm_utils commit: not recorded")
-    numerics = _distinct(((c["device"].get("numerics") or {}).get("mode"),
-                          (c["device"].get("numerics") or {}).get("profile")) for c in configs)
-    lines.append("- CPU numerics: " + "; ".join(f"{m} ({p})" for m, p in numerics)
-                 + " (docs/REPRODUCIBILITY.md)")
-    lines.append("")
-
-    features = ({f"dataset:{d}" for d in runs["dataset"]}
-                | {f"dataset:{c['manifest'].get('meta', {}).get('dataset')}" for c in configs}
-                | {f"confounder:{c['confounder'].get('name')}" for c in configs}
-                | {f"source:{s}" for s in runs["source"]} | {f"arch:{a}" for a in runs["arch"]}
-                | {"synthetic" for c in configs if c["confounder"].get("kind") == "synthetic"}
-                | {"augment" for s in settings if s.get("augment")})
-    rows = applicable(features)
-    lines += ["## Deviations from the paper", "",
-              ("How this compendium's implementation differs from the paper's where this grid "
-              "uses it (the settings above are compared in their table); the README's table "
-              "has every row."), "", "| | the paper | here | why |", "|---|---|---|---|"]
-    lines += [f"| {d.topic} | {d.paper} | {d.here} | {d.why} |" for d in rows]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def _plain_dict(values: dict | None) -> str:
-    return ", ".join(f"{k} {_plain(v)}" for k, v in (values or {}).items()
-                     if v is not None and v != [] and v != "")
-
-
 # --- everything ---------------------------------------------------------------------------------
 
 STATISTICS_SHOWN = ["confounder", "p", "metric", "mean_imagenet", "mean_radimagenet",
@@ -604,5 +387,5 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, name: str 
 
     configs = read_configs(runs_dir, table["run_id"])
     paths.append(atomic_write_text(out / "methods.md", methods_markdown(
-        table, configs, name, description, n_permutations)))
+        table, configs, name, description, n_permutations, n_boot=N_BOOT)))
     return paths
