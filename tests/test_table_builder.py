@@ -58,7 +58,7 @@ def test_a_users_table_becomes_a_manifest_with_standard_attributes(tmp_path, cap
     table = load_manifest(tmp_path / "out/manifest.csv").table   # validated, files checked
     assert len(table) == len(labels) - 1                          # the uncertain one dropped
     assert built.meta["rows_removed"] == {"label outside the rule": 1}
-    assert "1 (label outside the rule)" in capsys.readouterr().out
+    assert "table: rows removed: 1 (label outside the rule)" in capsys.readouterr().out
     assert set(table["sex"]) == {"F", "M"} and set(table["view"]) == {"PA", "AP"}
     first = table.set_index("image_id").loc["images/p000_s0"]
     assert first["age"] == 30.0 and first["label"] == int(labels.loc[0, "finding"] == "effusion")

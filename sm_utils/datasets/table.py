@@ -236,13 +236,38 @@ def build_table(
     if "sex" in out:
         out = out[out["sex"].notna()]
 
+    meta = {
+        "dataset": name,
+        "builder": "table",
+        "table": table_path.name,
+        "label_rule": {"column": label_column, "positive": _values(positive),
+                       "negative": None if negative is None else _values(negative),
+                       "query": query},
+        "patients": (f"column {patient_column}" if patient_column
+                     else "one per image (no patient column)"),
+        "attributes": dict(attributes or {}),
+    }
+    return finish_manifest(out, root, out_dir, meta, removed, what=table_path.name,
+                           n_folds=n_folds, test_fraction=test_fraction,
+                           val_fraction=val_fraction, seed=seed, missing_images=missing_images)
+
+
+def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
+                    removed: dict[str, int], *, what: str, n_folds: int, test_fraction: float,
+                    val_fraction: float, seed: int, missing_images: str) -> Manifest:
+    """The common end of the table builders: ``out`` (image_id, path, label, patient_id and
+    attributes; paths relative to ``root``) with absent images listed or dropped, DICOM
+    converted to PNG under ``out_dir/images``, patient-grouped splits, and the meta completed
+    with the rows removed (also printed) and the counts."""
+    if missing_images not in ("error", "drop"):
+        raise TableInputError(f"missing_images must be 'error' or 'drop'; got {missing_images!r}.")
     present = out["path"].map(lambda p: (Path(p) if Path(p).is_absolute() else root / p).is_file())
     absent = out.loc[~present, "path"].tolist()
     if absent and missing_images != "drop":
         shown = ", ".join(absent[:5]) + (f", ... ({len(absent) - 5} more)" if len(absent) > 5 else "")
         raise TableInputError(
-            f"{len(absent)} of {len(out)} images listed in {table_path.name} are absent under "
-            f"{root}: {shown}. Check root= and path_column=, or pass missing_images='drop'.")
+            f"{len(absent)} of {len(out)} images listed in {what} are absent under "
+            f"{root}: {shown}. Check the data root and the paths, or pass missing_images='drop'.")
     removed["image missing"] = len(absent)
     out = out[present]
 
@@ -260,37 +285,25 @@ def build_table(
             if not (image_root / target).is_file():
                 dicom_to_png(source, image_root / target)
             converted.append(target.as_posix())
-        out["path"] = converted
+        out = out.assign(path=converted)
     if out["image_id"].duplicated().any():
-        raise TableInputError(f"{table_path}: image ids repeat (e.g. "
+        raise TableInputError(f"{what}: image ids repeat (e.g. "
                               f"{out['image_id'][out['image_id'].duplicated()].iloc[0]!r}); "
                               "each row must be one image. Pass image_id_column= a unique column.")
     if out["label"].nunique() < 2:
-        raise TableInputError(f"{table_path}: after the label rule only label(s) "
+        raise TableInputError(f"{what}: after the label rule only label(s) "
                               f"{sorted(out['label'].unique())} remain; both classes are needed.")
     splits = make_splits(out.reset_index(drop=True), n_folds=n_folds,
                          test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     removed = {why: n for why, n in removed.items() if n}
     if removed:
-        print("table: rows removed: " + ", ".join(f"{n} ({why})" for why, n in removed.items()))
-    meta = {
-        "dataset": name,
-        "builder": "table",
-        "table": table_path.name,
-        "label_rule": {"column": label_column, "positive": _values(positive),
-                       "negative": None if negative is None else _values(negative),
-                       "query": query},
-        "patients": (f"column {patient_column}" if patient_column
-                     else "one per image (no patient column)"),
-        "attributes": dict(attributes or {}),
-        "rows_removed": removed,
-        "dicom_converted": int(dicom.sum()),
-        "splits": {"n_folds": n_folds, "test_fraction": test_fraction,
-                   "val_fraction": val_fraction, "seed": seed},
-        "n_images": len(splits),
-        "n_positive": int(splits["label"].sum()),
-        "n_patients": int(splits["patient_id"].nunique()),
-    }
+        print(f"{meta['dataset']}: rows removed: "
+              + ", ".join(f"{n} ({why})" for why, n in removed.items()))
+    meta = {**meta, "rows_removed": removed, "dicom_converted": int(dicom.sum()),
+            "splits": {"n_folds": n_folds, "test_fraction": test_fraction,
+                       "val_fraction": val_fraction, "seed": seed},
+            "n_images": len(splits), "n_positive": int(splits["label"].sum()),
+            "n_patients": int(splits["patient_id"].nunique())}
     columns = ["image_id", "path", "label", "patient_id",
                *[c for c in splits.columns if c not in ("image_id", "path", "label", "patient_id")
                  and not c.startswith("fold_")],
