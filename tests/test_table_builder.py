@@ -166,7 +166,7 @@ def test_dicom_images_are_converted_once_with_monochrome1_inverted(tmp_path):
 
 def test_a_grid_on_a_users_own_table_runs_from_a_file_outside_the_project(tmp_path):
     """The grid file, the data and the runs all live outside the checkout; sex (sampled from
-    the table's own column) and tag (synthetic) confounders, 2 sources, 2 folds, p in {0, 1}."""
+    the table's own column) and tag (synthetic) confounders at p = 1, one fold, one source."""
     data = user_folder(tmp_path / "my_data", n_patients=100)
     spec = {
         "name": "mine", "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figs"),
@@ -177,8 +177,8 @@ def test_a_grid_on_a_users_own_table_runs_from_a_file_outside_the_project(tmp_pa
                                  "dataset_params": {k: v for k, v in PARAMS.items()
                                                     if k != "n_folds"}}}],
         "confounders": ["sex", {"name": "tag", "params": {"resolution": "input"}}],
-        "prevalences": [0, 1], "folds": 2, "seeds": [812],
-        "sources": ["imagenet_lite0", "random"], "architectures": ["tf_efficientnet_lite0"],
+        "prevalences": [1], "folds": [0], "seeds": [812],
+        "sources": ["random"], "architectures": ["tf_efficientnet_lite0"],
         "training": {"image_size": 32, "epochs": 1, "batch_size": 16, "patience": 1,
                      "augment": False},
         "run": {"device": "cpu", "workers": 1, "threads_per_worker": 1},
@@ -188,7 +188,7 @@ def test_a_grid_on_a_users_own_table_runs_from_a_file_outside_the_project(tmp_pa
     done = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(grid), "--progress", "off"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "16 run now, 0 failed" in done.stdout
+    assert "2 run now, 0 failed" in done.stdout
     results = pd.read_csv(tmp_path / "runs/results.csv")
     assert set(results["confounder"]) == {"sex", "tag"} and set(results["dataset"]) == {"my_cxr"}
     assert results["auc"].notna().all()

@@ -103,4 +103,4 @@ def build_from_notebook(
     return build_dataset(name, out_dir, **params), skipped
 
 
-from . import chexpert, lidc, nih, nih_sex_task, phantom, published, table  # noqa: F401  (registers the builders)
+from . import chexpert, lidc, nih, nih_sex_task, padchest_vindr, phantom, published, table  # noqa: F401  (registers the builders)

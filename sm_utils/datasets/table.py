@@ -22,7 +22,7 @@ import pandas as pd
 from ..manifest import Manifest, ManifestError
 from ..splits import make_splits
 from . import register_dataset
-from .nih import parse_age
+from .nih import fixed_test_folds, parse_age
 
 # Sex as researchers' tables write it -> F/M (case-insensitive)
 SEX_VALUES = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M",
@@ -147,6 +147,28 @@ def dicom_to_png(source: Path, target: Path) -> None:
     Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(target)
 
 
+def _is_sixteen_bit(path: Path) -> bool:
+    from PIL import Image
+
+    if path.suffix.lower() != ".png" or not path.is_file():
+        return False
+    with Image.open(path) as image:   # reads the header only
+        return image.mode in ("I;16", "I;16B", "I;16L", "I")
+
+
+def png16_to_png8(source: Path, target: Path) -> None:
+    """A 16-bit grey PNG (PadChest's) as 8-bit: stretched from its own minimum to maximum,
+    as a DICOM image is (``load_grey`` would clip every value above 255)."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        pixels = np.asarray(image, dtype=float)
+    low, high = float(pixels.min()), float(pixels.max())
+    grey = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(target)
+
+
 @register_dataset("table")
 def build_table(
     out_dir: str | Path,
@@ -254,11 +276,14 @@ def build_table(
 
 def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
                     removed: dict[str, int], *, what: str, n_folds: int, test_fraction: float,
-                    val_fraction: float, seed: int, missing_images: str) -> Manifest:
+                    val_fraction: float, seed: int, missing_images: str,
+                    sixteen_bit: bool = False, fixed_roles: pd.Series | None = None) -> Manifest:
     """The common end of the table builders: ``out`` (image_id, path, label, patient_id and
-    attributes; paths relative to ``root``) with absent images listed or dropped, DICOM
-    converted to PNG under ``out_dir/images``, patient-grouped splits, and the meta completed
-    with the rows removed (also printed) and the counts."""
+    attributes; paths relative to ``root``) with absent images listed or dropped, DICOM (and,
+    with ``sixteen_bit``, 16-bit PNG) converted to 8-bit PNG under ``out_dir/images``,
+    patient-grouped splits (or, with ``fixed_roles`` "test"/"dev" per row, that test set and
+    folds of the rest), and the meta completed with the rows removed (also printed) and the
+    counts."""
     if missing_images not in ("error", "drop"):
         raise TableInputError(f"missing_images must be 'error' or 'drop'; got {missing_images!r}.")
     present = out["path"].map(lambda p: (Path(p) if Path(p).is_absolute() else root / p).is_file())
@@ -272,18 +297,19 @@ def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
     out = out[present]
 
     image_root = root.resolve()
+    source = out["path"].map(lambda p: Path(p) if Path(p).is_absolute() else root / p)
     dicom = out["path"].map(_is_dicom)
-    if dicom.any():  # converted once to PNG beside the manifest; the others are linked from there
+    wide = source.map(_is_sixteen_bit) & ~dicom if sixteen_bit else dicom & False
+    if dicom.any() or wide.any():  # converted once beside the manifest; the rest linked from there
         image_root = out_dir.resolve()
         converted = []
-        for path, is_dicom in zip(out["path"], dicom):
-            source = Path(path) if Path(path).is_absolute() else root / path
-            if not is_dicom:
-                converted.append(Path(os.path.relpath(source.resolve(), image_root)).as_posix())
+        for path, file, is_dicom, is_wide in zip(out["path"], source, dicom, wide):
+            if not (is_dicom or is_wide):
+                converted.append(Path(os.path.relpath(file.resolve(), image_root)).as_posix())
                 continue
             target = Path("images") / Path(path.lstrip("/")).with_suffix(".png")
             if not (image_root / target).is_file():
-                dicom_to_png(source, image_root / target)
+                (dicom_to_png if is_dicom else png16_to_png8)(file, image_root / target)
             converted.append(target.as_posix())
         out = out.assign(path=converted)
     if out["image_id"].duplicated().any():
@@ -293,13 +319,18 @@ def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
     if out["label"].nunique() < 2:
         raise TableInputError(f"{what}: after the label rule only label(s) "
                               f"{sorted(out['label'].unique())} remain; both classes are needed.")
-    splits = make_splits(out.reset_index(drop=True), n_folds=n_folds,
-                         test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    if fixed_roles is None:
+        splits = make_splits(out.reset_index(drop=True), n_folds=n_folds,
+                             test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    else:
+        splits = fixed_test_folds(out, fixed_roles.loc[out.index], n_folds=n_folds,
+                                  val_fraction=val_fraction, seed=seed)
     removed = {why: n for why, n in removed.items() if n}
     if removed:
         print(f"{meta['dataset']}: rows removed: "
               + ", ".join(f"{n} ({why})" for why, n in removed.items()))
     meta = {**meta, "rows_removed": removed, "dicom_converted": int(dicom.sum()),
+            "sixteen_bit_converted": int(wide.sum()),
             "splits": {"n_folds": n_folds, "test_fraction": test_fraction,
                        "val_fraction": val_fraction, "seed": seed},
             "n_images": len(splits), "n_positive": int(splits["label"].sum()),
