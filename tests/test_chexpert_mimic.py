@@ -5,14 +5,12 @@ with a sampled (sex) and a synthetic (tag) confounder."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from dataset_grid import run_dataset_grid
 from PIL import Image
 
 from sm_utils.datasets import build_dataset, list_datasets
@@ -185,27 +183,9 @@ def test_chexpert_and_mimic_grids_run_end_to_end(tmp_path):
     chexpert = chexpert_download(tmp_path / "chexpert", n_patients=80)
     mimic = mimic_download(tmp_path / "mimic", n_patients=80)
     common = {"n_folds": 2, "seed": 0, "val_fraction": 0.2}
-    spec = {
-        "name": "cxr", "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figs"),
-        "datasets": [
-            {"name": "chexpert", "manifest": str(tmp_path / "m/chexpert/manifest.csv"),
-             "params": {"data_root": str(chexpert), **common}},
-            {"name": "mimic_cxr_jpg", "manifest": str(tmp_path / "m/mimic/manifest.csv"),
-             "params": {"data_root": str(mimic), **common,
-                        "dataset_params": {"patients_csv": "patients.csv.gz"}}}],
-        "confounders": ["sex", {"name": "tag", "params": {"resolution": "input"}}],
-        "prevalences": [1], "folds": [0], "seeds": [812], "sources": ["random"],
-        "architectures": ["tf_efficientnet_lite0"],
-        "training": {"image_size": 32, "epochs": 1, "batch_size": 16, "patience": 1,
-                     "augment": False},
-        "run": {"device": "cpu", "workers": 1, "threads_per_worker": 1},
-    }
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(grid), "--progress", "off"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1200, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "4 run now, 0 failed" in done.stdout
-    results = pd.read_csv(tmp_path / "runs/results.csv")
-    assert set(results["dataset"]) == {"chexpert", "mimic_cxr_jpg"}
-    assert set(results["confounder"]) == {"sex", "tag"} and results["auc"].notna().all()
+    run_dataset_grid(tmp_path, [
+        {"name": "chexpert", "manifest": str(tmp_path / "m/chexpert/manifest.csv"),
+         "params": {"data_root": str(chexpert), **common}},
+        {"name": "mimic_cxr_jpg", "manifest": str(tmp_path / "m/mimic/manifest.csv"),
+         "params": {"data_root": str(mimic), **common,
+                    "dataset_params": {"patients_csv": "patients.csv.gz"}}}])

@@ -6,13 +6,10 @@ images; and end to end through `sm run` with sex and tag."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from dataset_grid import run_dataset_grid
 from PIL import Image
 
 from sm_utils.datasets import build_dataset, list_datasets
@@ -167,26 +164,8 @@ def test_padchest_and_vindr_grids_run_end_to_end(tmp_path):
     padchest = padchest_download(tmp_path / "padchest", n_patients=120)
     vindr = vindr_download(tmp_path / "vindr", n_train=110, n_test=40)
     common = {"n_folds": 2, "seed": 0, "val_fraction": 0.2}
-    spec = {
-        "name": "cxr2", "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figs"),
-        "datasets": [
-            {"name": "padchest", "manifest": str(tmp_path / "m/padchest/manifest.csv"),
-             "params": {"data_root": str(padchest), **common}},
-            {"name": "vindr_cxr", "manifest": str(tmp_path / "m/vindr/manifest.csv"),
-             "params": {"data_root": str(vindr), **common}}],
-        "confounders": ["sex", {"name": "tag", "params": {"resolution": "input"}}],
-        "prevalences": [1], "folds": [0], "seeds": [812], "sources": ["random"],
-        "architectures": ["tf_efficientnet_lite0"],
-        "training": {"image_size": 32, "epochs": 1, "batch_size": 16, "patience": 1,
-                     "augment": False},
-        "run": {"device": "cpu", "workers": 1, "threads_per_worker": 1},
-    }
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(grid), "--progress", "off"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1200, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "4 run now, 0 failed" in done.stdout
-    results = pd.read_csv(tmp_path / "runs/results.csv")
-    assert set(results["dataset"]) == {"padchest", "vindr_cxr"}
-    assert set(results["confounder"]) == {"sex", "tag"} and results["auc"].notna().all()
+    run_dataset_grid(tmp_path, [
+        {"name": "padchest", "manifest": str(tmp_path / "m/padchest/manifest.csv"),
+         "params": {"data_root": str(padchest), **common}},
+        {"name": "vindr_cxr", "manifest": str(tmp_path / "m/vindr/manifest.csv"),
+         "params": {"data_root": str(vindr), **common}}])

@@ -5,14 +5,12 @@ with a sampled confounder (sex) and a synthetic one (tag)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from dataset_grid import run_dataset_grid
 from PIL import Image
 
 from sm_utils.datasets import build_dataset, list_datasets
@@ -168,29 +166,10 @@ def test_a_grid_on_a_users_own_table_runs_from_a_file_outside_the_project(tmp_pa
     """The grid file, the data and the runs all live outside the checkout; sex (sampled from
     the table's own column) and tag (synthetic) confounders at p = 1, one fold, one source."""
     data = user_folder(tmp_path / "my_data", n_patients=100)
-    spec = {
-        "name": "mine", "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "figs"),
-        "datasets": [{"name": "my_cxr", "builder": "table",
-                      "manifest": str(tmp_path / "manifests/my_cxr/manifest.csv"),
-                      "params": {"data_root": str(data), "n_folds": 2, "seed": 0,
-                                 "val_fraction": 0.2,
-                                 "dataset_params": {k: v for k, v in PARAMS.items()
-                                                    if k != "n_folds"}}}],
-        "confounders": ["sex", {"name": "tag", "params": {"resolution": "input"}}],
-        "prevalences": [1], "folds": [0], "seeds": [812],
-        "sources": ["random"], "architectures": ["tf_efficientnet_lite0"],
-        "training": {"image_size": 32, "epochs": 1, "batch_size": 16, "patience": 1,
-                     "augment": False},
-        "run": {"device": "cpu", "workers": 1, "threads_per_worker": 1},
-    }
-    grid = tmp_path / "my_grid.yaml"
-    grid.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(grid), "--progress", "off"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1200, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 run now, 0 failed" in done.stdout
-    results = pd.read_csv(tmp_path / "runs/results.csv")
-    assert set(results["confounder"]) == {"sex", "tag"} and set(results["dataset"]) == {"my_cxr"}
-    assert results["auc"].notna().all()
+    run_dataset_grid(tmp_path, [{
+        "name": "my_cxr", "builder": "table",
+        "manifest": str(tmp_path / "manifests/my_cxr/manifest.csv"),
+        "params": {"data_root": str(data), "n_folds": 2, "seed": 0, "val_fraction": 0.2,
+                   "dataset_params": {k: v for k, v in PARAMS.items() if k != "n_folds"}}}])
     manifest = load_manifest(tmp_path / "manifests/my_cxr/manifest.csv")
     assert manifest.meta["rows_removed"] == {"label outside the rule": 1}

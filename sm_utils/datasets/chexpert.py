@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..manifest import Manifest
 from . import register_dataset
-from .table import TableInputError, finish_manifest, standard_sex
+from .table import TableInputError, finish_manifest, keep_views, standard_sex
 
 FINDINGS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
             "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
@@ -88,12 +88,6 @@ def _find(root: Path, name: str) -> Path:
                           "as downloaded. Point data_root at the folder that holds them.")
 
 
-def _views(views) -> list[str] | None:
-    if views is None:
-        return None
-    return [v.upper() for v in ([views] if isinstance(views, str) else views)]
-
-
 @register_dataset("chexpert")
 def build_chexpert(
     out_dir: str | Path,
@@ -139,10 +133,7 @@ def build_chexpert(
     view = np.where(frame["Frontal/Lateral"].str.strip().str.lower() == "lateral", "LATERAL",
                     frame["AP/PA"].fillna("").astype(str).str.strip().str.upper())
     frame = frame.assign(view=view)
-    wanted = _views(views)
-    if wanted is not None:
-        removed["view not in " + "/".join(wanted)] = int((~frame["view"].isin(wanted)).sum())
-        frame = frame[frame["view"].isin(wanted)]
+    frame, wanted = keep_views(frame, views, removed)
     patient = frame["Path"].str.extract(r"(patient\d+)/", expand=False)
     if patient.isna().any():
         raise TableInputError(f"CheXpert paths without a patientNNNNN folder, e.g. "
@@ -194,10 +185,7 @@ def build_mimic_cxr_jpg(
                                      uncertain, MIMIC_FILES["labels"])
     removed["study not in the labels file"] = unlabelled
     frame["view"] = frame["ViewPosition"].fillna("").astype(str).str.strip().str.upper()
-    wanted = _views(views)
-    if wanted is not None:
-        removed["view not in " + "/".join(wanted)] = int((~frame["view"].isin(wanted)).sum())
-        frame = frame[frame["view"].isin(wanted)]
+    frame, wanted = keep_views(frame, views, removed)
     subject = frame["subject_id"].astype(int).astype(str)
     out = pd.DataFrame({
         "image_id": frame["dicom_id"].astype(str),

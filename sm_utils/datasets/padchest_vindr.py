@@ -29,7 +29,7 @@ import pandas as pd
 from ..manifest import Manifest
 from . import register_dataset
 from .nih import parse_age
-from .table import TableInputError, finish_manifest, standard_sex
+from .table import TableInputError, finish_manifest, keep_views, standard_sex
 
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 PADCHEST_EXCLUDED = ("exclude", "suboptimal study")
@@ -116,26 +116,22 @@ def build_padchest(
                      else ~positive)
     keep = positive | negative_rows
     removed["neither positive nor negative"] = int((~keep).sum())
-    frame, positive = frame[keep], positive[keep]
+    frame = frame[keep].assign(
+        positive=positive[keep],
+        view=frame["Projection"].fillna("").astype(str).str.strip().str.upper())
     if labelled_by is not None:
         removed[f"not labelled by {labelled_by}"] = int((frame["MethodLabel"] != labelled_by).sum())
-        positive = positive[frame["MethodLabel"] == labelled_by]
         frame = frame[frame["MethodLabel"] == labelled_by]
-    view = frame["Projection"].fillna("").astype(str).str.strip().str.upper()
-    if views is not None:
-        wanted = [v.upper() for v in ([views] if isinstance(views, str) else views)]
-        removed["view not in " + "/".join(wanted)] = int((~view.isin(wanted)).sum())
-        frame, positive, view = frame[view.isin(wanted)], positive[view.isin(wanted)], \
-            view[view.isin(wanted)]
+    frame, _ = keep_views(frame, views, removed)
     sex, unknown = standard_sex(frame["PatientSex_DICOM"], "drop", path)
     removed["sex not M or F"] = int(unknown.sum())
     study_year = pd.to_numeric(frame["StudyDate_DICOM"], errors="coerce") // 10000
     out = pd.DataFrame({
         "image_id": frame["ImageID"].str.replace(r"\.png$", "", regex=True),
         "path": [_padchest_image(root, d, i) for d, i in zip(frame["ImageDir"], frame["ImageID"])],
-        "label": positive.astype(int).to_numpy(), "patient_id": frame["PatientID"].astype(str),
+        "label": frame["positive"].astype(int), "patient_id": frame["PatientID"].astype(str),
         "sex": sex, "age": study_year - pd.to_numeric(frame["PatientBirth"], errors="coerce"),
-        "view": view, "study": frame.get("StudyID", frame["ImageID"]).astype(str),
+        "view": frame["view"], "study": frame.get("StudyID", frame["ImageID"]).astype(str),
         "labelled_by": frame["MethodLabel"]}, index=frame.index)[~unknown.to_numpy()]
     meta = {"dataset": "padchest", "builder": "padchest", "release": "01.02.19 (160K)",
             "finding": finding, "negative": negative, "views": views, "labelled_by": labelled_by,

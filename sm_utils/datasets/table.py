@@ -122,6 +122,31 @@ def standard_age(values: pd.Series, age_unit: str, path: Path) -> pd.Series:
     return values.map(convert).astype(float)
 
 
+def keep_views(frame: pd.DataFrame, views, removed: dict[str, int]
+               ) -> tuple[pd.DataFrame, list[str] | None]:
+    """The rows whose ``view`` column is one of ``views`` (any case; None keeps all), the
+    others counted in ``removed``; returns the rows and the views as upper case."""
+    if views is None:
+        return frame, None
+    wanted = [v.upper() for v in ([views] if isinstance(views, str) else views)]
+    inside = frame["view"].isin(wanted)
+    removed["view not in " + "/".join(wanted)] = int((~inside).sum())
+    return frame[inside], wanted
+
+
+def _save_stretched(pixels: np.ndarray, target: Path, invert: bool = False) -> None:
+    """``pixels`` stretched from their minimum to their maximum to 8-bit grey, as PNG."""
+    from PIL import Image
+
+    pixels = np.asarray(pixels, dtype=float)
+    low, high = float(pixels.min()), float(pixels.max())
+    grey = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    if invert:
+        grey = 1.0 - grey
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(target)
+
+
 def _is_dicom(path: str) -> bool:
     return path.lower().endswith(DICOM_SUFFIXES)
 
@@ -130,7 +155,6 @@ def dicom_to_png(source: Path, target: Path) -> None:
     """One DICOM image as 8-bit grey PNG: modality LUT (rescale), VOI LUT or window, stretched
     to 0..255, MONOCHROME1 inverted so that bone is bright."""
     import pydicom
-    from PIL import Image
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom 2.4
@@ -138,13 +162,8 @@ def dicom_to_png(source: Path, target: Path) -> None:
 
     dataset = pydicom.dcmread(source)
     pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset)
-    pixels = np.asarray(pixels, dtype=float)
-    low, high = float(pixels.min()), float(pixels.max())
-    grey = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        grey = 1.0 - grey
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(target)
+    _save_stretched(pixels, target,
+                    invert=getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1")
 
 
 def _is_sixteen_bit(path: Path) -> bool:
@@ -163,10 +182,7 @@ def png16_to_png8(source: Path, target: Path) -> None:
 
     with Image.open(source) as image:
         pixels = np.asarray(image, dtype=float)
-    low, high = float(pixels.min()), float(pixels.max())
-    grey = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(target)
+    _save_stretched(pixels, target)
 
 
 @register_dataset("table")
