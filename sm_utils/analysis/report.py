@@ -224,22 +224,24 @@ def auc_latex(table: pd.DataFrame, what: str, caption: str, prefix: str,
     return "\n".join(out)
 
 
+def _cell(column: str, value: Any, digits: int, text) -> str:
+    """One table cell: p as given, other floats to ``digits``, missing values empty, the rest
+    through ``text`` (escaping for LaTeX, ``str`` for Markdown)."""
+    if column == "p":
+        return f"{value:g}"
+    if isinstance(value, float | np.floating):
+        return _number(value, digits)
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else text(value)
+
+
 def frame_latex(frame: pd.DataFrame, caption: str, label: str, digits: int = 3) -> str:
     """Any small table as a booktabs table*, shrunk to the text width when wide."""
     columns = list(frame.columns)
     spec = "".join("r" if pd.api.types.is_numeric_dtype(frame[c]) else "l" for c in columns)
     body = [" & ".join(latex_escape(c) for c in columns) + r" \\", r"\midrule"]
     for row in frame.itertuples(index=False):
-        cells = []
-        for column, value in zip(columns, row):
-            if column == "p":
-                cells.append(f"{value:g}")
-            elif isinstance(value, float | np.floating):
-                cells.append(_number(value, digits))
-            else:
-                cells.append("" if value is None or (not isinstance(value, str) and pd.isna(value))
-                             else latex_escape(value))
-        body.append(" & ".join(cells) + r" \\")
+        body.append(" & ".join(_cell(c, v, digits, latex_escape) for c, v in zip(columns, row))
+                    + r" \\")
     tabular = "\n".join([rf"\begin{{tabular}}{{{spec}}}", r"\toprule", *body, r"\bottomrule",
                          r"\end{tabular}"])
     if len(columns) > 7:
@@ -250,15 +252,9 @@ def frame_latex(frame: pd.DataFrame, caption: str, label: str, digits: int = 3) 
 
 
 def frame_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
-    def cell(value):
-        if isinstance(value, float | np.floating):
-            return _number(value, digits)
-        return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
-
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(f"{v:g}" if c == "p" else cell(v)
-                                for c, v in zip(frame.columns, row)) + " |"
-              for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(_cell(c, v, digits, str) for c, v in zip(frame.columns, row))
+              + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
