@@ -243,7 +243,7 @@ def check_notebook(notebook: str, tables: dict[str, Any], parameters: dict[str, 
                      if untolerated else ""))
         return _failed(RegressionCheck(notebook, path, "failed", len(values), reason=reason,
                                        largest=[(k, v, r, a) for k, v, r, a, _ in failing]))
-    # the reference's count: a value allowed to be absent here must not change the line nbval compares
+    # the reference's count: a tolerated absent value must not change the line nbval compares
     return RegressionCheck(notebook, path, "exact" if exact else "tolerance", len(reference),
                            reason=reason, largest=largest)
 
