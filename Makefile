@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up .venv if needed, run the offline demo end to end, write figures/
 #   make test   set up .venv if needed, run the package tests and the notebook checks
+# and, while developing, make test-fast: the units and contracts, in under 3 minutes
 # Everything installs from the package registry; nothing else is downloaded.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -10,7 +11,8 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test test-package test-notebooks test-foreign test-report lab sources benchmark \
+.PHONY: setup demo test test-fast test-package test-notebooks test-foreign test-report lab sources \
+        benchmark \
         clean-demo \
         mechanisms notebooks
 
@@ -25,26 +27,40 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sm run configs/demo.yaml
 
-test: test-package test-notebooks
+# pytest on $(JOBS) processes (pytest-xdist): each test file, and the notebooks together, is one
+# unit of work; conftest.py orders the units, longest first. JOBS=0 runs in this process.
+JOBS   ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
+# the notebook checks: each notebook re-executed, its outputs compared with the committed ones
+NBVAL  := --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly
+
+# the package tests and the notebook checks in one run, so that both processes stay busy
+test: $(STAMP)
+	$(BIN)/lint-imports
+	$(PYTEST) $(NBVAL) tests notebooks
+
+# units and contracts: no test that trains or runs a model (marker numerics), no slow one
+test-fast: $(STAMP)
+	$(BIN)/lint-imports
+	$(PYTEST) -m "not numerics and not slow" tests
 
 test-package: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest tests
+	$(PYTEST) tests
 
-# a notebook cell may take 30 min before it counts as hung: notebook 05 takes under 6 min
-# pinned, and another CPU's kernels (make test-foreign) are up to 2.8x slower
 test-notebooks: $(STAMP)
-	$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly \
-	  --timeout 1800 notebooks
+	$(PYTEST) $(NBVAL) notebooks
 
-# make test-foreign   the same tests with another CPU's kernels and the numerics left unpinned,
-#                     as a user on another platform (e.g. arm64) runs them: the notebooks' float
-#                     results must then hold within the measured cross-CPU spread
+# make test-foreign   what another CPU's kernels can change, with those kernels and the numerics
+#                     left unpinned, as a user on another platform (e.g. arm64) runs them: the
+#                     tests marked numerics (every test that runs a model; tests/conftest.py
+#                     fails one that lacks the marker) and the notebooks, whose float results
+#                     must then hold within the measured cross-CPU spread
 #                     (docs/REPRODUCIBILITY.md). FOREIGN_NUMERICS=... chooses other kernels.
 FOREIGN_NUMERICS ?= SM_NUMERICS=native ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 \
                     MKL_CBWR=AVX
 test-foreign: $(STAMP)
-	env $(FOREIGN_NUMERICS) $(MAKE) test
+	env $(FOREIGN_NUMERICS) $(PYTEST) $(NBVAL) -m numerics tests notebooks
 
 # make notebooks   re-execute every notebook in place with its defaults and record the float
 #                  results it checks as its new reference (data/reference/notebooks/); commit both
@@ -76,7 +92,7 @@ test-python:
 	$(PY) -m venv $(PY_VENV)
 	$(PY_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(PY_VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,parquet,lidc]"
-	$(PY_VENV)/bin/python -m pytest tests
+	$(PY_VENV)/bin/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder tests
 
 # make test-slurm   the SLURM tests (tests/slurm, marker slurm) on a one-node cluster that the
 #                   tests start as their own processes; installs Debian's SLURM and munge first

@@ -1,6 +1,8 @@
 """Train a tiny run and pretrain a tiny source in this process; print what they produced as
 one JSON line (sha256 of the weights and of the scores, the AUCs). tests/test_numerics.py
-starts it in fresh processes under the kernel choices of other CPUs.
+starts it in fresh processes under the kernel choices of other CPUs. One epoch each: its
+optimizer steps through every layer already give other bits on other kernels when unpinned
+(the test asserts it), and the run kept its first epoch's weights when it trained two.
 
     python tests/cpu_emulation.py MANIFEST RUNS_DIR
 """
@@ -31,7 +33,7 @@ def main(manifest: str, runs_dir: str) -> None:
     from sm_utils.runs import RunConfig, train_run
 
     config = RunConfig(manifest=manifest, confounder="tag", p=0.5, source="imagenet_lite0",
-                       image_size=32, epochs=2, batch_size=16, patience=2, augment=True,
+                       image_size=32, epochs=1, batch_size=16, patience=1, augment=True,
                        device="cpu", runs_dir=runs_dir)
     from sm_utils import numerics
 
@@ -44,7 +46,7 @@ def main(manifest: str, runs_dir: str) -> None:
             scores.update(np.ascontiguousarray(probs).tobytes())
             out[f"auc_{name}"] = binary_auc(labels, probs[:, 1])
         out["run_scores"] = scores.hexdigest()
-    pretrain_config = PretrainConfig(image_size=32, n_per_class=8, epochs=2, batch_size=16,
+    pretrain_config = PretrainConfig(image_size=32, n_per_class=8, epochs=1, batch_size=16,
                                      init="imagenet_lite0", seed=5)
     images, labels, classes = build_phantom_pretraining_set(8, image_size=32, seed=5)
     torch.set_num_threads(1)

@@ -179,6 +179,7 @@ def test_mimic_cxr_jpg_as_downloaded(tmp_path):
     assert "sex" not in without.table.columns
 
 
+@pytest.mark.numerics
 def test_chexpert_and_mimic_grids_run_end_to_end(tmp_path):
     chexpert = chexpert_download(tmp_path / "chexpert", n_patients=80)
     mimic = mimic_download(tmp_path / "mimic", n_patients=80)

@@ -154,6 +154,7 @@ def test_counts_report_a_confounder_a_run_cannot_use(tmp_path):
         "train", "val", "test iid", "test ood", "test clean"]
 
 
+@pytest.mark.numerics
 def test_export_and_counts_are_what_a_real_run_uses(phantom_cxr, tmp_path):
     p, seed = 0.5, 812
     config = RunConfig(manifest=str(phantom_cxr), confounder="tag", p=p, seed=seed,

@@ -617,6 +617,7 @@ def test_a_failing_analysis_notebook_is_reported_after_the_cells(tmp_path):
     assert (spec.runs_dir / "04_analysis.ipynb").exists()  # executed, with the error in it
 
 
+@pytest.mark.numerics
 def test_a_grid_file_in_a_folder_of_ones_own_runs(tmp_path, capsys):
     """No root: the grid belongs to the installed project: its notebooks, its runs folder."""
     from sm_utils.cli import main
@@ -736,6 +737,7 @@ def test_the_memory_check_measures_every_configuration_in_children(tmp_path, mon
         _runs_per_gpu(spec, expand_cells(spec), print)
 
 
+@pytest.mark.numerics
 def test_the_memory_measurement_runs_every_pass_a_run_makes():
     """The child's measurement, on the CPU (peak resident memory instead of the GPU
     allocator's): training, the evaluation pass and, when the grid attributes, attribution;
@@ -769,6 +771,7 @@ def test_runs_per_gpu_is_ignored_without_a_gpu_with_one_line(tmp_path, monkeypat
         "run.runs_per_gpu=4 ignored: no GPU here (CPU cells run one per worker; set run.workers)"]
 
 
+@pytest.mark.numerics
 def test_one_or_two_concurrent_runs_on_cpu_give_identical_results(tmp_path):
     """Real fine-tuning cells, run one at a time and two at a time (one thread each)."""
     from sm_utils.datasets import build_dataset

@@ -283,6 +283,7 @@ def image_nhwc():
     return np.random.default_rng(7).uniform(-1, 1, size=(2, 64, 64, 3)).astype(np.float32)
 
 
+@pytest.mark.numerics
 def test_stem_matches_numpy_reference(notop, loaded_model, image_nhwc):
     _, _, arrays = notop
     with torch.no_grad():
@@ -292,6 +293,7 @@ def test_stem_matches_numpy_reference(notop, loaded_model, image_nhwc):
     assert_close_relative(out, expected)
 
 
+@pytest.mark.numerics
 def test_first_bottleneck_of_a_strided_stage_matches_numpy_reference(notop, loaded_model):
     _, _, arrays = notop
     x = np.random.default_rng(8).uniform(0, 1, size=(1, 16, 16, 256)).astype(np.float32)
@@ -302,6 +304,7 @@ def test_first_bottleneck_of_a_strided_stage_matches_numpy_reference(notop, load
     assert_close_relative(out, expected.transpose(0, 3, 1, 2))
 
 
+@pytest.mark.numerics
 def test_full_forward_matches_numpy_reference(notop, loaded_model, image_nhwc):
     _, _, arrays = notop
     with torch.no_grad():

@@ -87,6 +87,7 @@ def _probe(imagenet, manifest, cache_dir, **kwargs):
     return M.probe_model(model, prep, manifest, "tag", **{**settings, **kwargs})
 
 
+@pytest.mark.numerics
 def test_probe_finds_a_trivially_encoded_tag(imagenet, phantom_cxr, tmp_path):
     result = _probe(imagenet, phantom_cxr, tmp_path, strength=1.0, confounder_params=BIG_TAG)
     assert result["probe_auc"] > 0.95
@@ -96,6 +97,7 @@ def test_probe_finds_a_trivially_encoded_tag(imagenet, phantom_cxr, tmp_path):
     assert result["feature_dim"] == 1280 and result["layer"] == "penultimate"
 
 
+@pytest.mark.numerics
 def test_probe_finds_nothing_where_there_is_nothing(imagenet, phantom_cxr, tmp_path):
     # strength 0: the "confounded" images are the clean ones
     none = _probe(imagenet, phantom_cxr, tmp_path, strength=0.0, confounder_params=BIG_TAG)
@@ -154,6 +156,7 @@ def test_sampled_probe_without_both_values_is_refused(phantom_cxr, tmp_path):
         M.probe_set(manifest, "sex", image_size=64, cache_dir=tmp_path)
 
 
+@pytest.mark.numerics
 def test_missing_layer_is_refused_with_the_layers_there_are(imagenet):
     model, prep = imagenet
     images = np.zeros((2, 64, 64), np.uint8)
@@ -249,6 +252,7 @@ def _attribution(run, **kwargs):
                                  resize=run.config.resize, n_boot=200, **kwargs)
 
 
+@pytest.mark.numerics
 def test_a_tag_shortcut_model_looks_at_the_tag(tagged):
     assert tagged.test_auc["ood"] < 0.1  # it learnt the tag: reversed, it ranks the wrong way
     result = _attribution(tagged)
@@ -259,12 +263,14 @@ def test_a_tag_shortcut_model_looks_at_the_tag(tagged):
     assert result["attribution_n"] == int(tagged.splits["ood"]["confounded"].sum())
 
 
+@pytest.mark.numerics
 def test_a_model_trained_without_the_tag_does_not(untagged, tagged):
     result = _attribution(untagged)  # see _fine_tune: 1.5-2.3x
     assert result["attribution_share"] < 3 * result["mask_share"]
     assert result["attribution_ratio"] < _attribution(tagged)["attribution_ratio"]
 
 
+@pytest.mark.numerics
 def test_run_mechanisms_reads_a_run_directory(tagged, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -327,6 +333,7 @@ def test_encodedness_vs_drop_spearman_with_exact_permutation_p():
         M.encodedness_vs_drop(table)  # no probes and no source_probe_auc column
 
 
+@pytest.mark.numerics
 def test_a_grid_with_probe_and_attribution_adds_their_columns_and_relates_them(tmp_path):
     """`probe: true` and `attribution: true` in a grid: every run probes and attributes, each
     source is probed before fine-tuning, and the analysis relates that to the o.o.d. drop."""

@@ -160,6 +160,7 @@ def test_vindr_cxr_as_downloaded(tmp_path, capsys):
     assert {"padchest", "vindr_cxr"} <= set(list_datasets())
 
 
+@pytest.mark.numerics
 def test_padchest_and_vindr_grids_run_end_to_end(tmp_path):
     padchest = padchest_download(tmp_path / "padchest", n_patients=120)
     vindr = vindr_download(tmp_path / "vindr", n_train=110, n_test=40)

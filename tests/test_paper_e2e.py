@@ -94,6 +94,7 @@ def configs_of_runs(runs_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.numerics
 def test_paper_cxr_grid_runs_every_cell_on_nih_files_and_keras_weights(downloads, tmp_path):
     run_paper_grid("paper_cxr.yaml", downloads, tmp_path)
     runs_dir = tmp_path / "runs" / "paper_cxr"
@@ -130,6 +131,7 @@ def test_paper_cxr_grid_runs_every_cell_on_nih_files_and_keras_weights(downloads
     assert set(paper_test["confounder"]) == {"tag", "lowpass", "xray_noise", "sex"}
 
 
+@pytest.mark.numerics
 def test_paper_ct_grid_runs_every_cell_on_lidc_dicom(downloads, tmp_path):
     run_paper_grid("paper_ct.yaml", downloads, tmp_path)
     runs_dir = tmp_path / "runs" / "paper_ct"

@@ -39,6 +39,7 @@ def test_phantom_classes_are_deterministic_and_distinct():
         render_phantom_class("mri/brain", 0, size=32, difficulty=0.3, seed=1)
 
 
+@pytest.mark.numerics
 def test_pretrain_save_and_load_as_the_radiology_source(tmp_path):
     images, labels, classes = build_phantom_pretraining_set(4, image_size=32, seed=0)
     config = PretrainConfig(image_size=32, n_per_class=4, epochs=1, batch_size=8, val_fraction=0.25)
@@ -65,6 +66,7 @@ def test_pretrain_save_and_load_as_the_radiology_source(tmp_path):
     assert describe_source("radiology_phantom", weights=path)["weights_sha256"] == record["sha256"]
 
 
+@pytest.mark.numerics
 def test_pretraining_is_reproducible_on_cpu():
     images, labels, classes = build_phantom_pretraining_set(3, image_size=32, seed=0)
     config = PretrainConfig(image_size=32, n_per_class=3, epochs=1, batch_size=6, val_fraction=0.34)
@@ -94,6 +96,7 @@ def test_bad_settings():
         PretrainConfig(init="radimagenet")
 
 
+@pytest.mark.numerics
 def test_notebook_00_runs_headless_with_small_parameters(tmp_path):
     import papermill
 

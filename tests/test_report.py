@@ -86,6 +86,7 @@ def parse_auc_latex(text: str) -> dict:
     return cells
 
 
+@pytest.mark.numerics
 @pytest.mark.report  # make test-report: this and the compilation
 def test_every_number_of_the_auc_table_comes_from_the_runs(report):
     results = pd.read_csv(report["runs"] / "results.csv")
@@ -116,6 +117,7 @@ def test_every_number_of_the_auc_table_comes_from_the_runs(report):
         assert f"{row.mean:.3f} ± {row.sd:.3f} | [{row.ci_low:.3f}, {row.ci_high:.3f}]" in markdown
 
 
+@pytest.mark.numerics
 def test_a_single_fold_interval_is_the_runs_own(report):
     """One fold's interval of the mean is the run's recorded patient-level interval."""
     results = pd.read_csv(report["runs"] / "results.csv")
@@ -126,6 +128,7 @@ def test_a_single_fold_interval_is_the_runs_own(report):
                                      seed=812) == (row.auc_ci_low, row.auc_ci_high)
 
 
+@pytest.mark.numerics
 def test_claims_and_statistics_tables_match_the_analysis(report):
     claims = pd.read_csv(report["out"] / "tables/claims.csv")
     assert set(claims["claim"].astype(str)) >= {"1", "2", "3", "4", "5a", "5b", "6"}
@@ -146,6 +149,7 @@ def test_claims_and_statistics_tables_match_the_analysis(report):
         assert f"\\input{{{stem}.tex}}" in document
 
 
+@pytest.mark.numerics
 def test_figures_are_journal_widths_with_embedded_truetype_fonts(report):
     from PIL import Image
 
@@ -160,6 +164,7 @@ def test_figures_are_journal_widths_with_embedded_truetype_fonts(report):
     assert "Binary ROC AUC, mean over 2 fold(s)" in captions
 
 
+@pytest.mark.numerics
 def test_methods_are_generated_from_the_runs_configs(report):
     methods = (report["out"] / "methods.md").read_text()
     configs = [json.loads(p.read_text()) for p in report["runs"].glob("*/config.json")]
@@ -258,6 +263,7 @@ def test_report_of_a_folder_without_runs_says_what_to_do(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.numerics
 @pytest.mark.report
 def test_latex_tables_compile_with_a_real_tex_engine(report, tmp_path):
     pdflatex = shutil.which("pdflatex")

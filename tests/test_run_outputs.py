@@ -45,6 +45,7 @@ def _close(recorded, recomputed):
     return recorded is not None and math.isclose(recorded, recomputed, rel_tol=1e-12, abs_tol=1e-12)
 
 
+@pytest.mark.numerics
 def test_every_test_set_metric_is_recomputed_from_the_predictions(run):
     predictions, test_sets = run["predictions"], run["metrics"]["test_sets"]
     assert sorted(test_sets) == sorted(predictions["test_set"].unique()) == ["clean", "iid", "ood"]
@@ -83,6 +84,7 @@ def test_every_test_set_metric_is_recomputed_from_the_predictions(run):
             assert _close(recorded["group_auc"][key], value), (name, key)
 
 
+@pytest.mark.numerics
 def test_the_sets_are_the_ones_the_run_describes(run):
     # p = 1: the i.i.d. set confounds every positive, the o.o.d. set every negative.
     predictions, sizes = run["predictions"], run["config"]["split_sizes"]
@@ -94,6 +96,7 @@ def test_the_sets_are_the_ones_the_run_describes(run):
         assert part["confounded"].equals(expected), name
 
 
+@pytest.mark.numerics
 def test_the_best_epoch_is_the_one_with_the_lowest_validation_loss(run):
     history, metrics = run["history"], run["metrics"]
     assert list(history["epoch"]) == list(range(1, metrics["epochs_run"] + 1))
@@ -104,6 +107,7 @@ def test_the_best_epoch_is_the_one_with_the_lowest_validation_loss(run):
     assert metrics["epochs_run"] == metrics["best_epoch"] + 1 <= 6
 
 
+@pytest.mark.numerics
 def test_the_run_says_where_and_in_what_precision_it_trained(run):
     # results.csv's device and precision columns come from here (and decide what may be pooled)
     assert run["metrics"]["ran_on"] == {"device": "cpu", "gpu": None, "precision": "fp32",

@@ -83,6 +83,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("image_cache")
 
 
+@pytest.mark.numerics
 def test_run_directory_is_complete_and_metrics_follow_the_contract(phantom_cxr, tmp_path,
                                                                    cache_dir):
     config = _config(phantom_cxr, tmp_path, source="imagenet_lite0", arch=None)
@@ -124,6 +125,7 @@ def test_run_directory_is_complete_and_metrics_follow_the_contract(phantom_cxr, 
         assert recorded["env"]["MKL_CBWR"] == "COMPATIBLE"
 
 
+@pytest.mark.numerics
 def test_rerun_on_cpu_reproduces_metrics_exactly(phantom_cxr, tmp_path, cache_dir):
     config = _config(phantom_cxr, tmp_path, confounder="xray_noise", p=0.5)
     first = json.loads((execute_run(config, progress=False, cache_dir=cache_dir, n_boot=50)
@@ -136,6 +138,7 @@ def test_rerun_on_cpu_reproduces_metrics_exactly(phantom_cxr, tmp_path, cache_di
     assert first["best_epoch"] == second["best_epoch"]
 
 
+@pytest.mark.numerics
 def test_sampled_confounder_and_no_confounder(phantom_cxr, tmp_path, cache_dir):
     sex = execute_run(_config(phantom_cxr, tmp_path, confounder="sex", p=1.0, epochs=1),
                       progress=False, cache_dir=cache_dir, n_boot=20)
@@ -154,6 +157,7 @@ def test_sampled_confounder_and_no_confounder(phantom_cxr, tmp_path, cache_dir):
     assert sets["iid"]["auc"] == sets["ood"]["auc"] == sets["clean"]["auc"]
 
 
+@pytest.mark.numerics
 def test_slow_confounders_are_computed_once_and_give_the_same_metrics(phantom_cxr, tmp_path,
                                                                       monkeypatch):
     from sm_utils.confounders import get_confounder
@@ -181,6 +185,7 @@ def test_slow_confounders_are_computed_once_and_give_the_same_metrics(phantom_cx
     assert metrics[0] == metrics[1]
 
 
+@pytest.mark.numerics
 def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, monkeypatch):
     config = _config(phantom_cxr, tmp_path, epochs=1)
     run_dir = config.run_dir()
@@ -198,6 +203,7 @@ def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, mon
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.numerics
 def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_path):
     import papermill
 
@@ -217,6 +223,7 @@ def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_
     assert metrics["test_sets"]["iid"]["n_confounded"] == metrics["test_sets"]["iid"]["n_pos"]
 
 
+@pytest.mark.numerics
 def test_device_resident_data_gives_the_same_run_on_cpu(phantom_cxr, tmp_path, cache_dir):
     """The GPU's data path (images kept on the device, augmented there) checked on the CPU,
     where it must reproduce the DataLoader path exactly."""
@@ -231,6 +238,7 @@ def test_device_resident_data_gives_the_same_run_on_cpu(phantom_cxr, tmp_path, c
     assert json.loads((resident / "config.json").read_text())["device"]["resident_data"] is True
 
 
+@pytest.mark.numerics
 def test_a_run_asked_for_its_mechanisms_needs_the_hook_and_calls_it(phantom_cxr, tmp_path,
                                                                     cache_dir):
     """Runs sit below the mechanisms (docs/ARCHITECTURE.md): the caller hands execute_run the

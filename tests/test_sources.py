@@ -174,6 +174,7 @@ def paper_h5(tmp_path_factory):
     return {"imagenet_keras": imagenet, "radimagenet": radimagenet, "random": None}
 
 
+@pytest.mark.numerics
 def test_the_papers_three_arms_are_one_network_with_their_preprocessing(paper_h5, tmp_path):
     caffe_bgr_means = (103.939, 116.779, 123.68)
     scales = {"imagenet_keras": 1.0, "radimagenet": 1 / 255, "random": 1.0}
@@ -337,6 +338,7 @@ def lite0_imagenet():
     return model.eval(), prep
 
 
+@pytest.mark.numerics
 def test_lite0_package_weights_classify_a_cat_as_a_cat(lite0_imagenet):
     model, prep = lite0_imagenet
     cat = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1)[None].float()
@@ -375,6 +377,7 @@ def test_lite0_mapping_is_refused_when_shapes_disagree():
         sources.map_lite0_state_dict(one_short, model)
 
 
+@pytest.mark.numerics
 def test_lite0_fine_tuning_model_has_fresh_two_way_head():
     torch.manual_seed(0)
     model, prep = create_model("imagenet_lite0")

@@ -162,6 +162,7 @@ def test_dicom_images_are_converted_once_with_monochrome1_inverted(tmp_path):
     load_manifest(tmp_path / "out/manifest.csv")       # its paths point at the PNGs
 
 
+@pytest.mark.numerics
 def test_a_grid_on_a_users_own_table_runs_from_a_file_outside_the_project(tmp_path):
     """The grid file, the data and the runs all live outside the checkout; sex (sampled from
     the table's own column) and tag (synthetic) confounders at p = 1, one fold, one source."""

@@ -87,6 +87,7 @@ def same_state(model, state):
     return all(torch.equal(current[k], state[k]) for k in state)
 
 
+@pytest.mark.numerics
 def test_learns_an_easy_task():
     model, result, val = _train()
     history = result.history
@@ -102,6 +103,7 @@ def test_learns_an_easy_task():
     assert loss == pytest.approx(history["val_loss"].min(), rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_restores_the_best_epoch_not_the_last():
     model, result, val = _train(val=steered(["high", "low", "high", "high", "high"]), epochs=5)
     losses = result.history["val_loss"].to_numpy()
@@ -113,6 +115,7 @@ def test_restores_the_best_epoch_not_the_last():
     assert not same_state(model, val.states[4])
 
 
+@pytest.mark.numerics
 def test_early_stopping_after_patience_epochs_without_improvement():
     model, result, val = _train(val=steered(["high", "low", "high", "high"] + ["low"] * 6),
                                 epochs=10, patience=2)
@@ -129,6 +132,7 @@ def test_early_stopping_after_patience_epochs_without_improvement():
     assert same_state(model, val.states[2])
 
 
+@pytest.mark.numerics
 def test_a_nan_validation_loss_is_never_the_best():
     model, result, val = _train(val=steered(["high", "low", "nan", "nan", "nan"]), epochs=5)
     history = result.history
@@ -141,6 +145,7 @@ def test_a_nan_validation_loss_is_never_the_best():
     assert result.epochs_run == 4 and result.best_epoch == 2
 
 
+@pytest.mark.numerics
 def test_training_that_diverges_in_every_epoch_is_an_error():
     # lr 1e20 sends the weights to inf in the first step: every validation loss is NaN.
     with pytest.raises(TrainingError) as error:
@@ -151,6 +156,7 @@ def test_training_that_diverges_in_every_epoch_is_an_error():
     assert "Lower the learning rate (lr=1e+20)" in message
 
 
+@pytest.mark.numerics
 def test_cpu_training_is_reproducible():
     _, first, _ = _train(seed=4, epochs=3)
     _, second, _ = _train(seed=4, epochs=3)
@@ -185,6 +191,7 @@ def test_bad_settings_are_refused():
         assert resolve_device("auto").type == "cpu"
 
 
+@pytest.mark.numerics
 def test_scoring_never_runs_under_autocast_while_training_does(monkeypatch):
     """The validation loss that picks the checkpoint and the test scores are fp32 on every
     device: predict never enters training's autocast (bf16 on a GPU), train_model does."""
