@@ -91,7 +91,7 @@ def make_dataset(cache: ImageCache, confounder: str) -> ConfoundedImageDataset:
     if confounder != "none":
         from sm_utils.confounders import get_confounder
 
-        conf = get_confounder(confounder)
+        conf = get_confounder(confounder, resolution="input")  # the images live only in the cache
     return ConfoundedImageDataset(rows, cache, confounder=conf, seed=0,
                                   augmentation=PAPER_AUGMENTATION)
 
