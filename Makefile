@@ -124,3 +124,13 @@ test-report: $(STAMP)
 	    $(TEX_PACKAGES) >/dev/null; \
 	fi
 	$(BIN)/python -m pytest -m report tests  # the LaTeX compiled, its numbers against results.csv
+
+# make gpu-wheels      the wheels the GPU check carries to a GPU machine that reaches no package
+#                      registry (Python 3.12, its own torch): what sm_utils needs beyond the image's
+#                      packages (benchmarks/gpu_image.txt), for CPython 3.12 on manylinux x86-64 at
+#                      the lock's versions, into .gpu-wheels/ (git-ignored); prints the folder's and
+#                      the tracked checkout's sizes and fails if together they pass 64 MiB
+GPU_WHEELS := .gpu-wheels
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py --dest $(GPU_WHEELS)
