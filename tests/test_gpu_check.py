@@ -14,7 +14,7 @@ import pandas as pd
 from sm_utils.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["environment", "gpu_tests", "bench_training", "bench_grid", "tiny_grid",
+STEPS = ["setup", "environment", "gpu_tests", "bench_training", "bench_grid", "tiny_grid",
          "gpu_check_report"]
 
 
