@@ -94,7 +94,9 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 step setup 40 "${SETUP[@]}"
 if [ ${#FAILED[@]} -gt 0 ]; then
-  sed -n '/set-up FAILED/,$p' "$OUT/setup.log"
+  # all of what it found missing, where the step's last lines above did not show it all
+  failure=$(sed -n '/set-up FAILED/,$p' "$OUT/setup.log")
+  [ "$(printf '%s\n' "$failure" | wc -l)" -gt 7 ] && printf '%s\n' "$failure"
   echo "gpu_check: the set-up failed, so no step can run (its log: $OUT/setup.log)"
   exit 1
 fi

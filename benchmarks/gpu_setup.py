@@ -48,7 +48,7 @@ class SetupError(Exception):
     pass
 
 
-def install(wheels: Path, target: Path, kernel_prefix: Path) -> list[str]:
+def install(wheels: Path, target: Path) -> list[str]:
     """Install the folder's wheels into ``target``; returns the wheel files' names."""
     files = sorted(wheels.glob("*.whl"))
     if not files:
@@ -75,16 +75,21 @@ def install(wheels: Path, target: Path, kernel_prefix: Path) -> list[str]:
     else:
         print(f"{sys.executable} has no pip: unpacking the wheels as pip --target would")
         unpack(files, target)
+    importlib.invalidate_caches()
+    print(f"installed {len(files)} wheels from {wheels} into {target} in "
+          f"{time.perf_counter() - started:.1f} s")
+    return [f.name for f in files]
+
+
+def install_kernel_spec(kernel_prefix: Path) -> None:
+    """The python3 kernel spec, for this Python, into PREFIX/share/jupyter/kernels."""
     done = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix",
                            str(kernel_prefix), "--name", "python3"],
                           check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SetupError(f"the python3 kernel spec could not be installed (is ipykernel's wheel "
-                         f"in {wheels}?):\n{done.stderr.strip()}")
-    importlib.invalidate_caches()
-    print(f"installed {len(files)} wheels from {wheels} into {target} in "
-          f"{time.perf_counter() - started:.1f} s; kernel spec python3 in {kernel_prefix}")
-    return [f.name for f in files]
+        raise SetupError(f"the python3 kernel spec could not be installed:\n"
+                         f"{done.stderr.strip()}")
+    print(f"kernel spec python3 in {kernel_prefix}/share/jupyter/kernels")
 
 
 def unpack(files: list[Path], target: Path) -> None:
@@ -207,7 +212,7 @@ def main() -> int:
     target = args.target if args.wheels is not None else None
     try:
         if args.wheels is not None:
-            install(args.wheels, args.target, args.kernel_prefix)
+            install(args.wheels, args.target)
         missing, versions = unmet_requirements(target)
         for line in versions:
             print(f"warning: another version than asked: {line}")
@@ -218,6 +223,8 @@ def main() -> int:
                 "\nRebuild the wheel folder with `make gpu-wheels` (benchmarks/gpu_image.txt "
                 "lists what the image has) and carry it" if args.wheels is not None else
                 "\nInstall them (`make setup`), or carry the wheel folder (--wheels)"))
+        if args.wheels is not None:
+            install_kernel_spec(args.kernel_prefix)
         check_imports(target)
         check_kernel()
     except ImportError as err:
