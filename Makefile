@@ -134,3 +134,26 @@ GPU_WHEELS := .gpu-wheels
 .PHONY: gpu-wheels
 gpu-wheels:
 	$(PYTHON) benchmarks/gpu_wheels.py --dest $(GPU_WHEELS)
+
+# make gpu-rehearsal   the GPU check rehearsed here as on the GPU machine: a Python 3.12 environment
+#                      of only the image's packages (.venv-gpu-rehearsal, kept; about 6 GB with
+#                      torch's CUDA build), the wheels of .gpu-wheels installed by gpu_check.sh (no
+#                      index, no deps, into a folder on PYTHONPATH), every step on the CPU
+#                      (--cpu-rehearsal); then the same with papermill's wheel left out, which must
+#                      stop at the set-up naming it (tests/test_gpu_rehearsal.py, -m gpu_rehearsal)
+GPU_VENV  := .venv-gpu-rehearsal
+GPU_STAMP := $(GPU_VENV)/.installed-stamp
+GPU_PY ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; \
+  done)
+.PHONY: gpu-rehearsal
+$(GPU_STAMP): benchmarks/gpu_image.txt constraints.txt
+	@[ -n "$(GPU_PY)" ] || { echo "no Python 3.12 found: make gpu-rehearsal GPU_PY=/path/to/python3.12"; exit 1; }
+	rm -rf $(GPU_VENV)
+	$(GPU_PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet -c constraints.txt -r benchmarks/gpu_image.txt
+	touch $(GPU_STAMP)
+
+gpu-rehearsal: $(STAMP) $(GPU_STAMP)
+	@[ -f $(GPU_WHEELS)/wheels.txt ] || $(MAKE) gpu-wheels
+	$(BIN)/python -m pytest -m gpu_rehearsal -p no:randomly -s -v tests/test_gpu_rehearsal.py
