@@ -92,7 +92,7 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "gpu_check.sh --dry-run: would run with $PYTHON${WHEELS:+ and the wheels of $WHEELS}," \
        "each step's log to $OUT/NAME.log (at most 540 s in all):"
 fi
-step setup 40 "${SETUP[@]}"
+step setup 60 "${SETUP[@]}"
 if [ ${#FAILED[@]} -gt 0 ]; then
   # all of what it found missing, where the step's last lines above did not show it all
   failure=$(sed -n '/set-up FAILED/,$p' "$OUT/setup.log")
@@ -114,7 +114,7 @@ training: {image_size: 32, epochs: 1, batch_size: 16, patience: 1}
 run: {device: cpu}
 YAML
   RUNS=$WORK/runs
-  step environment 30 sh -c "echo 'CPU rehearsal: nvidia-smi and the GPU skipped'; $PYTHON -c \
+  step environment 20 sh -c "echo 'CPU rehearsal: nvidia-smi and the GPU skipped'; $PYTHON -c \
 'import sm_utils, torch; print(\"torch\", torch.__version__, \"cuda build\", torch.version.cuda, \
 \"available\", torch.cuda.is_available())'"
   step gpu_tests 120 "$PYTHON" -m pytest -q -p no:randomly -rs tests/test_gpu.py \
@@ -126,7 +126,7 @@ YAML
   step tiny_grid 120 "$PYTHON" -m sm_utils run configs/gpu_check.yaml \
     --override "$WORK/rehearsal.yaml" --no-analysis --progress off
 else
-  step environment 30 sh -c "nvidia-smi; nvidia-smi -L; $PYTHON -c 'import sm_utils, torch; \
+  step environment 20 sh -c "nvidia-smi; nvidia-smi -L; $PYTHON -c 'import sm_utils, torch; \
 print(\"torch\", torch.__version__, \"cuda build\", torch.version.cuda, \"available\", \
 torch.cuda.is_available()); print(torch.cuda.get_device_name(0), \
 torch.cuda.get_device_properties(0).total_memory / 2**30, \"GiB\")'"
@@ -140,7 +140,7 @@ torch.cuda.get_device_properties(0).total_memory / 2**30, \"GiB\")'"
   step tiny_grid 120 "$PYTHON" -m sm_utils run configs/gpu_check.yaml --no-analysis \
     --progress off
 fi
-step gpu_check_report 20 "$PYTHON" benchmarks/gpu_check_report.py "$RUNS" \
+step gpu_check_report 10 "$PYTHON" benchmarks/gpu_check_report.py "$RUNS" \
   --csv "$OUT/gpu_check_report.csv"
 
 [ "$DRY_RUN" = 1 ] && exit 0
