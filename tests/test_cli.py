@@ -61,6 +61,7 @@ def test_paper_cxr_cell_count(capsys):
     assert "valid; 360 cells" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_dry_run_then_run_then_analyse(tmp_path, capsys):
     path = fake_grid(tmp_path)
     assert main(["run", str(path), "--no-check-names", "--dry-run"]) == 0
@@ -139,6 +140,7 @@ def test_check_splits_reports_leaks(tmp_path, capsys):
     assert "role" in out and "images" in out
 
 
+@pytest.mark.slow
 def test_a_cell_failing_outside_its_notebook_is_summarised_by_its_exception(tmp_path, capsys,
                                                                               monkeypatch):
     import shutil
@@ -173,6 +175,7 @@ def test_a_cell_failing_outside_its_notebook_is_summarised_by_its_exception(tmp_
     assert "1 failed" in listing and "FileNotFoundError" in listing
 
 
+@pytest.mark.slow
 def test_a_tiny_grid_prints_no_warning(tmp_path):
     path = fake_grid(tmp_path)
     result = subprocess.run([sys.executable, "-m", "sm_utils", "run", str(path), "--no-check-names",
@@ -184,6 +187,7 @@ def test_a_tiny_grid_prints_no_warning(tmp_path):
     assert [line for line in output.splitlines() if "warning" in line.lower()] == []
 
 
+@pytest.mark.slow
 def test_a_failed_preparation_ends_in_one_line_naming_the_step_and_cause(tmp_path):
     spec = yaml.safe_load(fake_grid(tmp_path).read_text())
     spec["datasets"] = [{"name": "phantom_cxr", "manifest": "built/manifest.csv",

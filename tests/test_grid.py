@@ -154,6 +154,7 @@ def test_run_ids_are_equal_across_clones_at_different_paths(tmp_path):
     assert all(str(tmp_path) not in json.dumps(c.run_id) for c in first)
 
 
+@pytest.mark.slow
 def test_a_rebuilt_manifest_with_other_content_makes_its_cells_run_again(tmp_path):
     path = clone_grid(tmp_path / "a")
     spec = load_grid(path, check_names=False)
@@ -218,6 +219,7 @@ def test_override_files_merge_named_entries_and_replace_the_rest(tmp_path):
 # --------------------------------------------------------------------------- execution
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_and_the_rest_continues(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_FAKE_FAIL_SOURCE", "random")
     spec = load_grid(write_grid(tmp_path, confounders=["tag"]), check_names=False)
@@ -363,6 +365,7 @@ def test_device_auto_without_a_gpu_says_so_once(tmp_path, monkeypatch):
     assert messages == ["device auto: no NVIDIA GPU here, every cell runs on the CPU"]
 
 
+@pytest.mark.slow
 def test_the_cell_after_a_failure_runs_in_a_fresh_kernel(tmp_path, monkeypatch):
     """A failed cell's traceback (sys.last_traceback) would keep its model and, on a GPU, its
     memory alive in the kernel: the next cell must not inherit it."""
@@ -380,6 +383,7 @@ def test_the_cell_after_a_failure_runs_in_a_fresh_kernel(tmp_path, monkeypatch):
     assert after_success and all(after_success)  # and the same one after a success
 
 
+@pytest.mark.slow
 def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir()
@@ -428,6 +432,7 @@ def test_grid_killed_midway_resumes_to_the_uninterrupted_results(tmp_path):
     assert not (stale / "predictions.csv").read_text().startswith("half")
 
 
+@pytest.mark.slow
 def test_two_launches_at_once_run_each_cell_once(tmp_path):
     path = write_grid(tmp_path)
     spec = load_grid(path, check_names=False)
@@ -575,6 +580,7 @@ def test_a_grid_with_unrunnable_cells_is_refused_before_anything_starts(tmp_path
     assert not spec.runs_dir.exists()  # nothing was prepared or run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, expected", [
     ("SM_FAKE_KILL_WORKER_RUN_ID", "died (exit code -9) during this cell"),
     ("SM_FAKE_EXIT_KERNEL_RUN_ID", "DeadKernelError"),

@@ -162,6 +162,7 @@ def test_an_unknown_mode_is_refused_with_the_valid_ones():
             "got 'fast'") in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not numerics.pinnable(), reason="numerics are pinned on x86-64 only")
 def test_numpy_imported_first_is_named_and_training_warns():
     done = python("import numpy\nimport sm_utils, torch\nfrom sm_utils import numerics\n"

@@ -55,6 +55,7 @@ def test_sbatch_refusal_is_reported_with_its_message(tmp_path, monkeypatch, fake
         run(tiny_grid(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cells_per_job", [1, 2])
 def test_slurm_block_becomes_sbatch_options_and_cells_group_into_array_tasks(
         tmp_path, fake_slurm, cells_per_job):
@@ -106,6 +107,7 @@ def test_a_failing_cell_inside_an_array_task_is_reported_alone(tmp_path, fake_sl
     assert all(c.status == "failed" for c in failed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accounting", [
     True, False])
 def test_a_failed_array_task_is_reported_for_each_of_its_cells(tmp_path, fake_slurm, monkeypatch,
@@ -126,6 +128,7 @@ def test_a_failed_array_task_is_reported_for_each_of_its_cells(tmp_path, fake_sl
         assert "FAILED" in message or "failed" in message
 
 
+@pytest.mark.slow
 def test_a_timed_out_grid_cancels_its_jobs_and_reports_each_unfinished_cell(
         tmp_path, fake_slurm, monkeypatch):
     spec = tiny_grid(tmp_path, cells_per_job=2)
