@@ -50,6 +50,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable within units
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: pytest runs without it too
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with the notebooks as one file (xdist's own ``loadgroup`` markers do
     not reach its scheduler under pytest 9)."""

@@ -24,7 +24,7 @@ class ModelUse:
         self.folder = folder
         self.in_process = False
         self.file: Path | None = None
-        self.fixtures: set[str] = set()  # fixtures whose set-up ran a model
+        self.fixtures: set[tuple[str, str]] = set()  # (where, name) of fixtures that ran one
         self.count = 0
         torch.nn.modules.module.register_module_forward_hook(self._forward)
 
@@ -71,7 +71,7 @@ def pytest_fixture_setup(fixturedef, request):
     before = use.seen()
     result = yield
     if not before and use.seen():
-        use.fixtures.add(fixturedef.argname)
+        use.fixtures.add((fixturedef.baseid, fixturedef.argname))
     return result
 
 
@@ -80,7 +80,9 @@ def pytest_runtest_teardown(item, nextitem):
     result = yield
     use = item.config.stash[MODEL_USE]
     if isinstance(item, pytest.Function) and item.get_closest_marker("numerics") is None:
-        through = sorted(use.fixtures & set(getattr(item, "fixturenames", ())))
+        names = set(getattr(item, "fixturenames", ()))
+        through = sorted(name for where, name in use.fixtures
+                         if name in names and item.nodeid.startswith(where))
         if use.seen() or through:
             where = f" (through fixture {', '.join(through)})" if through else ""
             pytest.fail(f"{item.nodeid} runs a model{where} but is not marked "
