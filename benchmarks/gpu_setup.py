@@ -23,7 +23,6 @@ import importlib.metadata
 import importlib.util
 import os
 import pkgutil
-import re
 import shutil
 import subprocess
 import sys
@@ -40,8 +39,9 @@ except ImportError:  # packaging comes with pytest in the image; else pip's own 
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
 
+from gpu_wheels import IMAGE_OWN  # beside this script: the packages the image brings
+
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_OWN = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia[-_].*|cuda[-_].*)$")
 
 
 class SetupError(Exception):
@@ -54,7 +54,7 @@ def install(wheels: Path, target: Path) -> list[str]:
     if not files:
         raise SetupError(f"no wheels in {wheels}: build the folder with `make gpu-wheels` and "
                          "carry it")
-    own = [f.name for f in files if IMAGE_OWN.match(f.name.split("-")[0].lower())]
+    own = [f.name for f in files if IMAGE_OWN.match(canonicalize_name(f.name.split("-")[0]))]
     if own:
         raise SetupError(f"{wheels} holds {own}: the check uses the image's own torch and "
                          "never installs one; rebuild the folder with `make gpu-wheels`")
