@@ -138,7 +138,13 @@ def cmd_analyse(args) -> int:
 
 def cmd_claims(args) -> int:
     from .analysis import collect_results, load_results
-    from .analysis.claims import check_claims, claims_against_paper, format_claims, paper_claims
+    from .analysis.claims import (
+        check_claims,
+        claims_against_paper,
+        format_claims,
+        paper_claims,
+        summary_text,
+    )
 
     roles, datasets = _roles(args.role), None
     if args.paper:
@@ -162,6 +168,8 @@ def cmd_claims(args) -> int:
         table = claims_against_paper(check_claims(results, roles or None, metric=args.metric),
                                      datasets=datasets)
     print(format_claims(table, args.format), end="" if args.format != "text" else "\n")
+    if args.format == "text":
+        print(summary_text(table))
     return 0
 
 

@@ -87,12 +87,13 @@ def test_dry_run_then_run_then_analyse(tmp_path, capsys):
     assert (tmp_path / "runs/clitest/claims.md").read_text().startswith("# The paper's claims")
     claim2 = claims[claims["claim"] == "2"].iloc[0]
     assert claim2["verdict"] == "not testable here" and "in_domain" in claim2["why"]
-    claim5b = claims[claims["claim"] == "5b"].iloc[0]
-    assert claim5b["sources"] == "random vs imagenet_lite0"
-    assert claim5b["verdict"] == "cannot tell with these folds" and claim5b["min_p"] == 0.25
+    claim5b = claims[(claims["claim"] == "5b") & (claims["measure"] == "fall vs ImageNet")]
+    assert list(claim5b["sources"]) == ["imagenet_lite0 vs random"]
+    assert list(claim5b["verdict"]) == ["cannot tell with these folds"]
+    assert list(claim5b["min_p"]) == [0.25]
     capsys.readouterr()
     assert main(["claims", str(tmp_path / "runs/clitest"), "--format", "csv"]) == 0
-    assert "random vs imagenet_lite0" in capsys.readouterr().out
+    assert "imagenet_lite0 vs random" in capsys.readouterr().out
 
     assert main(["run", str(path), "--no-check-names", "--dry-run"]) == 0
     assert "8 cells (8 done, 0 failed, 0 partial, 0 pending)" in capsys.readouterr().out

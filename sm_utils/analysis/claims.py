@@ -1,30 +1,53 @@
-"""The paper's claims as pre-registered checks on a results table.
+"""The paper's claims as checks on a results table, specified before any result was seen.
 
-Each claim names its quantity (computed per fold from the table), the sources it needs in the
-claim's roles (``imagenet``: ImageNet-like; ``in_domain``: RadImageNet-like; ``random``), its
-test and what "holds" means:
+Each claim states the paper's finding (as this compendium reads it: DESIGN.md, section 2) and
+the quantities that test it, computed per fold from the table for the sources in the claim's
+roles (``imagenet``: ImageNet-like; ``in_domain``: RadImageNet-like; ``random``). A claim about
+robustness is measured two ways side by side where they can differ:
 
-- directional claims: a one-sided fold-paired sign-flip permutation test of the mean
-  difference (exact over the 2^n sign patterns); *holds* at p <= alpha in the claimed
-  direction, *cannot tell with these folds* when even the most extreme data could not reach
-  alpha (2^-n > alpha: 3 folds give 1/8), else *does not hold*;
-- equivalence claims (1, 4): two one-sided sign-flip tests against +-``margin`` (TOST);
-  *holds* when both reject.
+- **level** (as the paper tested it): a source's o.o.d. AUC, averaged over p (the area under
+  its AUC-vs-p curve over the p range) and at each p > 0;
+- **fall** (robustness): each source's o.o.d. AUC at p = 0 minus its AUC at p, averaged over p
+  the same way. A source that starts higher can be higher at every p and still fall further;
+  the table's ``note`` says so where level and fall disagree. (Over one p grid the two differ
+  by exactly the difference at p = 0: fall_a - fall_b = (a_0 - b_0) - (level_a - level_b).)
 
-Every verdict row carries the effect (mean fold difference), its t interval, the p-value and
-the smallest p the folds allow. On means alone (the paper's reported numbers: one value per
-p) no test exists: the verdict is on direction and size (``|effect| >= margin``) and says so.
-A claim whose sources, confounders or folds are missing says "not testable here" and why.
+The test: fold-paired differences d (one per fold; every fold is scored on one and the same
+test set, so each verdict is *conditional on that test set*: it says the sources differ on
+these test patients, not in a new sample of patients). Directional claims take the one-sided
+sign-flip permutation test of mean(d), exact over the 2^n sign patterns; equivalence claims
+two such tests against -margin and +margin (TOST). The verdicts:
+
+- *holds*: the test rejects in the claimed direction at alpha;
+- *the opposite holds*: the opposite one-sided test rejects at alpha (for an equivalence
+  claim: one of the two tests that |difference| > margin rejects at alpha / 2);
+- *cannot tell with these folds*: even the most extreme signs could not reach alpha: the
+  smallest p these data allow, 2^-k over the k non-zero differences, is above alpha (3 folds:
+  1/8; a fold whose difference is exactly 0 cannot vote);
+- *not shown*: the test could have rejected and did not (failing to reject refutes nothing);
+- *not testable here*: a source, a confounder, a prevalence or a second fold is missing.
+
+The interval beside each row matches its test: the inversion of the same sign-flip test, a
+one-sided 95 % bound (1 - alpha) for a directional claim and the 90 % interval (1 - 2 alpha)
+of a TOST; it is exact and can be infinite where the folds cannot bound the effect.
+A claim over several confounders holds as a whole only where every one of its rows holds
+(an intersection-union test: each row at alpha, the claim at alpha); ``p_holm`` offers Holm
+over a claim's rows of one measure for those who want "holds for at least this confounder".
+
+On means alone (the paper's reported numbers: one value per p) no test exists: a directional
+claim is read off the means when its effect exceeds what reading them can move it
+(:data:`READING_ERROR`), an equivalence when the effect is within the margin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import product
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from scipy.integrate import trapezoid  # numpy.trapezoid needs numpy >= 2
 
 from .paper import ARM_CANDIDATES
@@ -35,21 +58,51 @@ ROLE_CANDIDATES = {"imagenet": ARM_CANDIDATES["ImageNet"],
                    "in_domain": ARM_CANDIDATES["RadImageNet"], "random": ("random",)}
 ALPHA = 0.05
 MARGIN = 0.05          # AUC: the size below which two sources count as "comparable"
-HOLDS, FAILS, CANNOT, UNTESTABLE = ("holds", "does not hold", "cannot tell with these folds",
-                                    "not testable here")
-SHORTCUTS = ("tag", "lowpass", "denoising", "sex")   # the confounders of claims 2, 3 and 6
-NOISE = ("xray_noise",)                               # claim 4's exception
-CLAIM_COLUMNS = ["claim", "statement", "dataset", "arch", "confounder", "quantity", "roles",
-                 "sources", "effect", "ci_low", "ci_high", "p_value", "min_p", "n_folds", "verdict", "why"]
+# Means only: the paper's means are printed to 0.01 or read off its figures to about +-0.01,
+# so a difference of two of them can be off by 0.02.
+READING_ERROR = 0.02
+SMALL_P = 0.2          # claim 6: "already at p = 0.1-0.2"
+HOLDS, NOT_SHOWN, OPPOSITE, CANNOT, UNTESTABLE = (
+    "holds", "not shown", "the opposite holds", "cannot tell with these folds",
+    "not testable here")
+CANNOT_FROM_MEANS = "cannot tell from means"
+VERDICTS = (HOLDS, NOT_SHOWN, OPPOSITE, CANNOT, UNTESTABLE, CANNOT_FROM_MEANS)
+# The shortcut confounders, by this registry's names and the paper's table's (denoising,
+# xray_noise_in_ct); the CT ones are LIDC-IDRI's.
+SHORTCUTS = ("tag", "lowpass", "denoising", "sex", "ct_noise", "xray_noise_ct",
+             "xray_noise_in_ct")
+NOISE = ("xray_noise",)                     # claim 4's exception (chest X-rays)
+FILTERS = ("tag", "lowpass", "denoising")   # claim 5b: random init nearly immune
+LEARNT_BY_RANDOM = ("sex", "xray_noise", "ct_noise", "xray_noise_ct", "xray_noise_in_ct")
+CLAIM_COLUMNS = ["claim", "statement", "dataset", "arch", "confounder", "measure", "quantity",
+                 "roles", "sources", "effect", "ci_low", "ci_high", "interval", "p_value",
+                 "min_p", "n_folds", "verdict", "p_holm", "n_rows", "why", "note"]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One quantity that tests a claim: ``values(table, source, confounder, metric)`` per fold
+    (a Series by fold, or a DataFrame of several such columns, one row of the table each), for
+    the source in role ``first`` against the one in ``second`` (``None``: against 0).
+    ``kind``: "greater" (first > second) or "equivalent" (|first - second| < margin)."""
+
+    name: str
+    quantity: str
+    values: Callable[..., pd.Series | pd.DataFrame]
+    first: str
+    second: str | None = None
+    kind: str = "greater"
 
 
 @dataclass(frozen=True)
 class Claim:
-    """One of the paper's claims: ``check(table, roles, context)`` yields verdict rows."""
+    """One of the paper's claims: its statement, the confounders it concerns (``None``: a claim
+    on clean data, at p = 0) and its measures (the first is the one its statement names)."""
 
     id: str
     statement: str
-    check: Callable[..., list[dict]]
+    measures: tuple[Measure, ...]
+    confounders: tuple[str, ...] | None = None
 
 
 def claim_roles(table: pd.DataFrame, roles: dict[str, str] | None = None) -> dict[str, str]:
@@ -57,10 +110,15 @@ def claim_roles(table: pd.DataFrame, roles: dict[str, str] | None = None) -> dic
     by the paper's and the demo's names (:data:`ROLE_CANDIDATES`); a role with no source
     present is left out, one with several candidates raises."""
     present = set(table["source"].dropna())
-    found = {role: source for role, source in (roles or {}).items() if role in ROLES}
     unknown = set(roles or {}) - set(ROLES)
     if unknown:
         raise AnalysisError(f"unknown claim roles {sorted(unknown)}; the roles are {list(ROLES)}")
+    found = dict(roles or {})
+    absent = {role: source for role, source in found.items() if source not in present}
+    if absent:
+        raise AnalysisError(
+            f"the claims' roles name source(s) this table does not have: {absent}; its sources "
+            f"are {sorted(present)}. Fix claims: {{roles: ...}} in the grid file (or --role).")
     for role, candidates in ROLE_CANDIDATES.items():
         if role in found:
             continue
@@ -75,23 +133,6 @@ def claim_roles(table: pd.DataFrame, roles: dict[str, str] | None = None) -> dic
 
 # --- quantities per fold -----------------------------------------------------------------------
 
-def _curve(part: pd.DataFrame, metric: str) -> pd.Series:
-    """Per fold: the mean AUC over the p range (area under the AUC-vs-p curve / range)."""
-    out = {}
-    for fold, rows in part.groupby("fold"):
-        curve = rows.groupby("p")[metric].mean().sort_index()
-        if len(curve) < 2 or curve.isna().any():
-            continue
-        span = curve.index[-1] - curve.index[0]
-        out[fold] = float(trapezoid(curve.to_numpy(), curve.index.to_numpy()) / span)
-    return pd.Series(out, dtype=float)
-
-
-def _at(part: pd.DataFrame, p: float, metric: str) -> pd.Series:
-    rows = part[np.isclose(part["p"], p)]
-    return rows.groupby("fold")[metric].mean()
-
-
 def _rows(table, source, confounder=None, test_set=None):
     part = table[table["source"] == source]
     if confounder is not None:
@@ -101,76 +142,180 @@ def _rows(table, source, confounder=None, test_set=None):
     return part
 
 
-def _clean_at_zero(table, source, metric) -> pd.Series:
-    """Per fold: the clean-test AUC at p = 0 (the i.i.d. one where there is no clean set),
-    averaged over the confounders (at p = 0 none is applied)."""
+def _curves(part: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Fold x p: the AUC (mean over seeds and strengths, if several)."""
+    if part.empty:
+        return pd.DataFrame()
+    return part.groupby(["fold", "p"])[metric].mean().unstack("p").sort_index(axis=1)
+
+
+def _over_p(curves: pd.DataFrame) -> pd.Series:
+    """Per fold: the mean over the p range (area under the curve / range, trapezoidal)."""
+    curves = curves.dropna()
+    if curves.shape[1] < 2:
+        return pd.Series(dtype=float)
+    ps = curves.columns.to_numpy(dtype=float)
+    return pd.Series(trapezoid(curves.to_numpy(), ps, axis=1) / (ps[-1] - ps[0]),
+                     index=curves.index, dtype=float)
+
+
+def _fall(curves: pd.DataFrame) -> pd.DataFrame:
+    """Fold x p: the AUC at p = 0 minus the AUC at p (0 at p = 0)."""
+    zero = [p for p in curves.columns if np.isclose(p, 0.0)]
+    if not zero:
+        return pd.DataFrame()
+    return -(curves.sub(curves[zero[0]], axis=0))
+
+
+def ood_level(table, source, confounder, metric):
+    return _over_p(_curves(_rows(table, source, confounder, "ood"), metric))
+
+
+def ood_level_at_each_p(table, source, confounder, metric):
+    curves = _curves(_rows(table, source, confounder, "ood"), metric)
+    positive = [p for p in curves.columns if p > 0]
+    return curves[positive].rename(columns=lambda p: f"level at p = {p:g}")
+
+
+def ood_fall(table, source, confounder, metric):
+    return _over_p(_fall(_curves(_rows(table, source, confounder, "ood"), metric)))
+
+
+def iid_level(table, source, confounder, metric):
+    return _over_p(_curves(_rows(table, source, confounder, "iid"), metric))
+
+
+def iid_rise(table, source, confounder, metric):
+    return -_over_p(_fall(_curves(_rows(table, source, confounder, "iid"), metric)))
+
+
+def small_p_fall(table, source, confounder, metric):
+    """Per fold: the mean o.o.d. AUC fall from p = 0 over the prevalences 0 < p <= 0.2."""
+    fall = _fall(_curves(_rows(table, source, confounder, "ood"), metric))
+    small = [p for p in fall.columns if 0 < p <= SMALL_P + 1e-9]
+    return fall[small].dropna().mean(axis=1) if small else pd.Series(dtype=float)
+
+
+def clean_at_zero(table, source, confounder, metric) -> pd.Series:
+    """Per fold: the clean-test AUC at p = 0 (the i.i.d. one where there is no clean test set,
+    the o.o.d. one in the paper's CT table, where nothing else was reported), averaged over the
+    confounders (at p = 0 none is applied)."""
     zero = table[(table["source"] == source) & np.isclose(table["p"], 0.0)]
-    test_set = "clean" if (zero["test_set"] == "clean").any() else "iid"
-    zero = zero[zero["test_set"] == test_set]
-    if zero.empty:  # the paper's reported table: o.o.d. AUC at p = 0
-        zero = table[(table["source"] == source) & np.isclose(table["p"], 0.0)]
-    return zero.groupby("fold")[metric].mean()
+    for test_set in ("clean", "iid", "ood"):
+        rows = zero[zero["test_set"] == test_set]
+        if not rows.empty:
+            return rows.groupby("fold")[metric].mean()
+    return pd.Series(dtype=float)
 
 
-# --- tests -------------------------------------------------------------------------------------
+# --- the fold-paired test ----------------------------------------------------------------------
 
-def _sign_flip_p(differences: np.ndarray) -> tuple[float, float]:
-    """(one-sided p that the mean difference is > 0, the smallest p these folds allow)."""
-    n = len(differences)
-    if np.allclose(differences, 0):
-        return 1.0, 0.5 ** n
-    result = stats.permutation_test((differences,), np.mean, permutation_type="samples",
-                                    alternative="greater", n_resamples=np.inf)
-    return float(result.pvalue), 0.5 ** n
+_TOLERANCE = 1e-12
 
 
-def _interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    n = len(differences)
-    if n < 2:
-        return np.nan, np.nan
-    mean, sem = float(np.mean(differences)), float(stats.sem(differences))
-    if sem == 0:
-        return mean, mean
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sem
-    return mean - half, mean + half
+@lru_cache(maxsize=32)
+def _subsets(n: int) -> tuple[np.ndarray, np.ndarray]:
+    masks = np.array(list(product((0, 1), repeat=n))[1:], dtype=float)
+    return masks, masks.sum(axis=1)
 
 
-def _verdict(a: pd.Series, b: pd.Series, *, kind: str, alpha: float, margin: float,
-             means_only: bool = False) -> dict:
-    """Compare per-fold values ``a`` - ``b`` (folds matched by label): ``kind`` "greater"
-    (the claim: a > b) or "equivalent" (|a - b| < margin). ``means_only``: one value each (a
-    table of reported means), judged on direction and size."""
+def _subset_means(d: np.ndarray) -> np.ndarray:
+    """The mean of every non-empty subset of ``d`` (2^n - 1 values): the points where the
+    sign-flip p-value of d - delta jumps as delta moves."""
+    if len(d) > 20:
+        raise AnalysisError(f"{len(d)} folds: the exact sign-flip test enumerates 2^n patterns; "
+                            "at most 20 folds")
+    masks, sizes = _subsets(len(d))
+    return masks @ d / sizes
+
+
+def sign_flip_p(d: np.ndarray) -> float:
+    """One-sided p that mean(d) > 0: the share of the 2^n sign patterns whose mean is at least
+    the observed one (exact; equal to scipy's ``permutation_test(..., permutation_type=
+    "samples", alternative="greater")``). A pattern flipping the subset S is as extreme exactly
+    when the mean of d over S is <= 0, so p = (1 + #{S: mean_S(d) <= 0}) / 2^n."""
+    d = np.asarray(d, dtype=float)
+    return float((1 + np.sum(_subset_means(d) <= _TOLERANCE)) / 2 ** len(d))
+
+
+def smallest_p(d: np.ndarray) -> float:
+    """The smallest one-sided p these differences can reach, whatever their signs: 2^-k over
+    the k non-zero ones (a zero difference is the same under both signs)."""
+    return float(0.5 ** np.sum(np.abs(np.asarray(d, dtype=float)) > _TOLERANCE))
+
+
+def sign_flip_bounds(d: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
+    """(lower, upper): the one-sided 1 - alpha bounds on the mean difference from inverting the
+    sign-flip test: delta is rejected as too small exactly when fewer than alpha 2^n patterns
+    reach, i.e. below the floor(alpha 2^n)-th smallest subset mean (-inf when alpha 2^n < 1);
+    the upper bound mirrors it. Together: the 1 - 2 alpha two-sided interval of a TOST."""
+    d = np.asarray(d, dtype=float)
+    k = int(np.floor(alpha * 2 ** len(d) + 1e-9))
+    if k < 1:
+        return -np.inf, np.inf
+    means = np.sort(_subset_means(d))
+    return float(means[k - 1]), float(means[-k])
+
+
+def fold_verdict(d: np.ndarray, kind: str = "greater", alpha: float = ALPHA,
+                 margin: float = MARGIN) -> dict:
+    """The verdict on fold-paired differences ``d`` (see the module's docstring): effect,
+    matching interval, p-value, smallest reachable p and verdict."""
+    d = np.asarray(d, dtype=float)
+    low, high = sign_flip_bounds(d, alpha)
+    row = {"effect": float(d.mean()), "n_folds": len(d)}
+    if kind == "greater":
+        p, against = sign_flip_p(d), sign_flip_p(-d)
+        least = smallest_p(d)
+        row.update(ci_low=low, ci_high=np.inf,
+                   interval=f"one-sided {1 - alpha:.0%}: effect >= ci_low")
+    elif kind == "equivalent":  # TOST: both one-sided tests must reject
+        p = max(sign_flip_p(d + margin), sign_flip_p(margin - d))
+        against = 2 * min(sign_flip_p(d - margin), sign_flip_p(-margin - d))
+        least = max(smallest_p(d + margin), smallest_p(margin - d))
+        row.update(ci_low=low, ci_high=high, interval=f"{1 - 2 * alpha:.0%} (TOST)")
+    else:
+        raise ValueError(f"kind must be 'greater' or 'equivalent', not {kind!r}")
+    verdict = (HOLDS if p <= alpha else OPPOSITE if against <= alpha
+               else CANNOT if least > alpha else NOT_SHOWN)
+    return {**row, "p_value": p, "min_p": least, "verdict": verdict}
+
+
+def means_verdict(effect: float, kind: str = "greater", margin: float = MARGIN,
+                  reading_error: float = READING_ERROR) -> str:
+    """The verdict on one difference of reported means: no test, direction and size."""
+    if kind == "greater":
+        return (HOLDS if effect > reading_error else OPPOSITE if effect < -reading_error
+                else CANNOT_FROM_MEANS)
+    return (HOLDS if abs(effect) < margin else OPPOSITE if abs(effect) > margin + reading_error
+            else CANNOT_FROM_MEANS)
+
+
+def _compare(a: pd.Series, b: pd.Series, kind: str, ctx: dict) -> dict:
     folds = sorted(set(a.dropna().index) & set(b.dropna().index))
     if not folds:
         return {"verdict": UNTESTABLE, "why": "no fold has both values", "n_folds": 0}
     d = np.array([a[f] - b[f] for f in folds], dtype=float)
-    effect = float(d.mean())
-    low, high = _interval(d)
-    row = {"effect": effect, "ci_low": low, "ci_high": high, "n_folds": len(d)}
-    if means_only:
-        ok = (effect >= margin) if kind == "greater" else (abs(effect) < margin)
-        against = (effect <= -margin) if kind == "greater" else (abs(effect) >= margin)
-        verdict = HOLDS if ok else FAILS if against else "cannot tell from means"
-        return {**row, "verdict": verdict, "p_value": np.nan, "min_p": np.nan,
-                "why": f"means only, no test: effect {effect:+.3f} against a margin of {margin}"}
+    if ctx["means_only"]:
+        effect = float(d.mean())
+        margin = f" within +-{ctx['margin']}" if kind == "equivalent" else ""
+        return {"effect": effect, "n_folds": len(d), "interval": "none (means only)",
+                "verdict": means_verdict(effect, kind, ctx["margin"]),
+                "why": f"means only, no test: effect {effect:+.3f}{margin}, read to "
+                       f"+-{READING_ERROR}"}
     if len(d) < 2:
-        return {**row, "verdict": UNTESTABLE, "p_value": np.nan, "min_p": np.nan,
+        return {"effect": float(d.mean()), "n_folds": len(d), "verdict": UNTESTABLE,
                 "why": f"{len(d)} fold: a fold-paired test needs at least 2"}
-    if kind == "greater":
-        p, smallest = _sign_flip_p(d)
-    else:  # TOST: both one-sided tests must reject
-        p_low, smallest = _sign_flip_p(d + margin)
-        p_high, _ = _sign_flip_p(margin - d)
-        p = max(p_low, p_high)
-    verdict = HOLDS if p <= alpha else CANNOT if smallest > alpha else FAILS
-    why = (f"{len(d)} folds: the smallest p they allow is {smallest:.3g} > {alpha}"
-           if verdict == CANNOT else f"one-sided sign-flip test over {len(d)} folds"
-           + (f", equivalence within +-{margin}" if kind == "equivalent" else ""))
-    return {**row, "p_value": p, "min_p": smallest, "verdict": verdict, "why": why}
-
-
-def _settings(ctx: dict) -> dict:
-    return {"alpha": ctx["alpha"], "margin": ctx["margin"], "means_only": ctx["means_only"]}
+    row = fold_verdict(d, kind, ctx["alpha"], ctx["margin"])
+    if row["verdict"] == CANNOT:
+        nonzero = int(np.sum(np.abs(d) > _TOLERANCE))
+        why = (f"{len(d)} folds ({nonzero} with a non-zero difference): the smallest p they "
+               f"allow is {row['min_p']:.3g} > {ctx['alpha']}")
+    else:
+        why = (f"one-sided sign-flip test over {len(d)} folds"
+               + (f", equivalence within +-{ctx['margin']}" if kind == "equivalent" else "")
+               + ", on this test set")
+    return {**row, "why": why}
 
 
 def _need(roles: dict[str, str], *needed: str) -> str | None:
@@ -178,128 +323,154 @@ def _need(roles: dict[str, str], *needed: str) -> str | None:
     return f"no source in the role(s) {missing}" if missing else None
 
 
-# --- the claims --------------------------------------------------------------------------------
-
-def _comparable_when_clean(table, roles, ctx) -> list[dict]:
-    base = {"quantity": "clean AUC at p = 0", "confounder": "(none)",
-            "roles": "in_domain vs imagenet"}
-    if why := _need(roles, "imagenet", "in_domain"):
+def _measure_rows(claim: Claim, measure: Measure, table, roles, confounder, ctx) -> list[dict]:
+    compared = f"{measure.first} vs {measure.second}" if measure.second else measure.first
+    base = {"confounder": confounder or "(none)", "measure": measure.name,
+            "quantity": measure.quantity, "roles": compared}
+    if why := _need(roles, measure.first, *([measure.second] if measure.second else [])):
         return [{**base, "verdict": UNTESTABLE, "why": why}]
-    a = _clean_at_zero(table, roles["in_domain"], ctx["metric"])
-    b = _clean_at_zero(table, roles["imagenet"], ctx["metric"])
-    return [{**base, "sources": f"{roles['in_domain']} vs {roles['imagenet']}",
-             **_verdict(a, b, kind="equivalent", **_settings(ctx))}]
-
-
-def _per_confounder(names: Sequence[str], quantity: str, first: str, second: str | None,
-                    measure: Callable, kind: str = "greater"):
-    """A claim checked per confounder of ``names`` present: ``measure(table, source,
-    confounder, metric)`` per fold for the source in role ``first`` against the one in role
-    ``second`` (``None``: against 0, a one-sample claim)."""
-
-    compared = f"{first} vs {second}" if second else first
-
-    def check(table, roles, ctx) -> list[dict]:
-        present = [c for c in table["confounder"].unique() if c in names]
-        if not present:
-            return [{"quantity": quantity, "confounder": c, "roles": compared,
-                     "verdict": UNTESTABLE, "why": f"no {c!r} runs in this table"}
-                    for c in names if c not in ("denoising",)]
-        rows = []
-        for confounder in present:
-            base = {"quantity": quantity, "confounder": confounder, "roles": compared}
-            if why := _need(roles, first, *([second] if second else [])):
-                rows.append({**base, "verdict": UNTESTABLE, "why": why})
-                continue
-            a = measure(table, roles[first], confounder, ctx["metric"])
-            b = (measure(table, roles[second], confounder, ctx["metric"]) if second
-                 else pd.Series(0.0, index=a.index))
-            sources = f"{roles[first]} vs {roles[second]}" if second else roles[first]
-            rows.append({**base, "sources": sources,
-                         **_verdict(a, b, kind=kind, **_settings(ctx))})
-        return rows
-
-    return check
-
-
-def _ood_mean(table, source, confounder, metric):
-    return _curve(_rows(table, source, confounder, "ood"), metric)
-
-
-def _iid_rise(table, source, confounder, metric):
-    part = _rows(table, source, confounder, "iid")
-    if part.empty:
-        return pd.Series(dtype=float)
-    top = _at(part, part["p"].max(), metric)
-    return top - _at(part, 0.0, metric)
-
-
-def _small_p_drop(table, source, confounder, metric):
-    """Per fold: the o.o.d. AUC at p = 0 minus at the smallest p > 0 (0.1 in the paper)."""
-    part = _rows(table, source, confounder, "ood")
-    positive = sorted(p for p in part["p"].unique() if p > 0)
-    if not positive:
-        return pd.Series(dtype=float)
-    return _at(part, 0.0, metric) - _at(part, positive[0], metric)
-
-
-def _random_weakest_when_clean(table, roles, ctx) -> list[dict]:
-    base = {"quantity": "clean AUC at p = 0", "confounder": "(none)"}
+    sources = (f"{roles[measure.first]} vs {roles[measure.second]}" if measure.second
+               else roles[measure.first])
+    a = measure.values(table, roles[measure.first], confounder, ctx["metric"])
+    b = (measure.values(table, roles[measure.second], confounder, ctx["metric"])
+         if measure.second else None)
+    columns = list(a.columns) if isinstance(a, pd.DataFrame) else [None]
     rows = []
-    for other in ("imagenet", "in_domain"):
-        if why := _need(roles, other, "random"):
-            rows.append({**base, "roles": f"{other} vs random", "verdict": UNTESTABLE,
-                         "why": why})
-            continue
-        a = _clean_at_zero(table, roles[other], ctx["metric"])
-        b = _clean_at_zero(table, roles["random"], ctx["metric"])
-        rows.append({**base, "roles": f"{other} vs random",
-                     "sources": f"{roles[other]} vs {roles['random']}",
-                     **_verdict(a, b, kind="greater", **_settings(ctx))})
+    for column in columns:
+        first = a[column] if column is not None else a
+        if b is None:
+            second = pd.Series(0.0, index=first.index)
+        else:
+            second = b[column] if column is not None and column in b else (
+                b if column is None else pd.Series(dtype=float))
+        row = {**base, "sources": sources, **_compare(first, second, measure.kind, ctx)}
+        if column is not None:
+            row["measure"] = column
+        if row["verdict"] == UNTESTABLE and first.dropna().empty:
+            row["why"] = f"no {measure.quantity} for {sources} here"
+        rows.append(row)
     return rows
 
 
-def _below_chance_at_top(table, source, confounder, metric):
-    """Per fold: 0.5 minus the o.o.d. AUC at the largest p (> 0: the shortcut was learnt)."""
-    part = _rows(table, source, confounder, "ood")
-    if part.empty:
-        return pd.Series(dtype=float)
-    return 0.5 - _at(part, part["p"].max(), metric)
+def _level_and_fall_note(rows: list[dict]) -> None:
+    """Where the level over p and the fall disagree, say so in words on both rows. Over one p
+    grid they differ by the difference at p = 0: clean = level - fall where the fall compares
+    the sources the other way round (claims 2, 5b), level + fall where the same way (4)."""
+    level = next((r for r in rows if r["measure"] == "level" and "effect" in r), None)
+    if level is None:
+        return
+    if " vs " not in level["roles"]:
+        return
+    first, second = level["roles"].split(" vs ")
+    for fall in rows:
+        if not fall["measure"].startswith("fall") or "effect" not in fall:
+            continue
+        if fall["roles"] not in (f"{first} vs {second}", f"{second} vs {first}"):
+            continue
+        same_way = fall["roles"] == level["roles"]
+        # oriented so that > 0 favours the claim where the fall compares the other way round
+        opposite_signs = not same_way and level["effect"] * fall["effect"] < 0
+        if fall["verdict"] == level["verdict"] and not opposite_signs:
+            return
+        clean = level["effect"] + fall["effect"] if same_way else level["effect"] - fall["effect"]
+        a, b = level["sources"].split(" vs ")
+        how = "point opposite ways" if opposite_signs else "give different verdicts"
+        note = (f"level and fall {how}: level {level['effect']:+.3f} ({level['verdict']}), "
+                f"fall {fall['effect']:+.3f} ({fall['verdict']}); {a} minus {b} at p = 0 is "
+                f"{clean:+.3f}: the level counts that start, the fall does not")
+        level["note"] = fall["note"] = note
+        return
 
+
+def _check(claim: Claim, table: pd.DataFrame, roles: dict, ctx: dict) -> list[dict]:
+    if claim.confounders is None:
+        return [row for m in claim.measures
+                for row in _measure_rows(claim, m, table, roles, None, ctx)]
+    present = [c for c in dict.fromkeys(table["confounder"]) if c in claim.confounders]
+    if not present:
+        here = sorted(set(table["confounder"].dropna()) - {"none"})
+        known = [c for c in claim.confounders if c not in PAPER_CONFOUNDERS]
+        return [{"confounder": ", ".join(here) or "(none)", "measure": claim.measures[0].name,
+                 "quantity": claim.measures[0].quantity, "verdict": UNTESTABLE,
+                 "why": f"this table's confounders {here} are none of the claim's {known}"}]
+    rows = []
+    for confounder in present:
+        these = [row for m in claim.measures
+                 for row in _measure_rows(claim, m, table, roles, confounder, ctx)]
+        _level_and_fall_note(these)
+        rows += these
+    return rows
+
+
+# --- the claims --------------------------------------------------------------------------------
+
+LEVEL_OVER_P = "o.o.d. AUC, mean over p"
+FALL_OVER_P = "o.o.d. AUC fall from p = 0, mean over p"
 
 CLAIMS = (
     Claim("1", "ImageNet and in-domain (RadImageNet) sources perform comparably without a "
-               "confounder", _comparable_when_clean),
-    Claim("2", "ImageNet is more prone to shortcuts: its o.o.d. AUC falls further as p grows",
-          _per_confounder(SHORTCUTS, "mean o.o.d. AUC over p", "in_domain", "imagenet",
-                          _ood_mean)),
+               "confounder",
+          (Measure("level", "clean AUC at p = 0", clean_at_zero, "in_domain", "imagenet",
+                   "equivalent"),)),
+    Claim("2", "ImageNet is more prone to shortcuts: under a confounder its o.o.d. AUC falls "
+               "further than the in-domain source's (the paper tested the level: the "
+               "in-domain source's o.o.d. AUC is higher at each p)",
+          (Measure("fall", FALL_OVER_P, ood_fall, "imagenet", "in_domain"),
+           Measure("level", LEVEL_OVER_P, ood_level, "in_domain", "imagenet"),
+           Measure("level at each p", "o.o.d. AUC at p", ood_level_at_each_p, "in_domain",
+                   "imagenet")),
+          SHORTCUTS),
     Claim("3", "Shortcuts inflate i.i.d. AUC more for ImageNet than for the in-domain source",
-          _per_confounder(SHORTCUTS, "i.i.d. AUC rise from p = 0 to the largest p", "imagenet",
-                          "in_domain", _iid_rise)),
+          (Measure("rise", "i.i.d. AUC rise from p = 0, mean over p", iid_rise, "imagenet",
+                   "in_domain"),
+           Measure("level", "i.i.d. AUC, mean over p", iid_level, "imagenet", "in_domain")),
+          SHORTCUTS),
     Claim("4", "Exception: under X-ray noise both sources collapse alike",
-          _per_confounder(NOISE, "mean o.o.d. AUC over p", "in_domain", "imagenet", _ood_mean,
-                          kind="equivalent")),
+          (Measure("level", LEVEL_OVER_P, ood_level, "in_domain", "imagenet", "equivalent"),
+           Measure("fall", FALL_OVER_P, ood_fall, "in_domain", "imagenet", "equivalent")),
+          NOISE),
     Claim("5a", "Random initialisation is weakest without a confounder",
-          _random_weakest_when_clean),
-    Claim("5b", "Random initialisation is nearly immune to the tag and the low-pass filter",
-          _per_confounder(("tag", "lowpass", "denoising"), "mean o.o.d. AUC over p", "random",
-                          "imagenet", _ood_mean)),
-    Claim("5c", "Random initialisation learns the sex shortcut",
-          _per_confounder(("sex",), "0.5 minus the o.o.d. AUC at the largest p", "random", None,
-                          _below_chance_at_top)),
-    Claim("6", "Small contamination suffices: ImageNet's o.o.d. AUC falls already at the "
-               "smallest p > 0",
-          _per_confounder(SHORTCUTS, "o.o.d. AUC drop from p = 0 to the smallest p > 0",
-                          "imagenet", None, _small_p_drop)),
+          (Measure("level", "clean AUC at p = 0 (ImageNet over random)", clean_at_zero,
+                   "imagenet", "random"),
+           Measure("level", "clean AUC at p = 0 (in-domain over random)", clean_at_zero,
+                   "in_domain", "random"))),
+    Claim("5b", "Random initialisation is nearly immune to the tag and the low-pass filter: "
+                "its o.o.d. AUC barely falls",
+          (Measure("fall", f"random's {FALL_OVER_P}, against 0", ood_fall, "random",
+                   None, "equivalent"),
+           Measure("fall vs ImageNet", FALL_OVER_P, ood_fall, "imagenet", "random"),
+           Measure("level", LEVEL_OVER_P, ood_level, "random", "imagenet")),
+          FILTERS),
+    Claim("5c", "Random initialisation is not immune to every confounder: its o.o.d. AUC falls "
+                "under sex and the noise confounders",
+          (Measure("fall", f"random's {FALL_OVER_P}", ood_fall, "random"),),
+          LEARNT_BY_RANDOM),
+    Claim("6", "Small contamination suffices: ImageNet's o.o.d. AUC falls already at "
+               "p = 0.1-0.2",
+          (Measure("fall at small p", f"o.o.d. AUC fall from p = 0, mean over 0 < p <= "
+                                      f"{SMALL_P}", small_p_fall, "imagenet"),),
+          SHORTCUTS),
 )
+
+
+def _add_holm(out: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Holm over each claim's rows of one measure (per dataset and architecture)."""
+    from .statistics import _holm
+
+    family = ["claim", "dataset", "arch", "measure"]
+    if out.empty:
+        return out
+    out["p_holm"], _, sizes = _holm(out, "p_value", family, alpha)
+    out["n_rows"] = sizes.where(sizes > 0)
+    return out
 
 
 def check_claims(table: pd.DataFrame, roles: dict[str, str] | None = None, *,
                  metric: str = "auc", alpha: float = ALPHA, margin: float = MARGIN,
                  claims: Sequence[Claim] = CLAIMS, means_only: bool = False) -> pd.DataFrame:
-    """Every claim's verdict rows on a results table (one row per dataset, architecture and
-    confounder a claim concerns): :data:`CLAIM_COLUMNS`. ``means_only``: the table holds one
-    mean per condition (:func:`paper_claims`), judged on direction and size."""
+    """Every claim's verdict rows on a results table (one row per dataset, architecture,
+    confounder and measure a claim concerns): :data:`CLAIM_COLUMNS`. ``means_only``: the
+    table holds one mean per condition (:func:`paper_claims`), judged on direction and size."""
     if metric not in table.columns:
         raise AnalysisError(f"the table has no {metric!r} column (columns: {list(table.columns)})")
     rows = []
@@ -307,61 +478,131 @@ def check_claims(table: pd.DataFrame, roles: dict[str, str] | None = None, *,
         found = claim_roles(part, roles)
         ctx = {"metric": metric, "alpha": alpha, "margin": margin, "means_only": means_only}
         for claim in claims:
-            for row in claim.check(part, found, ctx):
+            for row in _check(claim, part, found, ctx):
                 rows.append({"claim": claim.id, "statement": claim.statement, "dataset": dataset,
                              "arch": arch, **row})
     out = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+    out = _add_holm(out, alpha)
     out["n_folds"] = out["n_folds"].astype("Int64")
+    out["n_rows"] = out["n_rows"].astype("Int64")
     return out
 
 
+def summarise_claims(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Per claim, dataset, architecture and measure: how its rows combine. The claim holds as a
+    whole where every row holds (intersection-union: each row at alpha, the whole at alpha);
+    otherwise how many of its rows hold, and how many after Holm over the rows."""
+    out = []
+    keys = ["claim", "dataset", "arch", "measure"]
+    for key, rows in table.groupby(keys, sort=False, dropna=False):
+        tested = rows[rows["verdict"] != UNTESTABLE]
+        holds = int((tested["verdict"] == HOLDS).sum())
+        holm = int((tested["p_holm"] <= alpha).sum()) if "p_holm" in tested else 0
+        if tested.empty:
+            whole = UNTESTABLE
+        elif holds == len(tested):
+            whole = HOLDS
+        elif (tested["verdict"] == CANNOT).all():
+            whole = CANNOT
+        else:
+            whole = f"holds for {holds} of {len(tested)}"
+        out.append({**dict(zip(keys, key)), "rows": len(tested), "rows_holding": holds,
+                    "rows_holding_holm": holm, "alpha_per_row": alpha, "whole": whole,
+                    "confounders": ", ".join(dict.fromkeys(tested["confounder"]))})
+    return pd.DataFrame(out)
+
+
+def summary_text(table: pd.DataFrame, alpha: float = ALPHA) -> str:
+    """One line per claim and measure: how its rows combine (:func:`summarise_claims`)."""
+    if table.empty or "measure" not in table:
+        return ""
+    lines = [f"Per claim (alpha {alpha} per row; a claim over several confounders holds as a "
+             "whole only where every row holds; Holm over its rows beside it):"]
+    for row in summarise_claims(table, alpha).itertuples(index=False):
+        if row.rows == 0:
+            continue
+        where = "" if len(set(table["dataset"])) < 2 else f" on {row.dataset}"
+        lines.append(f"  claim {row.claim}, {row.measure}{where}: {row.whole} "
+                     f"({row.rows_holding} of {row.rows} rows hold, {row.rows_holding_holm} "
+                     f"after Holm; {row.confounders})")
+    return "\n".join(lines) + "\n"
+
+
+def definitions_commit() -> str | None:
+    """The commit that last changed this module (the claims' definitions), short, with
+    "+changes" when the checkout has uncommitted ones to it; None outside git."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    try:
+        last = subprocess.run(["git", "log", "-1", "--format=%h", "--", here.name],
+                              cwd=here.parent, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", here.name],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if last.returncode != 0 or not last.stdout.strip():
+        return None
+    return last.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 PAPER_ROLES = {"imagenet": "ImageNet", "in_domain": "RadImageNet", "random": "random"}
+# The paper's table's confounder names as this registry's.
+PAPER_CONFOUNDERS = {"denoising": "lowpass", "xray_noise_in_ct": "xray_noise_ct"}
 
 
 def paper_claims(reference: pd.DataFrame | None = None, **kwargs) -> pd.DataFrame:
     """:func:`check_claims` on the paper's own reported means (``data/reference/``): one value
-    per (dataset, confounder, test set, p, source), so the verdicts are on direction and size."""
+    per (dataset, confounder, test set, p, source), so the verdicts are on direction and size.
+    Confounders by this registry's names (the paper's denoising is the low-pass filter)."""
     from .reference import load_reference
 
     reference = load_reference() if reference is None else reference
-    table = reference.rename(columns={"mean_auc": "auc"}).assign(fold=0, arch="ResNet50")
+    table = (reference.rename(columns={"mean_auc": "auc"})
+             .replace({"confounder": PAPER_CONFOUNDERS}).assign(fold=0, arch="ResNet50"))
     out = check_claims(table, PAPER_ROLES, means_only=True, **kwargs)
-    absent = (out["verdict"] == UNTESTABLE) & out["why"].str.endswith("runs in this table")
-    return out[~absent].reset_index(drop=True)  # a confounder the paper ran on the other dataset
+    absent = (out["verdict"] == UNTESTABLE) & out["why"].str.contains(
+        " here$|are none of the claim's", regex=True)
+    return out[~absent].reset_index(drop=True)  # e.g. no i.i.d. AUC reported for CT
 
 
 def claims_against_paper(ours: pd.DataFrame, paper: pd.DataFrame | None = None,
                          datasets: dict[str, str] | None = None) -> pd.DataFrame:
     """``ours`` (:func:`check_claims`) with the paper's verdict and effect on its own reported
-    means beside each row (:func:`paper_claims`: same claim, roles and confounder, in the
-    paper's dataset ``datasets[ours]``, by default NIH ChestX-ray14), and the difference."""
-    from .reference import REFERENCE_CONFOUNDERS
-
+    means beside each row (:func:`paper_claims`: same claim, measure, roles and confounder, in
+    the paper's dataset ``datasets[ours]``, by default NIH ChestX-ray14), and the difference."""
     paper = paper_claims() if paper is None else paper
     datasets = datasets or {}
-    theirs = paper[["dataset", "claim", "roles", "confounder", "effect", "verdict"]].rename(
-        columns={"dataset": "paper_dataset", "effect": "paper_effect", "verdict": "paper_verdict",
-                 "confounder": "paper_confounder"})
+    theirs = paper[["dataset", "claim", "measure", "roles", "confounder", "effect",
+                    "verdict"]].rename(columns={"dataset": "paper_dataset",
+                                                "effect": "paper_effect",
+                                                "verdict": "paper_verdict"})
     out = ours.assign(
         paper_dataset=ours["dataset"].map(lambda d: datasets.get(d, "nih_cxr14")),
-        paper_confounder=ours["confounder"].map(lambda c: REFERENCE_CONFOUNDERS.get(c, c)))
-    out = out.merge(theirs, on=["paper_dataset", "claim", "roles", "paper_confounder"],
+        _confounder=ours["confounder"].replace(PAPER_CONFOUNDERS))
+    theirs = theirs.rename(columns={"confounder": "_confounder"})
+    out = out.merge(theirs, on=["paper_dataset", "claim", "measure", "roles", "_confounder"],
                     how="left")
     out["effect_minus_paper"] = out["effect"] - out["paper_effect"]
-    return out.drop(columns=["paper_confounder"])
+    return out.drop(columns=["_confounder"])
 
 
 def _cell(value, digits: int = 3) -> str:
     if value is None or (not isinstance(value, str) and pd.isna(value)):  # NaN, pd.NA
         return ""
+    if isinstance(value, float) and np.isinf(value):
+        return "inf" if value > 0 else "-inf"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+SHOWN = ("claim", "dataset", "arch", "confounder", "measure", "sources", "effect", "ci_low",
+         "ci_high", "p_value", "min_p", "n_folds", "verdict", "paper_verdict", "paper_effect")
 
 
 def format_claims(table: pd.DataFrame, fmt: str = "text") -> str:
     """The claims table as plain text, Markdown (``md``), LaTeX (booktabs) or CSV."""
-    columns = [c for c in ("claim", "dataset", "arch", "confounder", "sources", "effect",
-                           "ci_low", "ci_high", "p_value", "min_p", "n_folds", "verdict",
-                           "paper_verdict", "paper_effect") if c in table.columns]
+    columns = [c for c in SHOWN if c in table.columns]
     shown = table[columns]
     if fmt == "csv":
         return table.to_csv(index=False)
@@ -379,21 +620,35 @@ def format_claims(table: pd.DataFrame, fmt: str = "text") -> str:
     raise AnalysisError(f"format must be one of text, md, latex, csv; got {fmt!r}")
 
 
-CLAIMS_INTRO = """# The paper's claims on this grid
+def claims_intro(alpha: float = ALPHA, margin: float = MARGIN, commit: str | None = None) -> str:
+    """What the verdicts mean, in words (claims.md's opening)."""
+    where = f" at commit {commit}" if commit else ""
+    return f"""# The paper's claims on this grid
 
-Each claim of Juodelyte et al. (2024) as a pre-registered check (`sm_utils.analysis.claims`):
-a one-sided fold-paired sign-flip permutation test of the mean difference between the sources
-in the claim's roles (equivalence within +-{margin} AUC for claims 1 and 4), alpha {alpha}.
-*holds*: the test rejects in the claimed direction; *does not hold*: it could have and did
-not; *cannot tell with these folds*: even the most extreme result could not reach alpha with
-this many folds (3 folds: 1/8). `paper_verdict`: the same check on the paper's reported means
-(no folds, so on direction and size against the margin).
+Each claim of Juodelyte et al. (2024), as this compendium reads it, checked by a test
+pre-specified{where} (`sm_utils.analysis.claims`) on fold-paired differences between the
+sources in the claim's roles: a one-sided sign-flip permutation test (equivalence within
++-{margin} AUC by two of them, TOST), alpha {alpha} per row, no correction across rows (Holm
+over a claim's rows of one measure in `p_holm`; a claim over several confounders holds as a
+whole only where every row holds). Robustness claims are measured as each source's **fall**
+from its own p = 0 AUC and, as the paper tested them, by **level** (o.o.d. AUC over p and at
+each p); `note` says where the two disagree. Every fold is scored on the same test set: a
+verdict is about these test patients (conditional on the test set), not a new sample of them.
+
+*holds*: the test rejects in the claimed direction; *the opposite holds*: the opposite test
+rejects; *not shown*: no rejection (which refutes nothing); *cannot tell with these folds*:
+even the most extreme signs could not reach alpha (the smallest p, from the non-zero fold
+differences, is above it: 3 folds give 1/8); *not testable here*: something is missing.
+The interval (`ci_low`, `ci_high`) inverts the same test: a one-sided {1 - alpha:.0%} bound,
+or the {1 - 2 * alpha:.0%} interval of an equivalence. `paper_verdict`: the same check on the
+paper's reported means (no folds: direction and size, read to +-{READING_ERROR}).
 
 """
 
 
-def claims_markdown(table: pd.DataFrame, alpha: float = ALPHA, margin: float = MARGIN) -> str:
-    """claims.md: what the verdicts mean, then the table (with the statements)."""
+def claims_markdown(table: pd.DataFrame, alpha: float = ALPHA, margin: float = MARGIN,
+                    commit: str | None = None) -> str:
+    """claims.md: what the verdicts mean, the statements, then the table."""
     statements = "".join(f"- **{c.id}**: {c.statement}\n" for c in CLAIMS)
-    return (CLAIMS_INTRO.format(alpha=alpha, margin=margin) + statements + "\n"
+    return (claims_intro(alpha, margin, commit) + statements + "\n"
             + format_claims(table, "md"))

@@ -11,7 +11,13 @@ import pandas as pd
 
 from ..io import atomic_write_csv, atomic_write_text
 from ..paths import METRICS_FILE
-from .claims import UNTESTABLE, check_claims, claims_against_paper, claims_markdown
+from .claims import (
+    UNTESTABLE,
+    check_claims,
+    claims_against_paper,
+    claims_markdown,
+    definitions_commit,
+)
 from .figures import plot_auc_vs_p, save_figure
 from .paper import PAPER_COLUMNS, paper_test, paper_test_report
 from .reference import REFERENCE_CSV, load_reference, reference_lines
@@ -75,7 +81,8 @@ def analyse(table: pd.DataFrame, groups: pd.DataFrame, out_dir: str | os.PathLik
     claims = _claims(table, claim_roles, reference_datasets)
     paths = [atomic_write_csv(out_dir / "comparisons.csv", comparisons),
              atomic_write_csv(out_dir / "claims.csv", claims),
-             atomic_write_text(out_dir / "claims.md", claims_markdown(claims)),
+             atomic_write_text(out_dir / "claims.md",
+                               claims_markdown(claims, commit=definitions_commit())),
              atomic_write_csv(out_dir / "paper_test.csv",
                               pd.concat(both, ignore_index=True) if both else primary),
              atomic_write_csv(out_dir / "robustness.csv", robustness)]

@@ -147,7 +147,11 @@ def _welch_interval(x: np.ndarray, y: np.ndarray, confidence: float) -> tuple[fl
     if np.ptp(x) == 0 and np.ptp(y) == 0:
         difference = float(x.mean() - y.mean())
         return difference, difference
-    interval = stats.ttest_ind(x, y, equal_var=False).confidence_interval(confidence)
+    with warnings.catch_warnings():
+        # one constant sample has a variance of exactly 0, which scipy flags as possible
+        # precision loss; Welch's interval then rests on the other sample's variance, exactly
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        interval = stats.ttest_ind(x, y, equal_var=False).confidence_interval(confidence)
     return float(interval.low), float(interval.high)
 
 
