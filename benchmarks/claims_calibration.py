@@ -19,9 +19,12 @@ import argparse
 import time
 from pathlib import Path
 
-import sm_utils  # noqa: F401, I001  (pins the numerics before numpy is imported)
+import sm_utils  # noqa: F401  (pins the numerics before numpy is imported)
+
+# isort: split
 import numpy as np
 import pandas as pd
+
 from sm_utils.analysis.calibration import (
     PAPER_TAG_OOD,
     PS,

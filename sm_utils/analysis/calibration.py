@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 from scipy.integrate import trapezoid
 
-from .claims import ALPHA, HOLDS, MARGIN, VERDICTS, fold_verdict
+from .signflip import ALPHA, HOLDS, MARGIN, VERDICTS, fold_verdict
 
 PS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
 # The paper's reported o.o.d. AUC under the tag (NIH ChestX-ray14), per p of PS

@@ -43,30 +43,43 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import product
 
 import numpy as np
 import pandas as pd
 from scipy.integrate import trapezoid  # numpy.trapezoid needs numpy >= 2
 
+from .claims_text import (  # noqa: F401  (the tables and words, named here too)
+    claims_intro,
+    definitions_commit,
+    format_claims,
+    summarise_claims,
+    summary_text,
+)
 from .paper import ARM_CANDIDATES
 from .results import AnalysisError
+from .signflip import (  # noqa: F401  (the verdict words and the test, named here too)
+    _TOLERANCE,
+    ALPHA,
+    CANNOT,
+    CANNOT_FROM_MEANS,
+    HOLDS,
+    MARGIN,
+    NOT_SHOWN,
+    OPPOSITE,
+    READING_ERROR,
+    UNTESTABLE,
+    VERDICTS,
+    fold_verdict,
+    means_verdict,
+    sign_flip_bounds,
+    sign_flip_p,
+    smallest_p,
+)
 
 ROLES = ("imagenet", "in_domain", "random")
 ROLE_CANDIDATES = {"imagenet": ARM_CANDIDATES["ImageNet"],
                    "in_domain": ARM_CANDIDATES["RadImageNet"], "random": ("random",)}
-ALPHA = 0.05
-MARGIN = 0.05          # AUC: the size below which two sources count as "comparable"
-# Means only: the paper's means are printed to 0.01 or read off its figures to about +-0.01,
-# so a difference of two of them can be off by 0.02.
-READING_ERROR = 0.02
 SMALL_P = 0.2          # claim 6: "already at p = 0.1-0.2"
-HOLDS, NOT_SHOWN, OPPOSITE, CANNOT, UNTESTABLE = (
-    "holds", "not shown", "the opposite holds", "cannot tell with these folds",
-    "not testable here")
-CANNOT_FROM_MEANS = "cannot tell from means"
-VERDICTS = (HOLDS, NOT_SHOWN, OPPOSITE, CANNOT, UNTESTABLE, CANNOT_FROM_MEANS)
 # The shortcut confounders, by this registry's names and the paper's table's (denoising,
 # xray_noise_in_ct); the CT ones are LIDC-IDRI's.
 SHORTCUTS = ("tag", "lowpass", "denoising", "sex", "ct_noise", "xray_noise_ct",
@@ -206,89 +219,6 @@ def clean_at_zero(table, source, confounder, metric) -> pd.Series:
         if not rows.empty:
             return rows.groupby("fold")[metric].mean()
     return pd.Series(dtype=float)
-
-
-# --- the fold-paired test ----------------------------------------------------------------------
-
-_TOLERANCE = 1e-12
-
-
-@lru_cache(maxsize=32)
-def _subsets(n: int) -> tuple[np.ndarray, np.ndarray]:
-    masks = np.array(list(product((0, 1), repeat=n))[1:], dtype=float)
-    return masks, masks.sum(axis=1)
-
-
-def _subset_means(d: np.ndarray) -> np.ndarray:
-    """The mean of every non-empty subset of ``d`` (2^n - 1 values): the points where the
-    sign-flip p-value of d - delta jumps as delta moves."""
-    if len(d) > 20:
-        raise AnalysisError(f"{len(d)} folds: the exact sign-flip test enumerates 2^n patterns; "
-                            "at most 20 folds")
-    masks, sizes = _subsets(len(d))
-    return masks @ d / sizes
-
-
-def sign_flip_p(d: np.ndarray) -> float:
-    """One-sided p that mean(d) > 0: the share of the 2^n sign patterns whose mean is at least
-    the observed one (exact; equal to scipy's ``permutation_test(..., permutation_type=
-    "samples", alternative="greater")``). A pattern flipping the subset S is as extreme exactly
-    when the mean of d over S is <= 0, so p = (1 + #{S: mean_S(d) <= 0}) / 2^n."""
-    d = np.asarray(d, dtype=float)
-    return float((1 + np.sum(_subset_means(d) <= _TOLERANCE)) / 2 ** len(d))
-
-
-def smallest_p(d: np.ndarray) -> float:
-    """The smallest one-sided p these differences can reach, whatever their signs: 2^-k over
-    the k non-zero ones (a zero difference is the same under both signs)."""
-    return float(0.5 ** np.sum(np.abs(np.asarray(d, dtype=float)) > _TOLERANCE))
-
-
-def sign_flip_bounds(d: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
-    """(lower, upper): the one-sided 1 - alpha bounds on the mean difference from inverting the
-    sign-flip test: delta is rejected as too small exactly when fewer than alpha 2^n patterns
-    reach, i.e. below the floor(alpha 2^n)-th smallest subset mean (-inf when alpha 2^n < 1);
-    the upper bound mirrors it. Together: the 1 - 2 alpha two-sided interval of a TOST."""
-    d = np.asarray(d, dtype=float)
-    k = int(np.floor(alpha * 2 ** len(d) + 1e-9))
-    if k < 1:
-        return -np.inf, np.inf
-    means = np.sort(_subset_means(d))
-    return float(means[k - 1]), float(means[-k])
-
-
-def fold_verdict(d: np.ndarray, kind: str = "greater", alpha: float = ALPHA,
-                 margin: float = MARGIN) -> dict:
-    """The verdict on fold-paired differences ``d`` (see the module's docstring): effect,
-    matching interval, p-value, smallest reachable p and verdict."""
-    d = np.asarray(d, dtype=float)
-    low, high = sign_flip_bounds(d, alpha)
-    row = {"effect": float(d.mean()), "n_folds": len(d)}
-    if kind == "greater":
-        p, against = sign_flip_p(d), sign_flip_p(-d)
-        least = smallest_p(d)
-        row.update(ci_low=low, ci_high=np.inf,
-                   interval=f"one-sided {1 - alpha:.0%}: effect >= ci_low")
-    elif kind == "equivalent":  # TOST: both one-sided tests must reject
-        p = max(sign_flip_p(d + margin), sign_flip_p(margin - d))
-        against = 2 * min(sign_flip_p(d - margin), sign_flip_p(-margin - d))
-        least = max(smallest_p(d + margin), smallest_p(margin - d))
-        row.update(ci_low=low, ci_high=high, interval=f"{1 - 2 * alpha:.0%} (TOST)")
-    else:
-        raise ValueError(f"kind must be 'greater' or 'equivalent', not {kind!r}")
-    verdict = (HOLDS if p <= alpha else OPPOSITE if against <= alpha
-               else CANNOT if least > alpha else NOT_SHOWN)
-    return {**row, "p_value": p, "min_p": least, "verdict": verdict}
-
-
-def means_verdict(effect: float, kind: str = "greater", margin: float = MARGIN,
-                  reading_error: float = READING_ERROR) -> str:
-    """The verdict on one difference of reported means: no test, direction and size."""
-    if kind == "greater":
-        return (HOLDS if effect > reading_error else OPPOSITE if effect < -reading_error
-                else CANNOT_FROM_MEANS)
-    return (HOLDS if abs(effect) < margin else OPPOSITE if abs(effect) > margin + reading_error
-            else CANNOT_FROM_MEANS)
 
 
 def _compare(a: pd.Series, b: pd.Series, kind: str, ctx: dict) -> dict:
@@ -488,65 +418,6 @@ def check_claims(table: pd.DataFrame, roles: dict[str, str] | None = None, *,
     return out
 
 
-def summarise_claims(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
-    """Per claim, dataset, architecture and measure: how its rows combine. The claim holds as a
-    whole where every row holds (intersection-union: each row at alpha, the whole at alpha);
-    otherwise how many of its rows hold, and how many after Holm over the rows."""
-    out = []
-    keys = ["claim", "dataset", "arch", "measure"]
-    for key, rows in table.groupby(keys, sort=False, dropna=False):
-        tested = rows[rows["verdict"] != UNTESTABLE]
-        holds = int((tested["verdict"] == HOLDS).sum())
-        holm = int((tested["p_holm"] <= alpha).sum()) if "p_holm" in tested else 0
-        if tested.empty:
-            whole = UNTESTABLE
-        elif holds == len(tested):
-            whole = HOLDS
-        elif (tested["verdict"] == CANNOT).all():
-            whole = CANNOT
-        else:
-            whole = f"holds for {holds} of {len(tested)}"
-        out.append({**dict(zip(keys, key)), "rows": len(tested), "rows_holding": holds,
-                    "rows_holding_holm": holm, "alpha_per_row": alpha, "whole": whole,
-                    "confounders": ", ".join(dict.fromkeys(tested["confounder"]))})
-    return pd.DataFrame(out)
-
-
-def summary_text(table: pd.DataFrame, alpha: float = ALPHA) -> str:
-    """One line per claim and measure: how its rows combine (:func:`summarise_claims`)."""
-    if table.empty or "measure" not in table:
-        return ""
-    lines = [f"Per claim (alpha {alpha} per row; a claim over several confounders holds as a "
-             "whole only where every row holds; Holm over its rows beside it):"]
-    for row in summarise_claims(table, alpha).itertuples(index=False):
-        if row.rows == 0:
-            continue
-        where = "" if len(set(table["dataset"])) < 2 else f" on {row.dataset}"
-        lines.append(f"  claim {row.claim}, {row.measure}{where}: {row.whole} "
-                     f"({row.rows_holding} of {row.rows} rows hold, {row.rows_holding_holm} "
-                     f"after Holm; {row.confounders})")
-    return "\n".join(lines) + "\n"
-
-
-def definitions_commit() -> str | None:
-    """The commit that last changed this module (the claims' definitions), short, with
-    "+changes" when the checkout has uncommitted ones to it; None outside git."""
-    import subprocess
-    from pathlib import Path
-
-    here = Path(__file__).resolve()
-    try:
-        last = subprocess.run(["git", "log", "-1", "--format=%h", "--", here.name],
-                              cwd=here.parent, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", here.name],
-                               cwd=here.parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if last.returncode != 0 or not last.stdout.strip():
-        return None
-    return last.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
 PAPER_ROLES = {"imagenet": "ImageNet", "in_domain": "RadImageNet", "random": "random"}
 # The paper's table's confounder names as this registry's.
 PAPER_CONFOUNDERS = {"denoising": "lowpass", "xray_noise_in_ct": "xray_noise_ct"}
@@ -586,64 +457,6 @@ def claims_against_paper(ours: pd.DataFrame, paper: pd.DataFrame | None = None,
                     how="left")
     out["effect_minus_paper"] = out["effect"] - out["paper_effect"]
     return out.drop(columns=["_confounder"])
-
-
-def _cell(value, digits: int = 3) -> str:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):  # NaN, pd.NA
-        return ""
-    if isinstance(value, float) and np.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-SHOWN = ("claim", "dataset", "arch", "confounder", "measure", "sources", "effect", "ci_low",
-         "ci_high", "p_value", "min_p", "n_folds", "verdict", "paper_verdict", "paper_effect")
-
-
-def format_claims(table: pd.DataFrame, fmt: str = "text") -> str:
-    """The claims table as plain text, Markdown (``md``), LaTeX (booktabs) or CSV."""
-    columns = [c for c in SHOWN if c in table.columns]
-    shown = table[columns]
-    if fmt == "csv":
-        return table.to_csv(index=False)
-    if fmt == "text":
-        with pd.option_context("display.width", 250, "display.max_columns", 30,
-                               "display.max_colwidth", 40):
-            return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
-    if fmt == "md":
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(v) for v in row) + " |"
-                  for row in shown.itertuples(index=False)]
-        return "\n".join(lines) + "\n"
-    if fmt == "latex":
-        return shown.to_latex(index=False, float_format="%.3f", na_rep="", escape=True)
-    raise AnalysisError(f"format must be one of text, md, latex, csv; got {fmt!r}")
-
-
-def claims_intro(alpha: float = ALPHA, margin: float = MARGIN, commit: str | None = None) -> str:
-    """What the verdicts mean, in words (claims.md's opening)."""
-    where = f" at commit {commit}" if commit else ""
-    return f"""# The paper's claims on this grid
-
-Each claim of Juodelyte et al. (2024), as this compendium reads it, checked by a test
-pre-specified{where} (`sm_utils.analysis.claims`) on fold-paired differences between the
-sources in the claim's roles: a one-sided sign-flip permutation test (equivalence within
-+-{margin} AUC by two of them, TOST), alpha {alpha} per row, no correction across rows (Holm
-over a claim's rows of one measure in `p_holm`; a claim over several confounders holds as a
-whole only where every row holds). Robustness claims are measured as each source's **fall**
-from its own p = 0 AUC and, as the paper tested them, by **level** (o.o.d. AUC over p and at
-each p); `note` says where the two disagree. Every fold is scored on the same test set: a
-verdict is about these test patients (conditional on the test set), not a new sample of them.
-
-*holds*: the test rejects in the claimed direction; *the opposite holds*: the opposite test
-rejects; *not shown*: no rejection (which refutes nothing); *cannot tell with these folds*:
-even the most extreme signs could not reach alpha (the smallest p, from the non-zero fold
-differences, is above it: 3 folds give 1/8); *not testable here*: something is missing.
-The interval (`ci_low`, `ci_high`) inverts the same test: a one-sided {1 - alpha:.0%} bound,
-or the {1 - 2 * alpha:.0%} interval of an equivalence. `paper_verdict`: the same check on the
-paper's reported means (no folds: direction and size, read to +-{READING_ERROR}).
-
-"""
 
 
 def claims_markdown(table: pd.DataFrame, alpha: float = ALPHA, margin: float = MARGIN,
