@@ -39,10 +39,10 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(PYTEST) $(NBVAL) tests notebooks
 
-# units and contracts: no test that trains or runs a model (marker numerics), no slow one
+# units and contracts: no test that trains or runs a model (marker numerics), no slow or site one
 test-fast: $(STAMP)
 	$(BIN)/lint-imports
-	$(PYTEST) -m "not numerics and not slow" tests
+	$(PYTEST) -m "not numerics and not slow and not site" tests
 
 test-package: $(STAMP)
 	$(BIN)/lint-imports
