@@ -1,6 +1,7 @@
 """Build the compendium's site from the committed, executed notebooks: `make book`.
 
     python book/build.py [--out _build/book] [--root CHECKOUT]
+    python book/build.py --tags    the cell tags the notebooks use; the one the site hides
 
 1. Checks that every notebook in book/_toc.yml was executed (has outputs, every code cell ran);
    a never-executed notebook stops the build with an error naming it. Nothing is executed.
@@ -130,11 +131,30 @@ def build(out: Path, root: Path = ROOT) -> Path:
     return html
 
 
+def cell_tags(root: Path = ROOT) -> dict[str, dict[str, int]]:
+    """The cell tags each notebook of the site uses, with how many cells carry each."""
+    found = {}
+    for page in toc_files():
+        path = root / f"{page}.ipynb"
+        if path.exists():
+            tags = [t for c in nbformat.read(path, as_version=4).cells
+                    for t in c.metadata.get("tags", [])]
+            found[path.name] = {t: tags.count(t) for t in sorted(set(tags))}
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "_build" / "book")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to build from")
+    parser.add_argument("--tags", action="store_true",
+                        help=f"list the notebooks' cell tags (the site hides {HIDE_TAG}) and stop")
     args = parser.parse_args(argv)
+    if args.tags:
+        for name, tags in cell_tags(args.root.resolve()).items():
+            print(f"{name}: {tags}")
+        print(f"the site hides cells tagged {HIDE_TAG}")
+        return 0
     try:
         build(args.out.resolve(), root=args.root.resolve())
     except (NotExecuted, BrokenSite) as error:

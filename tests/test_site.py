@@ -75,6 +75,14 @@ def test_cells_tagged_hide_from_site_are_removed_in_the_staged_copy(tmp_path):
     assert book.hide_tagged_cells(_notebook(tmp_path / "b.ipynb", executed=True)) == 0
 
 
+def test_the_tag_listing_counts_the_tags_of_each_notebook(tmp_path):
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    _notebook(tmp_path / "notebooks" / "03_fine_tuning.ipynb", True, [book.HIDE_TAG, "x"])
+    tags = book.cell_tags(tmp_path)
+    assert tags["03_fine_tuning.ipynb"] == {book.HIDE_TAG: 1, "x": 1}
+    assert tags["01_data_preparation.ipynb"].get("parameters") == 1
+
+
 def test_every_toc_page_exists_and_the_readme_comes_first():
     pages = list(book.toc_files())
     assert pages[0] == "README"
