@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
 .PHONY: setup demo test test-fast test-package test-notebooks test-foreign test-report lab sources \
-        benchmark \
+        benchmark book test-site \
         clean-demo \
         mechanisms notebooks
 
@@ -39,10 +39,10 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	$(PYTEST) $(NBVAL) tests notebooks
 
-# units and contracts: no test that trains or runs a model (marker numerics), no slow one
+# units and contracts: no test that trains or runs a model (marker numerics), no slow or site one
 test-fast: $(STAMP)
 	$(BIN)/lint-imports
-	$(PYTEST) -m "not numerics and not slow" tests
+	$(PYTEST) -m "not numerics and not slow and not site" tests
 
 test-package: $(STAMP)
 	$(BIN)/lint-imports
@@ -82,6 +82,30 @@ mechanisms: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/phantom_learnability.py
+
+# make book        the site: README, the executed notebooks (never re-executed; a notebook without
+#                  outputs stops it, named), docs/ and the demo's paper kit, in the reading order
+#                  of book/_toc.yml, into _build/book/html (open _build/book/html/index.html)
+# make test-site   builds the site, then opens every page in Debian's headless chromium (tests
+#                  marked site): pages load, images decode, internal links resolve; installs
+#                  chromium and chromium-driver first when they are missing (root, or sudo)
+BOOK_STAMP := $(VENV)/.book-stamp
+$(BOOK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,parquet,lidc,book]"
+	touch $(BOOK_STAMP)
+
+book: $(BOOK_STAMP)
+	$(BIN)/python book/build.py
+
+CHROMIUM_PACKAGES := chromium chromium-driver
+test-site: book
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  echo "installing $(CHROMIUM_PACKAGES) (chromium or chromedriver missing)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(CHROMIUM_PACKAGES) >/dev/null; \
+	fi
+	$(BIN)/python -m pytest -m site -p no:randomly tests/test_site.py
 
 # make test-python PY=python3.13   the package tests under another Python (3.11-3.13) in its own
 #                                  venv (.venv-python3.13), with the same locked versions
