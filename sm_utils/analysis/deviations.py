@@ -121,6 +121,15 @@ DEVIATIONS = (
               '224 px, batch 32, lr 1e-4, 30 epochs',
               'see `configs/paper_cxr.yaml`: a batch of 256 exceeds the ~220 training images',
               'settings'),
+    Deviation('training precision',
+              "float32 (Keras' default; TensorFlow runs float32 matmuls and convolutions in TF32 "
+              'on Ampere or newer GPUs unless told not to)',
+              'fp32 in `paper_cxr.yaml` and `paper_ct.yaml` (`run: {precision: fp32}`), with TF32 '
+              'on a GPU unless `deterministic: true`; scoring in full fp32 (TF32 off); a grid that '
+              'leaves `precision` at `auto` (the demo) trains under bf16 autocast on a GPU',
+              "the paper configs keep the paper's precision; bf16 is the faster default elsewhere; "
+              "each run records what it trained in (results.csv's `precision` column)",
+              'settings'),
     Deviation('augmentation',
               'Keras 2.15 ImageDataGenerator: rotation 10, shifts 0.1, shear 0.1 degree, zoom 0.1 '
               "per axis, edges repeated, on floats, Keras' global RNG",
