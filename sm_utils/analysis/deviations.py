@@ -136,7 +136,8 @@ DEVIATIONS = (
     Deviation('augmentation',
               'Keras 2.15 ImageDataGenerator: rotation 10, shifts 0.1, shear 0.1 degree, zoom 0.1 '
               "per axis, edges repeated, on floats, Keras' global RNG",
-              'the same draws, matrix and bilinear sampling with edges repeated '
+              "the same draws, matrix (about Keras 2.15's centre, h/2 - 0.5, w/2 - 0.5; a test "
+              'works it out by hand) and bilinear sampling with edges repeated '
               '(`sm_utils.data.Augmentation`, checked against scipy as Keras calls it), rounded to '
               'uint8, a seeded RNG per (seed, epoch, image)',
               "a run's images stay uint8 until the source's preprocessing; seeded draws do not "
