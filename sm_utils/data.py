@@ -83,8 +83,9 @@ class Augmentation:
     def matrix(params: dict[str, float], height: int, width: int) -> np.ndarray:
         """The 3 x 3 matrix that maps an output pixel's (row, column) to the input position it
         samples, as Keras' ``apply_affine_transform`` builds it: rotation, shift, shear and
-        zoom, about the centre (h / 2 + 0.5, w / 2 + 0.5), then Keras' swap of its x and y
-        axes for row-major arrays."""
+        zoom, about the centre (h / 2 - 0.5, w / 2 - 0.5) as Keras 2.15's
+        ``transform_matrix_offset_center`` puts it (the older keras-preprocessing used + 0.5),
+        then Keras' swap of its x and y axes for row-major arrays."""
         theta, shear = np.deg2rad(params["theta"]), np.deg2rad(params["shear"])
         rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
                              [0, 0, 1]])
@@ -92,7 +93,7 @@ class Augmentation:
         shearing = np.array([[1, -np.sin(shear), 0], [0, np.cos(shear), 0], [0, 0, 1]])
         zoom = np.array([[params["zx"], 0, 0], [0, params["zy"], 0], [0, 0, 1]])
         matrix = rotation @ shift @ shearing @ zoom
-        o_x, o_y = height / 2 + 0.5, width / 2 + 0.5
+        o_x, o_y = height / 2 - 0.5, width / 2 - 0.5
         centred = (np.array([[1, 0, o_x], [0, 1, o_y], [0, 0, 1]]) @ matrix
                    @ np.array([[1, 0, -o_x], [0, 1, -o_y], [0, 0, 1]]))
         swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])

@@ -7,7 +7,8 @@ precision) and channels_last memory format; ``deterministic=True`` trades speed 
 runs (deterministic algorithms, no cuDNN autotuning, no TF32). On a CPU: deterministic
 algorithms and a fixed number of threads, so a run repeated on the same machine reproduces
 its metrics exactly (see :func:`configure_device`). Scoring (:func:`predict`: the validation
-loss that picks the checkpoint, the test scores) is always fp32, on every device.
+loss that picks the checkpoint, the test scores) is always true fp32 (no autocast, no TF32),
+on every device.
 
 Batches arrive as uint8 tensors (N, 1, H, W) and go to the device as uint8 (4x less to copy);
 the source's ``prep`` turns them into the float input its weights expect, on the device.
@@ -90,8 +91,9 @@ def configure_device(device: torch.device, threads: int | None = None, *,
     """Set up the process for training on ``device``; restore the previous settings after.
 
     CPU: ``torch.use_deterministic_algorithms(True)`` and a fixed thread count, always. GPU:
-    cuDNN autotuning and TF32 (speed over bit-exactness), or with ``deterministic`` none of
-    them and deterministic algorithms (cuBLAS gets ``CUBLAS_WORKSPACE_CONFIG``, which acts
+    cuDNN autotuning and TF32 for training (speed over bit-exactness; :func:`predict` turns
+    TF32 off while it scores), or with ``deterministic`` none of them and deterministic
+    algorithms (cuBLAS gets ``CUBLAS_WORKSPACE_CONFIG``, which acts
     before its first use in the process). Yields a record of the settings, with the training
     and scoring precision and the CPU numerics in effect (:mod:`sm_utils.numerics`; a
     warning where a library loaded before ``sm_utils`` escaped pinning).
@@ -185,21 +187,35 @@ def _to_input(images: torch.Tensor, prep: Callable, device: torch.device) -> tor
     return x
 
 
+@contextlib.contextmanager
+def _without_tf32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN convolutions (true fp32), restored after: training
+    may use TF32 on a GPU (:func:`configure_device`), scoring never does."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, prep: Callable, loader, device: torch.device, *, progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(softmax probabilities (N, 2), labels (N,)) of the loader's images, in loader order.
 
-    Always in fp32, whatever precision training used: these scores pick the best checkpoint
-    (validation loss) and are the test results (AUCs, ties).
+    Always in fp32, whatever precision training used (no autocast, TF32 off): these scores
+    pick the best checkpoint (validation loss) and are the test results (AUCs, ties).
     """
     model.eval()
     probs, labels = [], []
-    for images, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        logits = model(_to_input(images, prep, device))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(y)
+    with _without_tf32():
+        for images, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
+            logits = model(_to_input(images, prep, device))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            labels.append(y)
     return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).cpu().numpy()
 
 

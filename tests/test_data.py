@@ -112,6 +112,36 @@ def test_the_transform_is_kerass_matrix_sampled_as_scipy_does():
     assert not torch.equal(moved, tensor)
 
 
+def test_the_matrix_is_kerass_2_15_matrix_worked_out_by_hand():
+    """Keras 2.15.0, keras/preprocessing/image.py: apply_affine_transform composes rotation @
+    shift @ shear @ zoom in its (x, y), transform_matrix_offset_center moves the origin to
+    (x / 2 - 0.5, y / 2 - 0.5) with (x, y) = (height, width), and for channels-last arrays
+    rows and columns 0 and 1 are swapped. Written out here from those formulae, not from ours."""
+    height, width = 48, 64  # not square: the height's centre and the width's are not confused
+    draw = {"theta": 7.3, "tx": -3.1, "ty": 4.6, "shear": 0.08, "zx": 0.93, "zy": 1.06}
+    t, s = np.deg2rad(draw["theta"]), np.deg2rad(draw["shear"])
+    rotation = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0, 0, 1]])
+    shift = np.array([[1.0, 0.0, draw["tx"]], [0.0, 1.0, draw["ty"]], [0, 0, 1]])
+    shear = np.array([[1.0, -np.sin(s), 0.0], [0.0, np.cos(s), 0.0], [0, 0, 1]])
+    zoom = np.array([[draw["zx"], 0.0, 0.0], [0.0, draw["zy"], 0.0], [0, 0, 1]])
+    o_x, o_y = height / 2 - 0.5, width / 2 - 0.5
+    to_centre = np.array([[1.0, 0.0, o_x], [0.0, 1.0, o_y], [0, 0, 1]])
+    from_centre = np.array([[1.0, 0.0, -o_x], [0.0, 1.0, -o_y], [0, 0, 1]])
+    xy = to_centre @ rotation @ shift @ shear @ zoom @ from_centre
+    # Keras' swap of columns 0, 1 and then rows 0, 1, element by element
+    keras = np.array([[xy[1, 1], xy[1, 0], xy[1, 2]],
+                      [xy[0, 1], xy[0, 0], xy[0, 2]],
+                      [0.0, 0.0, 1.0]])
+    ours = Augmentation.matrix(draw, height, width)
+    np.testing.assert_allclose(ours, keras, rtol=0, atol=1e-6)
+    # a pure rotation of a square image keeps its middle, (n - 1) / 2, in place
+    n = 32
+    turn = Augmentation.matrix({"theta": 9.0, "tx": 0.0, "ty": 0.0, "shear": 0.0, "zx": 1.0,
+                                "zy": 1.0}, n, n)
+    middle = np.array([(n - 1) / 2, (n - 1) / 2, 1.0])
+    np.testing.assert_allclose(turn @ middle, middle, rtol=0, atol=1e-9)
+
+
 @pytest.fixture(scope="module")
 def phantom(phantom_cxr, tmp_path_factory):
     manifest = load_manifest(phantom_cxr)

@@ -185,6 +185,10 @@ def test_shipped_configs_validate(name):
         assert {check_source_arch(c.params["source"], c.params["arch"]) for c in cells} == {
             "keras_resnet50"}
         assert spec.training["resize"] == "nearest" and spec.training["drop_rate"] == 0.5
+        # the paper trained in float32: every cell asks for fp32, not the GPU default of bf16
+        assert {c.params.get("precision") for c in cells} == {"fp32"}
+    else:
+        assert {c.params.get("precision") for c in cells} == {None}  # auto, notebook 03's default
 
 
 def test_grid_level_architectures_apply_only_to_sources_that_accept_them(tmp_path):

@@ -19,6 +19,7 @@ from sm_utils.hounsfield import (
     window_to_uint8,
     write_hu_png,
 )
+from sm_utils.manifest import load_manifest
 
 SPLITS = {"n_folds": 2, "test_fraction": 0.34, "val_fraction": 0.34}
 
@@ -60,17 +61,19 @@ def test_a_view_cuts_then_windows_and_rows_describe_their_view():
         slice_view({"image_id": "c", "window_centre": -600, "window_width": 1500})
 
 
-def ct_noise_sd_hu(tmp_path, pixel_spacing: float, n_angles: int = 200) -> float:
+def ct_noise_sd_hu(tmp_path, pixel_spacing: float, n_angles: int = 200, **params) -> float:
     """SD (HU) of what ct_noise adds to the model inputs of a LIDC build from DICOM files with
     this pixel spacing: low-dose minus normal-dose reconstruction of the same slices."""
     root = tmp_path / f"lidc_{pixel_spacing}"
-    _, table = make_lidc_root(root, n_patients=6, pixel_spacing=pixel_spacing)
     window = (-850.0, 1000.0)
-    manifest = build_dataset("lidc_idri", tmp_path / f"out_{pixel_spacing}", root=root,
-                             annotations=table, image="slice", window_centre=window[0],
-                             window_width=window[1], **SPLITS)
+    if not root.exists():
+        _, table = make_lidc_root(root, n_patients=6, pixel_spacing=pixel_spacing)
+        build_dataset("lidc_idri", tmp_path / f"out_{pixel_spacing}", root=root,
+                      annotations=table, image="slice", window_centre=window[0],
+                      window_width=window[1], **SPLITS)
+    manifest = load_manifest(tmp_path / f"out_{pixel_spacing}" / "manifest.csv")
     cache = ImageCache.for_manifest(manifest, 40, tmp_path / "cache", resize="nearest")
-    conf = get_confounder("ct_noise", n_angles=n_angles)
+    conf = get_confounder("ct_noise", n_angles=n_angles, **params)
     images = {}
     for confounded in (True, False):
         rows = manifest.table.assign(confounded=confounded)
@@ -81,17 +84,34 @@ def ct_noise_sd_hu(tmp_path, pixel_spacing: float, n_angles: int = 200) -> float
     return float(noise_grey.std() * window[1] / 255.0)
 
 
-def test_ct_noise_acts_in_hu_at_the_slices_own_pixel_spacing(tmp_path):
-    # Filtered back-projection of N photons per detector bin of one pixel's width: the noise of
-    # mu is pi / sqrt(12 M N) per pixel, and HU = mu / (pixel size x mu_water) x 1000, so the
-    # same dose on half-size pixels gives twice the noise in HU. (The lung attenuates
-    # the fakes' 28 mm little: e^-mu L > 0.99.)
+def fbp_noise_hu(photons_per_bin: float, pixel_mm: float, n_angles: int = 200) -> float:
+    """Filtered back-projection of N photons per view in a detector bin one pixel (a) wide: the
+    noise of mu x a is pi / sqrt(12 M N), so in HU (mu / mu_water x 1000, mu_water 0.2 / cm)
+    it is 1000 pi / (mu_water a sqrt(12 M N)). Measured: x 0.70 (the back-projection's linear
+    interpolation averages neighbouring samples; 0.69-0.71 on water discs at 0.5-2 mm)."""
+    return 0.70 * 1000.0 / (0.2 * pixel_mm / 10) * np.pi / np.sqrt(12 * n_angles * photons_per_bin)
+
+
+def test_ct_noise_at_one_dose_per_mm_of_detector_grows_as_pixel_size_to_the_minus_1_5(tmp_path):
+    """The default, n0 = 4096 photons per view per mm of detector: a bin one pixel wide gets
+    4096 x pixel_mm photons, so the same dose on pixels half the size gives 2 ** 1.5 times the
+    noise in HU. (The lung attenuates the fakes' 28 mm little: e^-mu L > 0.99.)"""
     sd = {mm: ct_noise_sd_hu(tmp_path, mm) for mm in (0.5, 1.0)}
+    assert sd[0.5] / sd[1.0] == pytest.approx(2 ** 1.5, rel=0.1)
+    for mm in (0.5, 1.0):
+        assert sd[mm] == pytest.approx(fbp_noise_hu(4096 * mm, mm), rel=0.15)
+
+
+def test_ct_noise_with_n0_per_bin_of_one_pixel_grows_as_one_over_pixel_size(tmp_path):
+    """n0_per="bin": 4096 photons in every bin one pixel wide, whatever its width (a higher dose
+    per mm on smaller pixels): the noise in HU goes as 1 / pixel size, twice on half-size
+    pixels."""
+    sd = {mm: ct_noise_sd_hu(tmp_path, mm, n0_per="bin") for mm in (0.5, 1.0)}
     assert sd[0.5] / sd[1.0] == pytest.approx(2.0, rel=0.1)
-    # Absolute: theory x 0.70 (linear interpolation in the back-projection averages
-    # neighbouring filtered samples; measured 0.69-0.71 on water discs at 0.5-2 mm).
-    theory = 1000.0 / (0.1 * 0.2) * np.pi / np.sqrt(12 * 200 * 4096)
-    assert sd[1.0] == pytest.approx(0.70 * theory, rel=0.15)
+    for mm in (0.5, 1.0):
+        assert sd[mm] == pytest.approx(fbp_noise_hu(4096, mm), rel=0.15)
+    with pytest.raises(ConfounderError, match=r"n0_per must be one of \['mm', 'bin'\]"):
+        ct_noise_sd_hu(tmp_path, 1.0, n0_per="cm")
 
 
 def test_a_dose_on_the_cut_box_is_refused(tmp_path):
@@ -142,4 +162,6 @@ def test_notebook_02s_ct_example_is_what_a_run_makes_of_the_slice():
         made = prepare_slice(conf, hu, confounded, 3, "example", size=48, resize="nearest",
                              view=view)
         np.testing.assert_array_equal(example[name], made)
-    assert examples[0.5]["noise_sd_hu"] / example["noise_sd_hu"] == pytest.approx(2.0, rel=0.15)
+    # one dose per mm of detector: half-size pixels, 2 ** 1.5 the noise in HU
+    assert examples[0.5]["noise_sd_hu"] / example["noise_sd_hu"] == pytest.approx(2 ** 1.5,
+                                                                                 rel=0.15)

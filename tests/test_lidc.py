@@ -254,6 +254,34 @@ def test_annotated_series_absent(tmp_path):
     assert manifest.meta["series_skipped"] == ["1.2.3.999"]
 
 
+def test_a_nodule_whose_box_leaves_the_slice_is_skipped_and_counted(tmp_path, capsys):
+    """One nodule 2 px from the top edge: its 8.4 mm (12 px) box would start above the slice.
+    The build goes on without it, counts it in the meta and says so."""
+    root = tmp_path / "LIDC-IDRI"
+    _, table = make_lidc_root(root, n_patients=6)
+    pid = "LIDC-IDRI-0007"
+    edge, inside = FakeNodule(4, 2, 20, 1.5, (5, 5, 4)), FakeNodule(1, 20, 20, 2.0, (1, 2, 1))
+    series = write_ct_series(root / pid / "1.3.6.7" / "1.3.6.7.1", pid, [edge, inside], seed=7)
+    frame = pd.concat([pd.read_csv(table), pd.DataFrame(annotation_rows(series, seed=7))])
+    frame.to_csv(table, index=False)
+    out = tmp_path / "out"
+    manifest = build_dataset("lidc_idri", out, root=root, annotations=table, **SMALL)
+    rows = manifest.table[manifest.table["patient_id"] == pid]
+    assert len(manifest.table) == 13  # the 12 nodules of the 6 patients, and `inside`
+    assert len(rows) == 1 and abs(rows["centroid_row"].iloc[0] - 20) < 1  # `edge` is absent
+    for meta in (manifest.meta, load_manifest(out / "manifest.csv").meta):
+        assert meta["excluded"]["box_outside_slice"] == 1
+        (why,) = meta["box_outside_slice"]
+        assert pid in why and "reaches outside the slice" in why
+    assert "lidc_idri: 1 nodule(s) skipped, their 8.4 mm box leaves the slice" in (
+        capsys.readouterr().out)
+    # the whole slice has no box to leave: the same nodule is kept
+    whole = build_dataset("lidc_idri", tmp_path / "whole", root=root, annotations=table,
+                          image="slice", **SMALL_SPLITS)
+    assert (whole.table["patient_id"] == pid).sum() == 2
+    assert whole.meta["excluded"]["box_outside_slice"] == 0
+
+
 def test_failed_rebuild_leaves_no_complete_looking_output(tmp_path):
     series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=7)
     out = tmp_path / "out"
@@ -277,11 +305,13 @@ def test_image_crop_names_its_replacement(tmp_path):
         build_dataset("lidc_idri", tmp_path / "out", root=tmp_path, image="crop")
 
 
-def test_region_of_interest_outside_the_slice(tmp_path):
+def test_a_box_that_leaves_every_slice_leaves_no_nodule_and_says_why(tmp_path):
     _series, table = make_lidc_root(tmp_path / "LIDC-IDRI", n_patients=6)
-    with pytest.raises(LIDCInputError, match=r"LIDC-IDRI-0001 series .*: a region of interest "
-                                             r"of 14 mm \(20 x 20 px.*reaches outside the slice "
-                                             r"of 40 x 40 px.*smaller roi_mm, or image: slice"):
+    with pytest.raises(LIDCInputError, match=r"no nodule left.*'box_outside_slice': 12.*"
+                                             r"roi_mm: LIDC-IDRI-0001 series .*: a region of "
+                                             r"interest of 14 mm \(20 x 20 px.*reaches outside "
+                                             r"the slice of 40 x 40 px.*smaller roi_mm, or image: "
+                                             r"slice"):
         build_dataset("lidc_idri", tmp_path / "out", root=tmp_path / "LIDC-IDRI",
                       annotations=table, roi_mm=14, **SMALL_SPLITS)
 

@@ -212,6 +212,43 @@ def test_scoring_never_runs_under_autocast_while_training_does(monkeypatch):
     assert calls == [] and probs.dtype == np.float64
 
 
+class FlagRecorder:
+    """Stands in for a model in predict: records the TF32 flags its forward runs under."""
+
+    def __init__(self, fail=False):
+        self.seen, self.fail = [], fail
+
+    def eval(self):
+        return self
+
+    def __call__(self, x):
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return torch.zeros(len(x), 2)
+
+
+def test_scoring_runs_without_tf32_and_training_s_flags_come_back(monkeypatch):
+    """configure_device turns TF32 on for training on a GPU; predict (the validation loss and
+    the test scores, recorded as scoring_precision fp32) runs with it off, then restores it,
+    also when the forward fails."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    val = make_loader(_easy_task(32, 2), batch_size=16, shuffle=False, seed=0)
+    with configure_device(torch.device("cuda")) as record:
+        assert record["tf32"] and record["scoring_precision"] == "fp32"
+        on = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        assert on == (True, True)
+        model = FlagRecorder()
+        predict(model, prep, val, torch.device("cpu"))
+        assert model.seen == [(False, False)] * 2  # both batches in true fp32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == on
+        failing = FlagRecorder(fail=True)
+        with pytest.raises(RuntimeError, match="forward failed"):
+            predict(failing, prep, val, torch.device("cpu"))
+        assert failing.seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == on
+
+
 def test_training_precision_is_a_setting_and_bf16_is_for_gpus():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert training_precision(cpu) == "fp32" and training_precision(gpu) == "bf16"

@@ -105,11 +105,14 @@ DEVIATIONS = (
     Deviation('CT dose noise',
               'not published',
               "LoDoPaB-CT's low-dose simulation on the whole slice in HU at its own pixel spacing "
-              '(parallel beam, 1000 angles, 4096 photons per detector bin one pixel wide, filtered '
-              'back-projection), then the box and the window; every slice, clean or not, '
-              'reconstructed alike',
+              '(parallel beam, 1000 angles, filtered back-projection) at one dose for every '
+              'series: 4096 photons per view per mm of detector, in bins one pixel wide, so the '
+              'noise in HU goes as pixel size ** -1.5 (LIDC: 0.46-0.98 mm, about 3x in SD; '
+              '`n0_per: bin`: 4096 per bin, 1 / pixel size); then the box and the window; every '
+              'slice, clean or not, reconstructed alike',
               'noise arises in the sinogram of the whole slice, so the dose cannot change with the '
-              'box or the input size; with a shared reconstruction only the dose differs',
+              'box or the input size; a protocol sets a dose, not a count per pixel; with a shared '
+              'reconstruction only the dose differs',
               'dataset:lidc_idri'),
     Deviation('X-ray noise in CT',
               "the paper's X-ray dose model on CT slices (details not published)",
@@ -121,10 +124,20 @@ DEVIATIONS = (
               '224 px, batch 32, lr 1e-4, 30 epochs',
               'see `configs/paper_cxr.yaml`: a batch of 256 exceeds the ~220 training images',
               'settings'),
+    Deviation('training precision',
+              "float32 (Keras' default; TensorFlow runs float32 matmuls and convolutions in TF32 "
+              'on Ampere or newer GPUs unless told not to)',
+              'fp32 in `paper_cxr.yaml` and `paper_ct.yaml` (`run: {precision: fp32}`), with TF32 '
+              'on a GPU unless `deterministic: true`; scoring in full fp32 (TF32 off); a grid that '
+              'leaves `precision` at `auto` (the demo) trains under bf16 autocast on a GPU',
+              "the paper configs keep the paper's precision; bf16 is the faster default elsewhere; "
+              "each run records what it trained in (results.csv's `precision` column)",
+              'settings'),
     Deviation('augmentation',
               'Keras 2.15 ImageDataGenerator: rotation 10, shifts 0.1, shear 0.1 degree, zoom 0.1 '
               "per axis, edges repeated, on floats, Keras' global RNG",
-              'the same draws, matrix and bilinear sampling with edges repeated '
+              "the same draws, matrix (about Keras 2.15's centre, h/2 - 0.5, w/2 - 0.5; a test "
+              'works it out by hand) and bilinear sampling with edges repeated '
               '(`sm_utils.data.Augmentation`, checked against scipy as Keras calls it), rounded to '
               'uint8, a seeded RNG per (seed, epoch, image)',
               "a run's images stay uint8 until the source's preprocessing; seeded draws do not "

@@ -23,6 +23,7 @@ from .registry import ConfounderError, register_confounder
 # Attenuation of water and air used by the paper's X-ray dose model (per unit length).
 MU_WATER_XRAY, MU_AIR_XRAY = 0.1837, 0.1662
 DOSE_SCALINGS = ("area", "none")
+CT_N0_UNITS = ("mm", "bin")  # ct_noise's n0 on HU slices: per mm of detector, or per bin
 NORMAL_APPROXIMATION_FROM = 1e5  # photons: above this, Poisson noise is drawn as normal
 
 
@@ -301,13 +302,30 @@ def _square_pixel_cm(pixel_mm) -> float:
     return (row + col) / 20.0  # mm -> cm
 
 
-def _ct_noise_hu(hu, rng, *, pixel_mm, strength, n0, fbp_baseline, mu_water, n_angles, **_):
-    """The low-dose protocol on a whole slice in HU at its own pixel spacing: ``n0`` photons
-    per detector bin of one pixel's width, whatever the box or the model input."""
+def ct_bin_photons(n0: float, n0_per: str, pixel_mm: float) -> float:
+    """Photons per view in one detector bin of a slice whose pixels are ``pixel_mm`` wide (the
+    projection has one bin per pixel across).
+
+    ``n0_per="mm"``: ``n0`` photons per mm of detector per view, a fixed dose whatever the
+    series' pixel size: a bin gets ``n0 x pixel_mm``, and the noise in HU after filtered
+    back-projection goes as pixel_mm ** -1.5 (fluence x pixel width x pixel area, as for any
+    scan reconstructed at its pixel size). ``"bin"``: ``n0`` in every bin, whatever its width
+    (the dose per mm is then n0 / pixel_mm; the noise in HU goes as 1 / pixel_mm).
+    """
+    if n0_per not in CT_N0_UNITS:
+        raise ConfounderError(f"n0_per must be one of {list(CT_N0_UNITS)}; got {n0_per!r}.")
+    return n0 * pixel_mm if n0_per == "mm" else n0
+
+
+def _ct_noise_hu(hu, rng, *, pixel_mm, strength, n0, n0_per, fbp_baseline, mu_water, n_angles,
+                 **_):
+    """The low-dose protocol on a whole slice in HU at its own pixel spacing (photons per bin:
+    :func:`ct_bin_photons`), whatever the box or the model input."""
     if strength == 0 and not fbp_baseline:
         return hu
-    return ct_round_trip_hu(hu, rng, photons=None if strength == 0 else n0 / strength,
-                            pixel_cm=_square_pixel_cm(pixel_mm), mu_water=mu_water,
+    pixel_cm = _square_pixel_cm(pixel_mm)
+    photons = None if strength == 0 else ct_bin_photons(n0, n0_per, pixel_cm * 10.0) / strength
+    return ct_round_trip_hu(hu, rng, photons=photons, pixel_cm=pixel_cm, mu_water=mu_water,
                             n_angles=n_angles)
 
 
@@ -340,16 +358,19 @@ def _ct_baseline(image, rng, *, strength, n0, reference_size, dose_scaling, fbp_
 register_confounder(
     "ct_noise", _ct_noise, baseline=_ct_baseline, category="environment/acquisition", memoise=True,
     description=("A low-dose CT protocol: Poisson photon noise in the sinogram (LoDoPaB-CT "
-                 "style, 4096 photons per detector bin) reconstructed by filtered back-projection, "
-                 "giving the streaky, correlated noise of low-dose scanners."),
+                 "style: 4096 photons per view per mm of detector on slices in HU, per detector "
+                 "bin on 8-bit slices) reconstructed by filtered back-projection, giving the "
+                 "streaky, correlated noise of low-dose scanners."),
     # fbp_baseline: every slice, confounded or not, goes through the same projection and
     # reconstruction (1000 angles, as LoDoPaB-CT), so only the dose differs; without it the
     # reconstruction's blur alone would mark the confounded slices. On CT slices stored in HU
-    # (LIDC-IDRI) it acts in HU at the slice's pixel spacing (hu=); window, fov_cm,
-    # reference_size and dose_scaling then play no part: they describe 8-bit slices.
+    # (LIDC-IDRI) it acts in HU at the slice's pixel spacing (hu=), with n0 per mm of
+    # detector (n0_per; "bin": per bin of one pixel, the dose then rising as pixels shrink);
+    # window, fov_cm, reference_size and dose_scaling then play no part: they describe 8-bit
+    # slices.
     hu=(_ct_noise_hu, _ct_baseline_hu),
-    defaults={"n0": 4096.0, "reference_size": 512, "dose_scaling": "area", "window_centre": -600.0,
-              "window_width": 1500.0, "fov_cm": 35.0, "mu_water": 0.2, "n_angles": 1000,
-              "fbp_baseline": True, "resolution": "native"},
+    defaults={"n0": 4096.0, "n0_per": "mm", "reference_size": 512, "dose_scaling": "area",
+              "window_centre": -600.0, "window_width": 1500.0, "fov_cm": 35.0, "mu_water": 0.2,
+              "n_angles": 1000, "fbp_baseline": True, "resolution": "native"},
     strength_range=(0.0, 100.0),
 )

@@ -263,7 +263,9 @@ def build_lidc_idri(
     ``missing_series``: "error" or "skip" for annotated series absent under ``root``
     (with pylidc only series present under ``root`` are used). ``bad_series``: "error" or
     "skip" (listed in the meta with the reason) for series with missing slices, irregular
-    spacing or inconsistent geometry.
+    spacing or inconsistent geometry. A nodule whose ``roi_mm`` box leaves its slice is
+    skipped: counted in the meta's ``excluded["box_outside_slice"]``, described in its
+    ``box_outside_slice`` and printed.
     """
     if image == "crop":
         raise LIDCInputError(
@@ -306,7 +308,9 @@ def build_lidc_idri(
             "pass missing_series='skip'."
         )
     window = (window_centre, window_width)
-    rows, excluded = [], {"rating_equals_threshold": 0, "too_few_annotations": 0}
+    rows, excluded = [], {"rating_equals_threshold": 0, "too_few_annotations": 0,
+                          "box_outside_slice": 0}
+    outside: list[str] = []  # the nodules whose roi_mm box leaves their slice, skipped
     spacings = {}
     skipped_bad: dict[str, str] = {}
     by_series = table[~table["series_uid"].isin(absent)].groupby(["patient_id", "series_uid"],
@@ -353,13 +357,19 @@ def build_lidc_idri(
                         box = roi_box(nodule["centroid_row"], nodule["centroid_col"], spacing,
                                       roi_mm, written[index].shape, where)
                     except HounsfieldError as err:
-                        raise LIDCInputError(str(err)) from err
+                        # one nodule near the edge must not stop the build: skip and count it
+                        excluded["box_outside_slice"] += 1
+                        outside.append(str(err))
+                        continue
                     row.update(zip(ROI_COLUMNS, box))
                 rows.append(row)
+    if outside:
+        print(f"lidc_idri: {len(outside)} nodule(s) skipped, their {roi_mm:g} mm box leaves "
+              f"the slice; the first: {outside[0]}")
     if not rows:
         raise LIDCInputError(
             f"no nodule left after exclusions {excluded}; check the annotations and "
-            "malignancy_threshold."
+            "malignancy_threshold" + (f", and roi_mm: {outside[0]}" if outside else ".")
         )
     frame, merged = refuse_conflicting_inputs(pd.DataFrame(rows), image)
     excluded["same_input_same_label"] = merged
@@ -386,6 +396,7 @@ def build_lidc_idri(
         "n_patients": int(frame["patient_id"].nunique()), "excluded": excluded,
         # LIDC has 4 readers: more annotations in one cluster means neighbouring nodules merged
         "clusters_over_4_annotations": int((frame["n_annotations"] > 4).sum()),
-        "series_skipped": absent, "bad_series_skipped": skipped_bad, "seed": seed,
+        "series_skipped": absent, "bad_series_skipped": skipped_bad,
+        "box_outside_slice": outside, "seed": seed,
     }
     return Manifest(table=frame, root=out_dir.resolve(), meta=meta)
