@@ -83,10 +83,12 @@ def _fall_by_source(table: pd.DataFrame, confounder: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _clean_start(table: pd.DataFrame, source: str) -> float:
+def _clean_start(table: pd.DataFrame, source: str, confounder: str) -> float:
+    """The source's clean-test AUC at p = 0 in this confounder's runs, mean over folds."""
     from .analysis.claims import clean_at_zero
 
-    return float(clean_at_zero(table, source, None, "auc").mean())
+    part = table[table["confounder"] == confounder]
+    return float(clean_at_zero(part, source, None, "auc").mean())
 
 
 def grid_conclusion(table: pd.DataFrame, claims: pd.DataFrame | None = None,
@@ -121,9 +123,9 @@ def grid_conclusion(table: pd.DataFrame, claims: pd.DataFrame | None = None,
                          f"{abs(gap):.2f}, is {size}.")
         if roles.get("random") in falls.index:
             r = falls.loc[roles["random"]]
-            start = _clean_start(table, roles["random"])
+            start = _clean_start(table, roles["random"], confounder)
             parts.append(f"Random initialisation falls {r['fall']:.2f} ± {r['sd']:.2f} from a "
-                         f"clean AUC of {start:.2f}" + (": it learnt little, so it has little to "
+                         f"clean AUC of {start:.2f} at p = 0" + (": it learnt little, so it has little to "
                                                        "lose." if start < 0.7 else "."))
         if parts:
             lines.append(f"- **{confounder}**: " + " ".join(parts))
@@ -218,3 +220,29 @@ def pretraining_conclusion(confusion: pd.DataFrame, accuracy: float) -> str:
         line += (" It is a radiology-domain source that has learnt modality and anatomy more "
                  "than pathology: a stand-in for RadImageNet's domain, not for its findings.")
     return line
+
+
+def injection_conclusion(checks: pd.DataFrame, cues: pd.DataFrame | None = None,
+                         input_size: int | None = None, resize: str | None = None) -> str:
+    """02: did every confounder do what it claims (the measured checks), and what reaches the
+    model of the paper's low-pass filter (``cues``: :func:`sm_utils.confounders.cues.paper_cues`)."""
+    passed = int(checks["passed"].fillna(False).astype(bool).sum())
+    failed = checks.loc[~checks["passed"].fillna(False).astype(bool), "confounder"]
+    lines = [f"- **{passed} of {len(checks)} measured checks pass**"
+             + (": every confounder does what it claims on its example image or selection."
+                if failed.empty else f"; these do not: {', '.join(dict.fromkeys(failed))}.")]
+    if cues is not None and "cutoff_at_input" in cues:
+        low = cues.dropna(subset=["cutoff_at_input"])
+        for row in low.itertuples():
+            beyond = row.cutoff_at_input > 0.5
+            lines.append(
+                f"- **The paper's low-pass at a {input_size} px input ({resize})**: its cut-off "
+                f"lands at {row.cutoff_at_input:.2f} cycles/px, "
+                + ("beyond the input's Nyquist limit (0.5), so the filter removes nothing the "
+                   "input could show directly; what reaches the model is the fine texture that "
+                   f"the resize would otherwise fold into the input: {row.upper_band_kept:.0%} "
+                   "of the input's upper-band energy is kept, a cue of texture, not of blur."
+                   if beyond else
+                   f"inside the input's band, so the model sees the blur itself "
+                   f"({row.upper_band_kept:.0%} of the input's upper-band energy kept)."))
+    return "\n".join(lines) + "\n"
