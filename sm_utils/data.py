@@ -315,7 +315,9 @@ class ConfoundedImageDataset(Dataset):
 
     def _prepare(self, conf, root, resize: str, progress: bool) -> None:
         """Model-input pixels of every row the confounder changes."""
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # not tqdm.auto: no widget (and no IProgress warning) in notebooks
+
+        from .progress import bars_disabled
 
         native = conf.resolution != "input"
         hounsfield = "window_centre" in self.rows.columns
@@ -328,7 +330,7 @@ class ConfoundedImageDataset(Dataset):
         todo = np.arange(len(self.rows)) if conf.has_baseline else np.flatnonzero(self.confounded)
         views = row_views(self.rows)
         bar = tqdm(todo, desc=f"{conf.name} images", unit="image", leave=False,
-                   disable=not progress or len(todo) == 0)
+                   disable=True if not progress or len(todo) == 0 else bars_disabled())
         for i in bar:
             image_id = self.rows.at[i, "image_id"]
             view = views[i]

@@ -22,6 +22,16 @@ def resolve(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a notebook prints it: relative to the project root where it lies under it
+    (so committed outputs name no machine's folders), else as given."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 # The files of a run directory and of a grid's runs folder (docs/RUNS.md), named once.
 METRICS_FILE = "metrics.json"            # a run's metrics, written last: the run is complete
 ERROR_FILE = "error.txt"                 # a failed cell's error

@@ -42,6 +42,14 @@ THREADS_ENV = "SM_NUM_THREADS"
 PROGRESS_INTERVAL_S = 1.0
 
 
+def _bar_off(progress: bool) -> bool | None:
+    """tqdm's ``disable``: no bar when progress is off; otherwise only on a terminal (or as
+    ``$SM_PROGRESS`` says), so notebooks and logs get the per-epoch lines without bar debris."""
+    from .progress import bars_disabled
+
+    return True if not progress else bars_disabled()
+
+
 class TrainingError(ValueError):
     """Training settings that cannot be used as given."""
 
@@ -212,7 +220,7 @@ def predict(
     model.eval()
     probs, labels = [], []
     with _without_tf32():
-        for images, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        for images, y in tqdm(loader, desc="predict", leave=False, disable=_bar_off(progress)):
             logits = model(_to_input(images, prep, device))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
             labels.append(y)
@@ -284,7 +292,8 @@ def train_model(
             train_loader.dataset.set_epoch(epoch)  # a new augmentation draw per epoch
         model.train()
         total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress,
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False,
+                   disable=_bar_off(progress),
                    mininterval=PROGRESS_INTERVAL_S if sys.stderr.isatty() else 30.0)
         for images, labels in bar:
             labels = labels.to(device, non_blocking=True)

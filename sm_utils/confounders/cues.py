@@ -69,10 +69,11 @@ def lowpass_cue(conf: Confounder, image: np.ndarray, size: int, resize: str, see
     kept = energy[1] / max(energy[0], 1e-12)
     where_text = (f"cut-off {radius:.3f} cycles/px at {where} px = {at_input:.2f} cycles/px at "
                   f"{size} px" + (" (beyond Nyquist 0.5)" if at_input > 0.5 else ""))
-    return _row(conf, f"{where_text}; upper-band energy kept at the input "
-                      f"{100 * kept:.0f} %", "ideal disc, diameter 500 px on 1024 px (radius "
-                "0.244 cycles/px): a subtle change",
-                0.0, change, "mean |change| > 0 grey levels", change > 0)
+    return {**_row(conf, f"{where_text}; upper-band energy kept at the input "
+                         f"{100 * kept:.0f} %", "ideal disc, diameter 500 px on 1024 px (radius "
+                   "0.244 cycles/px): a subtle change",
+                   0.0, change, "mean |change| > 0 grey levels", change > 0),
+            "cutoff_at_input": at_input, "upper_band_kept": kept}
 
 
 def xray_noise_cue(conf: Confounder, image: np.ndarray, size: int, resize: str,
@@ -123,7 +124,7 @@ def ct_noise_cue(conf: Confounder, image: np.ndarray, size: int, resize: str,
         rows.append(_row(variant, f"{label}: sharpness relative to clean (noise added "
                          f"{noise:.1f} HU SD)", "low-dose noise in the sinogram; clean and "
                          "low-dose differ only in dose", 1.0, ratio,
-                         "1 +- 0.05, noise > 0" if shared else "(the old cue: < 1 is blur)",
+                         "1 +- 0.05, noise > 0" if shared else "(reconstructing only confounded slices: < 1, a blur cue)",
                          abs(ratio - 1) < 0.05 and noise > 0 if shared else True))
     return rows
 

@@ -70,7 +70,7 @@ class GridReport:
 
 def progress_bar(total: int, disable: bool | None):
     """The grid's progress bar over ``total`` cells (tqdm; ``disable=None``: only on a terminal)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: no widget (and no IProgress warning) in notebooks
 
     return tqdm(total=total, desc="grid", unit="cell", disable=disable, dynamic_ncols=True,
                 file=sys.stdout)
