@@ -481,7 +481,8 @@ def synthetic_cell(scores_per_fold, labels, patients):
 
 
 def test_a_collapsed_interval_is_not_printed_as_if_it_were_one():
-    from sm_utils.analysis.report import auc_latex, auc_markdown, auc_table
+    from sm_utils.analysis.kit_tables import auc_latex, auc_markdown
+    from sm_utils.analysis.report import auc_table
 
     _, labels, patients = one_test_set()
     reversed_scores = -labels + 0.01 * np.arange(len(labels)) / len(labels)   # AUC 0 always
@@ -532,7 +533,7 @@ def claims_like(extra: dict | None = None) -> pd.DataFrame:
 
 
 def test_the_claims_table_renders_whatever_columns_it_has_at_journal_width():
-    from sm_utils.analysis.report import MAX_COLUMNS, claims_latex, claims_markdown
+    from sm_utils.analysis.kit_tables import MAX_COLUMNS, claims_latex, claims_markdown
 
     claims = claims_like({"measure": "as the paper tested it", "level_minus_fall": [.2, -.1, .3],
                           "interval": "95 % t over folds"})
@@ -569,7 +570,8 @@ def test_the_claims_table_renders_whatever_columns_it_has_at_journal_width():
 def test_siunitx_tables_compile(tmp_path):
     """The claims tables of any shape and an AUC table with footnotes, through a real
     pdflatex with siunitx (make test-report installs them)."""
-    from sm_utils.analysis.report import DOCUMENT, auc_latex, auc_table, claims_latex
+    from sm_utils.analysis.kit_tables import DOCUMENT, auc_latex, claims_latex
+    from sm_utils.analysis.report import auc_table
 
     pdflatex = tex_engine()
     _, labels, patients = one_test_set()
