@@ -137,12 +137,13 @@ test-slurm: $(STAMP)
 	$(BIN)/python -m pytest -m slurm tests
 
 # make test-report   the paper kit's LaTeX tables compiled by a real TeX engine (tests marked
-#                    report; skipped by make test where pdflatex is missing); installs Debian's
-#                    texlive-latex-base and texlive-latex-recommended first when it is missing
-TEX_PACKAGES := texlive-latex-base texlive-latex-recommended
+#                    report; skipped by make test where pdflatex or siunitx is missing);
+#                    installs Debian's texlive-latex-base, texlive-latex-recommended and
+#                    texlive-science (siunitx, for the tables' numbers) first when either is
+TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-science
 test-report: $(STAMP)
-	@if ! command -v pdflatex >/dev/null 2>&1; then \
-	  echo "installing $(TEX_PACKAGES) (pdflatex missing)"; \
+	@if ! command -v pdflatex >/dev/null 2>&1 || ! kpsewhich siunitx.sty >/dev/null 2>&1; then \
+	  echo "installing $(TEX_PACKAGES) (pdflatex or siunitx missing)"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    $(TEX_PACKAGES) >/dev/null; \

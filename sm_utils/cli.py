@@ -196,13 +196,16 @@ def cmd_report(args) -> int:
     if not target.is_dir():
         raise SystemExit(f"sm report: {target} is not a runs directory; give the folder a grid "
                          "ran in (its runs_dir) or the grid's YAML file")
+    notes: list[str] = []
     paths = write_report(target, args.out, name=name, description=description,
                          reference_datasets=reference, claim_roles=roles or None,
-                         n_permutations=args.permutations, seed=args.seed)
+                         n_permutations=args.permutations, seed=args.seed, notes=notes)
     out = Path(args.out)
     print(f"report of {target} in {out}:")
     for path in paths:
         print(f"  {_shown(path)}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"preview the tables: cd {out / 'tables'} && pdflatex tables.tex")
     return 0
 

@@ -160,11 +160,24 @@ def bootstrap_mean_auc_ci(
     Draws where a fold holds a single class are skipped; (NaN, NaN) when a fold's data hold a
     single class.
     """
+    values = bootstrap_mean_auc_draws(folds, n_boot=n_boot, seed=seed, stream=stream)
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_mean_auc_draws(
+    folds, *, n_boot: int = 1000, seed: int = 0, stream: int = 20240307,
+) -> np.ndarray:
+    """The fold means of :func:`bootstrap_mean_auc_ci`'s draws (those where every fold holds
+    both classes), in draw order; empty when a fold's data hold a single class."""
     checked, keys = [], []
     for labels, scores, groups in folds:
         labels, scores = _check(labels, scores)
         if len(np.unique(labels)) < 2:
-            return float("nan"), float("nan")
+            return np.array([])
         names = (pd.Series(np.arange(len(labels))) if groups is None
                  else pd.Series(np.asarray(groups)).astype(str))
         if len(names) != len(labels):
@@ -185,12 +198,7 @@ def bootstrap_mean_auc_ci(
         fold_codes = codes[offset:offset + len(labels)]
         offset += len(labels)
         values += weighted_auc(labels, scores, counts[:, fold_codes])
-    values = values[np.isfinite(values)] / len(checked)
-    if not len(values):
-        return float("nan"), float("nan")
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    return values[np.isfinite(values)] / len(checked)
 
 
 def group_attributes(frame: pd.DataFrame, exclude: Iterable[str] = ()) -> list[str]:

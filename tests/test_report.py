@@ -22,8 +22,10 @@ from sklearn.metrics import roc_auc_score
 
 from sm_utils.analysis.deviations import DEVIATIONS, applicable, deviations_markdown
 from sm_utils.analysis.methods import whose
-from sm_utils.analysis.report import WIDTHS
-from sm_utils.evaluation import bootstrap_auc_ci, bootstrap_mean_auc_ci
+from sm_utils.analysis.render import latex_escape
+from sm_utils.analysis.report import WIDTHS, trainings_and_patients_interval
+from sm_utils.analysis.results import AnalysisError
+from sm_utils.evaluation import bootstrap_auc_ci, bootstrap_mean_auc_ci, bootstrap_mean_auc_draws
 
 ROOT = Path(__file__).resolve().parents[1]
 SM = [sys.executable, "-m", "sm_utils"]
@@ -64,25 +66,32 @@ def report(tmp_path_factory):
 
 
 def parse_auc_latex(text: str) -> dict:
-    """(block label, test set, p, source) -> (mean, sd, low, high, n) from auc.tex."""
+    """(block label, test set, p, source) -> (mean, sd, patients interval, both interval, n)
+    from auc.tex: a row per test set, p and source; blank test set, n and p repeat the row
+    above; an interval not shown is None."""
     cells = {}
     for table in text.split(r"\begin{table*}")[1:]:
         label = re.search(r"\\label\{([^}]*)\}", table).group(1)
-        sources = re.findall(r"\\multicolumn\{2\}\{c\}\{([^}]*)\}", table)
-        sources = [s.replace(r"\_", "_") for s in sources]
         body = table.split(r"\midrule")[1].split(r"\bottomrule")[0]
-        test_set = None
+        test_set = n = p = None
         for line in body.strip().splitlines():
             if line.startswith(r"\addlinespace"):
                 continue
             fields = [f.strip() for f in line.rstrip("\\ ").split("&")]
-            test_set = fields[0] or test_set
-            for i, source in enumerate(sources):
-                mean_sd, interval = fields[3 + 2 * i], fields[4 + 2 * i]
-                mean, sd = (float(v) for v in mean_sd.split(r"$\pm$"))
-                low, high = (float(v) for v in interval.strip("[]").split(","))
-                cells[(label, test_set, float(fields[1]), source)] = (mean, sd, low, high,
-                                                                       fields[2])
+            test_set, n = fields[0] or test_set, fields[1] or n
+            p = float(fields[2]) if fields[2] else p
+            source = fields[3].replace(r"\_", "_")
+            rest = fields[6:]
+            intervals = []
+            while rest:
+                if rest[0].startswith(r"\multicolumn"):
+                    intervals.append(None)
+                    rest = rest[1:]
+                else:
+                    intervals.append((float(rest[0]), float(rest[1])))
+                    rest = rest[2:]
+            cells[(label, test_set, p, source)] = (float(fields[4]), float(fields[5]),
+                                                   *intervals, n)
     return cells
 
 
@@ -96,7 +105,7 @@ def test_every_number_of_the_auc_table_comes_from_the_runs(report):
     assert len(cells) == results.groupby(["test_set", "p", "source"]).ngroups == 12
     predictions = {run_id: pd.read_csv(report["runs"] / run_id / "predictions.csv")
                    for run_id in results["run_id"].unique()}
-    for (label, shown_set, p, source), (mean, sd, low, high, n) in cells.items():
+    for (label, shown_set, p, source), (mean, sd, patients, both, n) in cells.items():
         assert label == "tab:auc:phantom_cxr:tag:1:tf_efficientnet_lite0:812"
         test_set = names[shown_set]
         rows = results[(results["test_set"] == test_set) & (results["p"] == p)
@@ -106,15 +115,25 @@ def test_every_number_of_the_auc_table_comes_from_the_runs(report):
         assert sd == round(rows["auc"].std(ddof=1), 3)
         assert n == f"{int(rows['n'].iloc[0])} ({int(rows['n_patients'].iloc[0])})"
         folds = [predictions[r][predictions[r]["test_set"] == test_set] for r in rows["run_id"]]
-        expected = bootstrap_mean_auc_ci([(f["label"], f["score"], f["patient_id"]) for f in folds],
-                                         seed=812)
-        assert (low, high) == tuple(round(v, 3) for v in expected)
-        assert low <= high
+        folds = [(f["label"], f["score"], f["patient_id"]) for f in folds]
+        expected = bootstrap_mean_auc_ci(folds, seed=812)
+        draws = bootstrap_mean_auc_draws(folds, seed=812)
+        if expected[0] == expected[1]:   # collapsed: not shown as if it were an interval
+            assert patients is None
+        else:
+            assert patients == tuple(round(v, 3) for v in expected)
+        assert both == tuple(round(v, 3) for v in
+                             trainings_and_patients_interval(rows["auc"], draws))
     # Markdown and CSV say the same
     markdown = (report["out"] / "tables/auc.md").read_text()
-    table = pd.read_csv(report["out"] / "tables/auc.csv")
+    table = pd.read_csv(report["out"] / "tables/auc.csv").fillna(
+        {"patients_note": "", "both_note": ""})
     for row in table.itertuples():
-        assert f"{row.mean:.3f} ± {row.sd:.3f} | [{row.ci_low:.3f}, {row.ci_high:.3f}]" in markdown
+        patients = ("— (" if row.patients_note else
+                    f"[{row.patients_low:.3f}, {row.patients_high:.3f}]")
+        assert (f"| {row.source} | {row.mean:.3f} ± {row.sd:.3f} | {patients}"
+                in markdown)
+        assert f"[{row.both_low:.3f}, {row.both_high:.3f}] |" in markdown
 
 
 @pytest.mark.numerics
@@ -137,6 +156,10 @@ def test_claims_and_statistics_tables_match_the_analysis(report):
     assert len(tested) and set(tested["verdict"]) == {"cannot tell with these folds"}
     latex = (report["out"] / "tables/claims.tex").read_text()
     assert latex.count("cannot tell with these folds") == len(tested)
+    # human names, numbers through siunitx, wrapped rather than shrunk
+    assert r"\resizebox" not in latex and "ci\\_low" not in latex and "p\\_value" not in latex
+    assert "{smallest p}" in latex and "{folds}" in latex and "S[table-format=" in latex
+    assert r"\label{tab:claims:statements}" in latex
     comparisons = pd.read_csv(report["out"] / "tables/comparisons.csv")
     assert set(comparisons["test_set"]) == {"ood"} and len(comparisons) == 2  # 2 p, 1 pair
     results = pd.read_csv(report["runs"] / "results.csv")
@@ -177,7 +200,20 @@ def test_methods_are_generated_from_the_runs_configs(report):
     assert "| optimizer | adam | paper |" in methods
     assert "| lr | 0.001 | script default |" in methods
     assert f"torch {configs[0]['versions']['torch']}" in methods
-    assert configs[0]["git"]["commit"][:12] in methods
+    assert f"commit(s) of the runs: `{configs[0]['git']['commit'][:12]}`" in methods
+    # the report's own commit: the checkout that wrote it, which the claims' tests are
+    # pre-specified at
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    written = head[:12] + (" with uncommitted changes" if dirty else "")
+    assert f"- sm_utils commit of this report: {written}\n" in methods
+    assert f"tests pre-specified at commit {written} " in methods
+    assert "pre-registered" not in methods
+    # tag is synthetic: it changes pixels
+    assert "- **tag** (synthetic, environment/marker): pixels changed: the confounder is put on" \
+        in methods
     assert "stand-in" in methods                  # the demo's sources are not the paper's
     # the deviations that apply to this grid, and not the others
     assert "| tag font |" in methods and "| CT task |" not in methods
@@ -263,12 +299,23 @@ def test_report_of_a_folder_without_runs_says_what_to_do(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def tex_engine() -> str:
+    """pdflatex with siunitx, or a skip saying how to get them."""
+    pdflatex = shutil.which("pdflatex")
+    if pdflatex is None:
+        pytest.skip("no pdflatex: `make test-report` installs TeX Live (Debian texlive-latex-*, "
+                    "texlive-science)")
+    found = subprocess.run(["kpsewhich", "siunitx.sty"], capture_output=True, text=True,
+                           check=False)
+    if not found.stdout.strip():
+        pytest.skip("no siunitx: `make test-report` installs it (Debian texlive-science)")
+    return pdflatex
+
+
 @pytest.mark.numerics
 @pytest.mark.report
 def test_latex_tables_compile_with_a_real_tex_engine(report, tmp_path):
-    pdflatex = shutil.which("pdflatex")
-    if pdflatex is None:
-        pytest.skip("no pdflatex: `make test-report` installs TeX Live (Debian texlive-latex-*)")
+    pdflatex = tex_engine()
     tables = tmp_path / "tables"
     shutil.copytree(report["out"] / "tables", tables)
     done = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", "tables.tex"],
@@ -276,8 +323,11 @@ def test_latex_tables_compile_with_a_real_tex_engine(report, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     log = (tables / "tables.log").read_text(errors="replace")
     assert not re.search(r"^! ", log, re.MULTILINE), log[-3000:]
-    # auc, keras_auc, claims, comparisons: a page each
-    assert "Output written on tables.pdf (4 pages" in log.replace("\n", "")
+    assert "siunitx.sty" in log                     # the numbers went through siunitx
+    assert "Overfull \\hbox" not in log, log       # every table fits the text width
+    # auc, keras_auc, claims (statements, verdicts, the paper's), comparisons
+    pages = int(re.search(r"Output written on tables.pdf \((\d+) pages", log).group(1))
+    assert 4 <= pages <= 6
 
 
 def test_the_committed_demo_report_is_the_committed_demo_table():
@@ -292,3 +342,264 @@ def test_the_committed_demo_report_is_the_committed_demo_table():
                        & (results["source"] == row.source)]["auc"]
         assert row.mean == pytest.approx(runs.mean(), abs=1e-12)
         assert row.sd == pytest.approx(runs.std(ddof=1), abs=1e-12, nan_ok=True)
+
+
+# --- the kit on bad input: checked first, written whole or not at all --------------------------
+
+def copy_runs(report, folder: Path) -> Path:
+    """The fixture's runs without their notebooks and curves (what the report reads)."""
+    runs = folder / "runs"
+    shutil.copytree(report["runs"], runs, ignore=shutil.ignore_patterns("*.ipynb", "*.png"))
+    return runs
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.numerics
+def test_a_run_without_config_json_stops_the_report_before_anything_is_written(
+        report, tmp_path, capsys):
+    from sm_utils.cli import main
+
+    runs = copy_runs(report, tmp_path)
+    lacking = sorted(runs.glob("*/config.json"))[3]
+    run_id = lacking.parent.name
+    lacking.unlink()
+    out = tmp_path / "kit"
+    assert main(["report", str(runs), str(out), "--permutations", "99"]) == 2
+    error = capsys.readouterr().err
+    assert f"run {run_id}: no {lacking}" in error                     # which run, where
+    assert "1 of the 8 runs" in error and "sm run GRID" in error       # what to do
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    # an earlier kit in OUT stays as it was
+    shutil.copytree(report["out"], out)
+    before = tree(out)
+    assert main(["report", str(runs), str(out), "--permutations", "99"]) == 2
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kit", "runs"]
+
+
+@pytest.mark.numerics
+def test_a_failure_while_writing_leaves_the_earlier_kit_whole(report, tmp_path, monkeypatch):
+    from sm_utils.analysis import report as kit
+
+    out = tmp_path / "kit"
+    shutil.copytree(report["out"], out)
+    before = tree(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the figure could not be drawn")
+
+    monkeypatch.setattr(kit, "write_figures", broken)   # after the tables were written
+    with pytest.raises(RuntimeError, match="could not be drawn"):
+        kit.write_report(report["runs"], out, n_permutations=99)
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["kit"]
+    # and OUT holding other things is refused, not replaced
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.undo()
+    with pytest.raises(AnalysisError, match=r"holds other things than a report \(notes.txt\)"):
+        kit.write_report(report["runs"], out, n_permutations=99)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.numerics
+def test_runs_without_predictions_have_no_interval_and_the_tables_say_why(
+        report, tmp_path, capsys):
+    from sm_utils.cli import main
+
+    runs = copy_runs(report, tmp_path)
+    results = pd.read_csv(runs / "results.csv")
+    run_id = results["run_id"].iloc[0]
+    (runs / run_id / "predictions.csv").unlink()
+    out = tmp_path / "kit"
+    assert main(["report", str(runs), str(out), "--permutations", "99"]) == 0
+    assert f"1 run(s) have no predictions.csv ({run_id})" in capsys.readouterr().err
+    table = pd.read_csv(out / "tables/auc.csv")
+    run = results[results["run_id"] == run_id].iloc[0]
+    without = (table["p"] == run["p"]) & (table["source"] == run["source"])
+    assert without.sum() == 3                                   # its three test sets
+    assert table.loc[without, ["patients_low", "both_low"]].isna().all().all()
+    note = f"no interval: predictions.csv missing for 1 of 2 runs ({run_id})"
+    assert set(table.loc[without, "patients_note"]) == {note}
+    assert table.loc[~without, ["patients_low", "both_low"]].notna().all().all()
+    latex = (out / "tables/auc.tex").read_text()
+    assert latex.count(r"\multicolumn{2}{c}{---\textsuperscript{a}}") == 2 * 3
+    assert rf"\textsuperscript{{a}}\,{latex_escape(note)}" in latex
+    assert "— (a) | — (a) |" in (out / "tables/auc.md").read_text()
+
+
+# --- intervals that say what they cover ---------------------------------------------------------
+
+def one_test_set(n_patients=40, seed=0):
+    rng = np.random.default_rng(seed)
+    patients = np.repeat([f"P{i}" for i in range(n_patients)], 2)
+    labels = np.repeat(rng.random(n_patients) < 0.5, 2).astype(int)
+    labels[:4] = [0, 0, 1, 1]
+    return rng, labels, patients
+
+
+def test_the_interval_over_trainings_and_patients_is_wider_where_trainings_vary():
+    rng, labels, patients = one_test_set()
+    # five trainings of very different quality, scored on one test set
+    folds = [(labels, labels * signal + rng.normal(0, 1, len(labels)), patients)
+             for signal in (0.2, 0.8, 1.5, 2.5, 4.0)]
+    aucs = [roc_auc_score(y, s) for y, s, _ in folds]
+    draws = bootstrap_mean_auc_draws(folds, seed=1)
+    patients_only = bootstrap_mean_auc_ci(folds, seed=1)
+    both = trainings_and_patients_interval(aucs, draws)
+    assert np.std(aucs, ddof=1) > 0.1
+    assert both[1] - both[0] > 1.5 * (patients_only[1] - patients_only[0])
+    assert both[0] < np.mean(aucs) < both[1]
+    # trainings that do not differ: the test set's variance alone, a normal interval
+    same = [folds[2]] * 3
+    draws = bootstrap_mean_auc_draws(same, seed=1)
+    mean = roc_auc_score(*folds[2][:2])
+    half = 1.959964 * draws.std(ddof=1)
+    assert trainings_and_patients_interval([mean] * 3, draws) == pytest.approx(
+        (mean - half, mean + half), abs=1e-6)
+    # Welch-Satterthwaite: with the test set's variance negligible, a t interval on k - 1 df
+    aucs = [0.6, 0.7, 0.8]
+    low, high = trainings_and_patients_interval(aucs, [0.7, 0.7 + 1e-9])
+    assert (high - low) / 2 == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-6)
+    assert np.isnan(trainings_and_patients_interval([0.7], draws)).all()   # one fold
+
+
+def synthetic_cell(scores_per_fold, labels, patients):
+    """A results table of one (test set, p, source) cell and its runs' predictions."""
+    rows, predictions = [], {}
+    for fold, scores in enumerate(scores_per_fold):
+        run_id = f"run{fold}"
+        rows.append({"run_id": run_id, "dataset": "d", "confounder": "tag", "strength": 1.0,
+                     "arch": "a", "seed": 812, "test_set": "ood", "p": 1.0, "source": "imagenet",
+                     "fold": fold, "auc": roc_auc_score(labels, scores), "n": len(labels),
+                     "n_patients": len(set(patients))})
+        predictions[run_id] = pd.DataFrame({"test_set": "ood", "label": labels, "score": scores,
+                                            "patient_id": patients})
+    return pd.DataFrame(rows), predictions
+
+
+def test_a_collapsed_interval_is_not_printed_as_if_it_were_one():
+    from sm_utils.analysis.kit_tables import auc_latex, auc_markdown
+    from sm_utils.analysis.report import auc_table
+
+    _, labels, patients = one_test_set()
+    reversed_scores = -labels + 0.01 * np.arange(len(labels)) / len(labels)   # AUC 0 always
+    table, predictions = synthetic_cell([reversed_scores, reversed_scores], labels, patients)
+    aucs = auc_table(table, predictions=predictions)
+    row = aucs.iloc[0]
+    assert row["mean"] == 0 and (row["patients_low"], row["patients_high"]) == (0, 0)
+    assert row["patients_note"].startswith("no interval shown: every resample gives AUC 0.000 "
+                                           "(every positive ranked below every negative")
+    assert row["both_note"].startswith("no interval shown: every fold and every resample")
+    latex = auc_latex(aucs, "AUC", "caption", "tab:auc")
+    assert "0.000 & 0.000 & 0.000" not in latex        # mean, SD, but no [0, 0] interval
+    assert r"\multicolumn{2}{c}{---\textsuperscript{a}} & " \
+           r"\multicolumn{2}{c}{---\textsuperscript{b}}" in latex
+    assert "[0.000, 0.000]" not in auc_markdown(aucs, "AUC")
+
+
+def test_the_figure_caption_says_what_its_band_covers():
+    from sm_utils.analysis.figures import figure_caption
+
+    table, _ = synthetic_cell([np.r_[0.1, 0.9, 0.2, 0.8]] * 2, np.array([0, 1, 0, 1]),
+                              np.array(["a", "b", "c", "d"]))
+    caption = figure_caption(table)
+    assert "band: 95 % t interval over folds (the spread between trainings on the grid's one " \
+           "test set, which the test set's sampling error is not part of" in caption
+
+
+# --- tables a journal takes ---------------------------------------------------------------------
+
+def claims_like(extra: dict | None = None) -> pd.DataFrame:
+    """A claims table as claims.py writes it, with columns it may gain."""
+    frame = pd.DataFrame({
+        "claim": ["1", "2", "2"],
+        "statement": ["comparable clean", "falls further", "falls further"],
+        "dataset": "d", "arch": "a", "confounder": ["(none)", "tag", "sex"],
+        "quantity": ["clean AUC", "fall", "fall"], "roles": ["in_domain vs imagenet"] * 3,
+        "sources": ["radiology_phantom vs imagenet_lite0"] * 3, "effect": [0.161, -0.016, 0.2],
+        "ci_low": [-0.1, -0.189, np.nan], "ci_high": [0.422, 0.158, np.nan],
+        "p_value": [1.0, 0.625, np.nan], "min_p": [0.125, 0.125, np.nan],
+        "n_folds": [3, 3, np.nan], "verdict": ["cannot tell with these folds",
+                                               "cannot tell with these folds",
+                                               "not testable here"],
+        "why": ["3 folds: 0.125 > 0.05", "3 folds: 0.125 > 0.05", "no sex runs"],
+        "paper_verdict": ["holds"] * 3, "paper_effect": [0.01, 0.29, 0.11]})
+    for column, value in (extra or {}).items():
+        frame[column] = value
+    return frame
+
+
+def test_the_claims_table_renders_whatever_columns_it_has_at_journal_width():
+    from sm_utils.analysis.kit_tables import MAX_COLUMNS, claims_latex, claims_markdown
+
+    claims = claims_like({"measure": "as the paper tested it", "level_minus_fall": [.2, -.1, .3],
+                          "interval": "95 % t over folds"})
+    latex = claims_latex(claims, "Claims.")
+    tables = latex.split(r"\begin{table*}")[1:]
+    assert len(tables) == 3                          # statements, verdicts, the paper's
+    statements, ours, paper = tables
+    assert "comparable clean" in statements and "95 \\% t over folds" in statements
+    assert "as the paper tested it" in statements     # a description, one per claim
+    assert r"\multicolumn{2}{c}{interval}" in ours and "{smallest p}" in ours
+    assert "{folds}" in ours and r"\begin{tabular}[b]{@{}c@{}}level\\minus fall" in ours
+    assert "paper's\\\\effect" in paper
+    assert "paper's\\\\effect" not in ours
+    # one value in every row: said once, in the caption
+    assert "dataset: d; architecture: a; paper's verdict: holds." in ours
+    assert r"\resizebox" not in latex and "ci\\_low" not in latex
+    # numbers in siunitx columns, one that holds a minus sign
+    assert "S[table-format=-1.3]" in ours and "& -0.189 & 0.158 &" in ours
+    for table in tables:
+        spec = re.search(r"\\begin\{tabular\}\{(.*)\}\n", table).group(1)
+        assert len(re.findall(r"S\[|p\{|(?<![a-z{])[lrc](?![a-z])", spec)) <= MAX_COLUMNS
+    # the reasons for the verdicts as footnotes
+    assert r"cannot tell with these folds\textsuperscript{a}" in ours
+    assert r"\textsuperscript{b}\,no sex runs" in ours
+    markdown = claims_markdown(claims, "Claims.")
+    assert "| claim | confounder | sources | effect | interval | p | smallest p |" in markdown
+    assert "| 2 | tag | radiology_phantom vs imagenet_lite0 | -0.016 | [-0.189, 0.158] |" \
+        in markdown
+    # a table of claims.py without some of the known columns still renders
+    assert "{verdict}" in claims_latex(claims.drop(columns=["why", "statement", "ci_low"]), "C.")
+
+
+@pytest.mark.report
+def test_siunitx_tables_compile(tmp_path):
+    """The claims tables of any shape and an AUC table with footnotes, through a real
+    pdflatex with siunitx (make test-report installs them)."""
+    from sm_utils.analysis.kit_tables import DOCUMENT, auc_latex, claims_latex
+    from sm_utils.analysis.report import auc_table
+
+    pdflatex = tex_engine()
+    _, labels, patients = one_test_set()
+    table, predictions = synthetic_cell([-labels + 0.0, labels * 0.5 + np.arange(80) / 80],
+                                        labels, patients)
+    aucs = auc_table(table, predictions=predictions)
+    claims = claims_like({"measure": "as robustness", "level_minus_fall": -0.25})
+    (tmp_path / "tables.tex").write_text(DOCUMENT % "\n".join(
+        [claims_latex(claims, "Claims."), auc_latex(aucs, "AUC", "Caption.", "tab:auc")]))
+    done = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", "tables.tex"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    log = (tmp_path / "tables.log").read_text(errors="replace")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "siunitx.sty" in log and "Overfull \\hbox" not in log, log[-3000:]
+
+
+def test_a_sampled_confounder_changes_no_pixels_in_the_methods():
+    from sm_utils.analysis.methods import _confounder_text, short_commit
+
+    sex = _confounder_text({"name": "sex", "kind": "sampled", "attribute": "sex", "value": "F",
+                            "reference": "M"})
+    assert sex.startswith("no pixel changed: the rows are chosen so that a fraction p of the "
+                          "positive training images have sex F and the rest sex M")
+    assert "put on" not in sex and "(positives sex M, negatives sex F)" in sex
+    # a record without its kind: the registry knows sex is sampled and tag is not
+    assert _confounder_text({"name": "sex", "attribute": "sex", "value": "F",
+                             "reference": "M"}) == sex
+    assert _confounder_text({"name": "tag"}).startswith("pixels changed: the confounder is put on")
+    assert short_commit({"commit": None, "dirty": None}) == "unknown (not a git checkout)"
+    assert short_commit({"commit": "0123456789abcdef", "dirty": True}) == \
+        "0123456789ab with uncommitted changes"

@@ -79,9 +79,12 @@ DEVIATIONS = (
               'all'),
     Deviation('AUC intervals',
               'none',
-              "a bootstrap over the test set's patients (all images of a patient together)",
+              "two, labelled: a bootstrap over the test set's patients with the models fixed "
+              "(all images of a patient together), and a t interval over trainings and test "
+              "patients (the fold variance plus the bootstrap's)",
               "images of one patient are not independent (the paper's test set: 83 images of 68 "
-              'patients)',
+              "patients); the test set's sampling alone is often narrower than the spread "
+              'between trainings',
               'all'),
     Deviation('CT task',
               'code, task definition and splits not published ("nodule slices"; median rating > 3 '

@@ -129,7 +129,13 @@ def figure_caption(table: pd.DataFrame, metric: str = "auc", confidence: float =
     text = _describe(means, metric, confidence, reference is not None and not reference.empty)
     return (f"AUC against the prevalence p of the confounder among positive training images; "
             f"rows: {', '.join(names.get(r, r) for r in rows)} test set, a column per "
-            f"confounder, a line per source. {text[0].upper()}{text[1:]}. Dotted: chance (0.5).")
+            f"confounder, a line per source. {text[0].upper()}{text[1:]}{BAND}. Dotted: chance "
+            "(0.5).")
+
+
+# what the band covers, for the caption: the figure's band is not the tables' intervals
+BAND = (" (the spread between trainings on the grid's one test set, which the test set's "
+        "sampling error is not part of; clipped to [0, 1])")
 
 
 def save_figure(fig, base: str | os.PathLike, dpi: int = 150, tight: bool = True) -> list[Path]:

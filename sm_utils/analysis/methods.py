@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..confounders import list_confounders
 from .claims import ALPHA, MARGIN
 from .deviations import applicable
 from .paper import STAND_INS
@@ -78,6 +79,41 @@ def read_configs(runs_dir: Path, run_ids: Iterable[str]) -> list[dict]:
     return configs
 
 
+def short_commit(record: dict | None) -> str:
+    """A commit as ``abc123def456`` (``, with uncommitted changes`` when dirty), or
+    ``unknown`` outside a git checkout."""
+    commit = (record or {}).get("commit")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return f"{commit[:12]}" + (" with uncommitted changes" if (record or {}).get("dirty")
+                               else "")
+
+
+def _sampled(spec: dict) -> bool:
+    """A sampled confounder (sex, age, view) chooses rows; it changes no pixels. The run's
+    record says which kind; the registry answers for records without it."""
+    kind = spec.get("kind")
+    return kind == "sampled" if kind else spec.get("name") in list_confounders("sampled")
+
+
+def _confounder_text(spec: dict) -> str:
+    """How the confounder was put into the training and test sets, by its kind."""
+    if not _sampled(spec):
+        return ("pixels changed: the confounder is put on a fraction p of the positive "
+                "training images; the i.i.d. test set carries it at the same rate, the o.o.d. "
+                "test set on every negative and no positive (the correlation reversed), the "
+                "clean test set not at all")
+    attribute = spec.get("attribute", spec.get("name"))
+    value, reference = spec.get("value"), spec.get("reference")
+    other = f"{attribute} {reference}" if reference not in (None, "") else f"another {attribute}"
+    return (f"no pixel changed: the rows are chosen so that a fraction p of the positive "
+            f"training images have {attribute} {value} and the rest {other}, every negative "
+            f"{other} (pools of the same size at every p); the i.i.d. test set is chosen the "
+            f"same way, the o.o.d. test set with the attribute swapped between the classes "
+            f"(positives {other}, negatives {attribute} {value}), the clean test set with "
+            f"{attribute} {value} and {other} in equal numbers in each class")
+
+
 def _distinct(values: Iterable[Any]) -> list[Any]:
     out = []
     for value in values:
@@ -88,8 +124,10 @@ def _distinct(values: Iterable[Any]) -> list[Any]:
 
 def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
                      description: str | None = None, n_permutations: int = 9999,
-                     n_boot: int = 1000) -> str:
-    """The methods section of a grid, from its results table and its runs' config.json."""
+                     n_boot: int = 1000, report_commit: dict | None = None) -> str:
+    """The methods section of a grid, from its results table and its runs' config.json.
+    ``report_commit``: the commit of the checkout writing the report
+    (:func:`sm_utils.provenance.git_commit`), which the claims' tests are defined at."""
     if not configs:
         raise AnalysisError("no run has a config.json: the methods cannot be written")
     runs = table.drop_duplicates("run_id")
@@ -142,17 +180,18 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
     lines.append("")
 
     lines += ["## Confounders", "",
-              ("A confounder is put on a fraction p of the positive training images; the "
-              "i.i.d. test set carries it at the same rate, the o.o.d. test set with the "
-              "correlation reversed (on the negatives), the clean test set not at all. "
+              ("The confounder goes with the positive class at prevalence p: a synthetic one "
+              "changes the pixels of the images it is put on, a sampled one (an attribute of "
+              "the patient or the acquisition) chooses which images are used. "
               f"p in {{{_plain(sorted(set(runs['p'].astype(float))))}}}: "
               f"{whose('prevalences', tuple(sorted(set(runs['p'].astype(float)))))}."), ""]
     for spec in _distinct(c["confounder"] for c in configs):
         if spec.get("name") in (None, "none"):
             continue
         params = {k: v for k, v in spec.items() if k not in ("name", "kind", "category")}
-        lines.append(f"- **{spec['name']}** ({spec.get('kind', '')}, {spec.get('category', '')}): "
-                     + _plain_dict(params) + ".")
+        kind = spec.get("kind") or ("sampled" if _sampled(spec) else "synthetic")
+        lines.append(f"- **{spec['name']}** ({kind}, {spec.get('category', '')}): "
+                     + _confounder_text(spec) + ". Parameters: " + _plain_dict(params) + ".")
     lines.append("")
 
     lines += ["## Sources", ""]
@@ -188,25 +227,39 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
 
     lines += ["## Statistics", "",
               ("AUC is the binary ROC AUC of the positive-class score (scikit-learn), reported "
-              "as mean +- SD over folds with a 95 % percentile bootstrap interval of the fold "
-              f"mean ({n_boot} draws resampling the test set's patients, all images of a "
-              "patient together, one draw for all folds). The paper's metric, Keras' AUC "
+              "as mean +- SD over folds (trainings) with two 95 % intervals of the fold mean. "
+              "*Test patients resampled, models fixed*: a percentile bootstrap "
+              f"({n_boot} draws resampling the test set's patients, all images of a patient "
+              "together, one draw for all folds), the test set's sampling error alone. "
+              "*Trainings and test patients*: a t interval whose variance is the fold variance "
+              "of the mean plus the bootstrap variance of the fold mean (Welch-Satterthwaite "
+              "degrees of freedom), clipped to [0, 1]. The figures' bands are 95 % t intervals "
+              "over folds: the spread between trainings on the one test set. Where a bootstrap "
+              "interval collapses (every draw the same AUC, e.g. 0 or 1) the tables say so "
+              "instead of printing it. The paper's metric, Keras' AUC "
               "(200 thresholds, micro-averaged over both softmax columns), is reported beside "
               "it and used for the paper's test: a two-sided permutation t-test of ImageNet vs "
               f"RadImageNet per confounder and p on the o.o.d. test set ({n_permutations} "
               "permutations, folds as independent samples, uncorrected, as the paper), with a "
               "fold-paired sign-flip test and Holm's correction over the prevalences beside it. "
-              f"The paper's claims are checked as pre-registered one-sided fold-paired sign-flip "
-              f"tests at alpha {ALPHA} (equivalence within +-{MARGIN} AUC for claims 1 and 4); "
-              f"with n folds no p-value falls below 2^-n, which the verdicts say."), ""]
+              "The paper's claims are checked by tests pre-specified at commit "
+              f"{short_commit(report_commit)} (sm_utils/analysis/claims.py; the commit that "
+              f"wrote this report): fold-paired tests at alpha {ALPHA} per row (equivalence "
+              f"within +-{MARGIN} AUC where a claim says comparable), conditional on the grid's "
+              "one test set; with n folds no p-value falls below 2^-n, which the verdicts "
+              "say."), ""]
 
     versions = _distinct(json.dumps(c.get("versions", {}), sort_keys=True) for c in configs)
     commits = _distinct((c.get("git") or {}).get("commit") for c in configs)
     lines += ["## Software", ""]
     for entry in versions:
         lines.append("- " + ", ".join(f"{k} {v}" for k, v in json.loads(entry).items() if v))
-    lines.append("- sm_utils commit(s): " + ", ".join(f"`{c[:12]}`" for c in commits if c)
-                 if any(commits) else "- sm_utils commit: not recorded")
+    runs_dirty = any((c.get("git") or {}).get("dirty") for c in configs)
+    lines.append("- sm_utils commit(s) of the runs: " + ", ".join(f"`{c[:12]}`" for c in commits
+                                                                  if c)
+                 + (" (with uncommitted changes)" if runs_dirty else "")
+                 if any(commits) else "- sm_utils commit of the runs: not recorded")
+    lines.append(f"- sm_utils commit of this report: {short_commit(report_commit)}")
     numerics = _distinct(((c["device"].get("numerics") or {}).get("mode"),
                           (c["device"].get("numerics") or {}).get("profile")) for c in configs)
     lines.append("- CPU numerics: " + "; ".join(f"{m} ({p})" for m, p in numerics)
