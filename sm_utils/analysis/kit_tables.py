@@ -172,13 +172,14 @@ def auc_latex(table: pd.DataFrame, what: str, caption: str, prefix: str,
 # the claims table: columns that describe a claim go into a table of statements (a row per
 # claim), the verdict rows into another, the same checks on the paper's means (paper_*) into a
 # third; the reasons for the verdicts become footnotes
-CLAIM_DESCRIPTIONS = ("statement", "quantity", "measure", "roles", "interval")
-CLAIM_KEYS = ("claim", "confounder", "sources")          # repeated in every verdict table
+CLAIM_DESCRIPTIONS = ("statement", "quantity", "roles", "interval")
+CLAIM_KEYS = ("claim", "confounder", "measure", "sources")  # repeated in every verdict table
 CLAIM_HIDDEN = ("effect_minus_paper",)                   # derivable; kept in claims.csv
-CLAIM_REASONS = ("why",)
-MAX_COLUMNS = 11      # physical columns of one table at two-column journal width
-DESCRIPTION_WIDTHS = {"statement": 26.0, "quantity": 13.0, "measure": 13.0, "roles": 10.0,
-                      "interval": 13.0}   # em, in the table of statements
+CLAIM_REASONS = ("why", "note")   # footnotes: the verdict's reason, then where level and fall
+                                  # disagree
+MAX_COLUMNS = 9       # physical columns of one table at two-column journal width
+DESCRIPTION_WIDTHS = {"statement": 21.0, "quantity": 13.0, "roles": 8.0,
+                      "interval": 8.0}   # em, in the table of statements
 
 
 def claims_tables(claims: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[pd.DataFrame, str]],
@@ -226,9 +227,11 @@ def _chunks(columns: list[str], fixed: int) -> list[list[str]]:
 def _reason_marks(claims: pd.DataFrame) -> tuple[pd.Series, dict[str, str]]:
     """A footnote mark per verdict row for its reason (``why``), and mark -> reason."""
     notes = _Notes()
-    reasons = next((claims[c] for c in CLAIM_REASONS if c in claims.columns), None)
-    if reasons is None:
+    present = [c for c in CLAIM_REASONS if c in claims.columns]
+    if not present:
         return pd.Series([""] * len(claims)), {}
+    reasons = claims[present].apply(
+        lambda row: "; ".join(str(v) for v in row if not is_missing(v) and str(v)), axis=1)
     marks = pd.Series([notes.mark(str(r)) if not is_missing(r) and str(r) else ""
                        for r in reasons])
     return marks, notes.by_mark()

@@ -69,6 +69,10 @@ def cell(column: str, value: Any, digits: int, text, count: bool = False) -> str
         return f"{float(value):g}"
     if count:
         return str(int(value))
+    if isinstance(value, float | np.floating) and np.isinf(value):
+        # an unbounded interval end (a claim's one-sided bound, or folds that cannot bound it)
+        sign = "-" if value < 0 else ""
+        return "{$" + sign + r"\infty$}" if text is latex_escape else f"{sign}inf"
     if isinstance(value, float | np.floating | int | np.integer) and not isinstance(value, bool):
         return number(value, digits)
     return text(value)
@@ -78,7 +82,7 @@ def siunitx_format(cells: list[str]) -> str:
     """The ``table-format`` that holds every cell: sign, integer digits, decimals (``-1.3``)."""
     sign, whole, decimals = False, 1, 0
     for text in cells:
-        if not text:
+        if not text or text.startswith("{"):  # braced: text, e.g. an infinite bound
             continue
         sign |= text.startswith("-")
         integer, _, fraction = text.lstrip("-").partition(".")

@@ -83,7 +83,7 @@ def fold_verdict(d: np.ndarray, kind: str = "greater", alpha: float = ALPHA,
         p, against = sign_flip_p(d), sign_flip_p(-d)
         least = smallest_p(d)
         row.update(ci_low=low, ci_high=np.inf,
-                   interval=f"one-sided {1 - alpha:.0%}: effect >= ci_low")
+                   interval=f"one-sided {1 - alpha:.0%} lower bound")
     elif kind == "equivalent":  # TOST: both one-sided tests must reject
         p = max(sign_flip_p(d + margin), sign_flip_p(margin - d))
         against = 2 * min(sign_flip_p(d - margin), sign_flip_p(-margin - d))
