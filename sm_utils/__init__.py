@@ -9,6 +9,6 @@ numerics.pin()
 # tqdm.auto, imported by timm's hub code, warns in every Jupyter kernel without ipywidgets that
 # it cannot draw widget bars; this package draws none there (sm_utils.progress), so the warning
 # says nothing to a reader of a notebook.
-import warnings as _warnings  # noqa: E402
+import warnings as _warnings
 
 _warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
