@@ -204,15 +204,17 @@ def test_methods_are_generated_from_the_runs_configs(report):
     assert "| lr | 0.001 | script default |" in methods
     assert f"torch {configs[0]['versions']['torch']}" in methods
     assert f"commit(s) of the runs: `{configs[0]['git']['commit'][:12]}`" in methods
-    # the report's own commit: the checkout that wrote it, which the claims' tests are
-    # pre-specified at
+    # the report's own commit: the checkout that wrote it
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.strip()
     written = head[:12] + (" with uncommitted changes" if dirty else "")
     assert f"- sm_utils commit of this report: {written}\n" in methods
-    assert f"tests pre-specified at commit {written} " in methods
+    # the claims' tests: the last commit that changed their definitions (claims.py)
+    last = subprocess.run(["git", "log", "-1", "--format=%h", "--", "sm_utils/analysis/claims.py"],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    assert f"tests pre-specified at commit {last}" in methods
     assert "pre-registered" not in methods
     # tag is synthetic: it changes pixels
     assert "- **tag** (synthetic, environment/marker): pixels changed: the confounder is put on" \

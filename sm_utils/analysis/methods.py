@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..confounders import list_confounders
-from .claims import ALPHA, MARGIN
+from .claims import ALPHA, MARGIN, definitions_commit
 from .deviations import applicable
 from .paper import STAND_INS
 from .results import AnalysisError
@@ -243,8 +243,9 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
               "permutations, folds as independent samples, uncorrected, as the paper), with a "
               "fold-paired sign-flip test and Holm's correction over the prevalences beside it. "
               "The paper's claims are checked by tests pre-specified at commit "
-              f"{short_commit(report_commit)} (sm_utils/analysis/claims.py; the commit that "
-              f"wrote this report): fold-paired tests at alpha {ALPHA} per row (equivalence "
+              f"{definitions_commit() or 'unknown'} (the last commit to "
+              f"sm_utils/analysis/claims.py): fold-paired tests at alpha {ALPHA} per row "
+              "(equivalence "
               f"within +-{MARGIN} AUC where a claim says comparable), conditional on the grid's "
               "one test set; with n folds no p-value falls below 2^-n, which the verdicts "
               "say."), ""]
