@@ -248,3 +248,22 @@ def injection_conclusion(checks: pd.DataFrame, cues: pd.DataFrame | None = None,
                    f"inside the input's band, so the model sees the blur itself "
                    f"({row.upper_band_kept:.0%} of the input's upper-band energy kept)."))
     return "\n".join(lines) + "\n"
+
+
+def data_conclusion(table: pd.DataFrame, folds: list) -> str:
+    """01: what the manifest holds: images, patients, classes, and how the folds split them
+    (``table``: the manifest's rows with ``fold_<k>`` role columns)."""
+    positive = float(table["label"].mean())
+    roles = [table[f"fold_{k}"] for k in folds if f"fold_{k}" in table]
+    test = {int((r == "test").sum()) for r in roles}
+    shared = len(test) == 1 and len(roles) > 1 and all(
+        (r == "test").equals(roles[0] == "test") for r in roles)
+    line = (f"{len(table)} images of {table['patient_id'].nunique()} patients, "
+            f"{positive:.0%} positive, in {len(roles)} fold(s); ")
+    line += ("every fold tests on the same images" if shared else "the folds test on different "
+             "images") + f" ({', '.join(map(str, sorted(test)))} test images)"
+    if "sex" in table:
+        share = table.groupby("label")["sex"].apply(lambda s: (s == "F").mean())
+        line += (f"; female share {share.get(0, np.nan):.0%} among negatives and "
+                 f"{share.get(1, np.nan):.0%} among positives before any confounder is applied")
+    return line + ". No patient is in two of train, val and test (checked when loaded)."

@@ -125,3 +125,17 @@ def test_notebook_03_rerun_with_other_parameters_says_what_its_numbers_say(tmp_p
     before = [o["data"]["text/markdown"] for c in committed.cells for o in c.get("outputs", [])
               if "text/markdown" in o.get("data", {})]
     assert before and before[0] != conclusion and "**The shortcut shows**" not in conclusion
+
+
+def test_the_data_conclusion_counts_the_manifest():
+    from sm_utils.conclusions import data_conclusion
+
+    table = pd.DataFrame({"patient_id": ["a", "a", "b", "c"], "label": [0, 1, 1, 0],
+                          "sex": ["F", "F", "M", "M"], "fold_0": ["test", "test", "train", "val"],
+                          "fold_1": ["test", "test", "val", "train"]})
+    text = data_conclusion(table, [0, 1])
+    assert text.startswith("4 images of 3 patients, 50% positive, in 2 fold(s)")
+    assert "every fold tests on the same images (2 test images)" in text
+    assert "female share 50% among negatives and 50% among positives" in text
+    table.loc[2, "fold_1"] = "test"
+    assert "the folds test on different images (2, 3 test images)" in data_conclusion(table, [0, 1])
