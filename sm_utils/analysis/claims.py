@@ -283,32 +283,34 @@ def _measure_rows(claim: Claim, measure: Measure, table, roles, confounder, ctx)
 
 
 def _level_and_fall_note(rows: list[dict]) -> None:
-    """Where the level over p and the fall disagree, say so in words on both rows. Over one p
-    grid they differ by the difference at p = 0: clean = level - fall where the fall compares
-    the sources the other way round (claims 2, 5b), level + fall where the same way (4)."""
+    """Where the level over p and the fall (or rise) disagree, say so in words on both rows.
+    Over one p grid they differ by the difference at p = 0: level = clean + s x fall, with
+    s = +1 for a fall compared the other way round (claims 2, 5b) or a rise compared the same
+    way (claim 3), and s = -1 for a fall compared the same way (claim 4)."""
     level = next((r for r in rows if r["measure"] == "level" and "effect" in r), None)
-    if level is None:
-        return
-    if " vs " not in level["roles"]:
+    if level is None or " vs " not in level["roles"]:
         return
     first, second = level["roles"].split(" vs ")
-    for fall in rows:
-        if not fall["measure"].startswith("fall") or "effect" not in fall:
+    for other in rows:
+        rise = other["measure"].startswith("rise")
+        if not (rise or other["measure"].startswith("fall")) or "effect" not in other:
             continue
-        if fall["roles"] not in (f"{first} vs {second}", f"{second} vs {first}"):
+        if other["roles"] not in (f"{first} vs {second}", f"{second} vs {first}"):
             continue
-        same_way = fall["roles"] == level["roles"]
-        # oriented so that > 0 favours the claim where the fall compares the other way round
-        opposite_signs = not same_way and level["effect"] * fall["effect"] < 0
-        if fall["verdict"] == level["verdict"] and not opposite_signs:
+        same_way = other["roles"] == level["roles"]
+        s = 1 if rise == same_way else -1
+        # with s = +1 both effects favour the claim when > 0
+        opposite_signs = s == 1 and level["effect"] * other["effect"] < 0
+        if other["verdict"] == level["verdict"] and not opposite_signs:
             return
-        clean = level["effect"] + fall["effect"] if same_way else level["effect"] - fall["effect"]
+        clean = level["effect"] - s * other["effect"]
         a, b = level["sources"].split(" vs ")
+        name = "rise" if rise else "fall"
         how = "point opposite ways" if opposite_signs else "give different verdicts"
-        note = (f"level and fall {how}: level {level['effect']:+.3f} ({level['verdict']}), "
-                f"fall {fall['effect']:+.3f} ({fall['verdict']}); {a} minus {b} at p = 0 is "
-                f"{clean:+.3f}: the level counts that start, the fall does not")
-        level["note"] = fall["note"] = note
+        note = (f"level and {name} {how}: level {level['effect']:+.3f} ({level['verdict']}), "
+                f"{name} {other['effect']:+.3f} ({other['verdict']}); {a} minus {b} at p = 0 "
+                f"is {clean:+.3f}: the level counts that start, the {name} does not")
+        level["note"] = other["note"] = note
         return
 
 
