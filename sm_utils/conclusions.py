@@ -81,7 +81,7 @@ def _fall_by_source(table: pd.DataFrame, confounder: str) -> pd.DataFrame:
         ps = table.loc[(table["source"] == source) & (table["confounder"] == confounder), "p"]
         rows.append({"source": source, "p": ps.max(), "fall": fall.mean(),
                      "sd": fall.std(ddof=1) if len(fall) > 1 else np.nan, "n": len(fall)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["source", "p", "fall", "sd", "n"])
 
 
 def _clean_start(table: pd.DataFrame, source: str, confounder: str) -> float:
@@ -99,8 +99,12 @@ def grid_conclusion(table: pd.DataFrame, claims: pd.DataFrame | None = None,
     the difference exceeds the spread over folds; random initialisation's fall beside its clean
     start; then how the paper's claims came out, with their sentences."""
     from .analysis.claims import claim_roles
+    from .analysis.results import AnalysisError
 
-    roles = claim_roles(table, roles)
+    try:
+        roles = claim_roles(table, roles)
+    except AnalysisError:  # roles that cannot be told apart: the falls per source, unnamed
+        roles = {}
     lines = []
     for confounder in sorted(set(table["confounder"]) - {"none"}):
         falls = _fall_by_source(table, confounder).set_index("source")

@@ -139,3 +139,10 @@ def test_the_data_conclusion_counts_the_manifest():
     assert "female share 50% among negatives and 50% among positives" in text
     table.loc[2, "fold_1"] = "test"
     assert "the folds test on different images (2, 3 test images)" in data_conclusion(table, [0, 1])
+
+
+def test_a_grid_without_the_measures_still_gets_a_conclusion():
+    """No p = 0 (no fall to measure) and one source: no sentence per confounder, no error."""
+    table = pd.DataFrame({"dataset": "d", "arch": "a", "confounder": "tag", "source": "mine",
+                          "fold": [0, 1], "p": [1.0, 1.0], "test_set": "ood", "auc": [0.4, 0.5]})
+    assert grid_conclusion(table) == "\n"

@@ -216,8 +216,9 @@ def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_
     papermill.execute_notebook(
         str(project_root() / "notebooks" / "03_fine_tuning.ipynb"), str(tmp_path / "out.ipynb"),
         parameters=parameters, kernel_name="python3", progress_bar=False)
-    config = RunConfig(**parameters)
-    metrics = json.loads((tmp_path / config.run_id / "metrics.json").read_text())
+    # the notebook's own defaults fill the rest (e.g. the demo's confounder_params)
+    (path,) = tmp_path.glob("*/metrics.json")
+    metrics = json.loads(path.read_text())
     assert metrics["config"]["confounder"] == "lowpass" and metrics["config"]["fold"] == 1
     assert metrics["config"]["optimizer"] == "adamw" and metrics["epochs_run"] == 1
     assert metrics["test_sets"]["iid"]["n_confounded"] == metrics["test_sets"]["iid"]["n_pos"]

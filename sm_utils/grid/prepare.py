@@ -58,6 +58,11 @@ def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: 
         raise GridError(f"{built} was built with {built_with}, but the grid asks for {params}; {fix}")
 
 
+# What a grid's dataset gets where its params say nothing: 5 folds and the builder's own
+# defaults, as before notebook 01's defaults became the demo's (3 folds, easy phantoms).
+GRID_DATA_DEFAULTS = {"n_folds": 5, "dataset_params": {}}
+
+
 def prepare(spec: GridSpec, log=print) -> float:
     """Notebook 01 once per dataset whose manifest is missing; source builds whose weights are."""
     start = time.perf_counter()
@@ -74,7 +79,7 @@ def prepare(spec: GridSpec, log=print) -> float:
         execute_once(
             spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
             {"dataset": dataset.builder_name, "out_dir": str(dataset.manifest.parent),
-             **dataset.params},
+             **GRID_DATA_DEFAULTS, **dataset.params},
             spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
             step=f"building dataset {dataset.name!r}",
         )
