@@ -49,11 +49,15 @@ SETTINGS = {  # name -> kernel choice (with SM_NUMERICS=native)
 }
 NOTEBOOKS = ("00_source_pretraining", "01_data_preparation", "03_fine_tuning", "05_mechanisms")
 CHECKED = ("00_source_pretraining", "03_fine_tuning", "05_mechanisms")
+# The notebooks whose ``seed`` parameter is a training seed (01's builds the data: held fixed).
+# Notebook 05 probes the stand-in that notebook 00 pretrains, so a seed reaches it twice.
+SEEDED = ("00_source_pretraining", "03_fine_tuning", "05_mechanisms")
 MARGIN = 1.5
 # The best epoch is the argmin of the validation losses: once their measured spread reaches the
 # smallest gap between two epochs' losses, the argmin may land on any epoch, whatever a few
 # settings happened to show (notebook 00's best epoch: 3 under all three, 2 under a fourth).
 ARGMIN_OF = {"validation | best_epoch": "history | val_loss", "best | best_epoch": "history | val_loss"}
+DEFAULT_KEEP = ROOT / "runs" / "notebook_seeds"  # runs/ is not in git
 COPIED = ("notebooks", "configs", "data/reference", "pyproject.toml")
 
 
@@ -68,19 +72,25 @@ def scratch_project(folder: Path) -> Path:
     return folder
 
 
-def run_setting(name: str, kernels: dict[str, str], notebooks: list[str], out: Path) -> None:
+def run_setting(name: str, kernels: dict[str, str] | None, notebooks: list[str], out: Path,
+                seed: int | None = None) -> None:
+    """Run ``notebooks`` in a scratch project under ``kernels`` (None: the reference numerics,
+    pinned) and, with ``seed``, that training seed in every notebook that trains (SEEDED)."""
     with tempfile.TemporaryDirectory(prefix="sm-spread-") as tmp:
         project = scratch_project(Path(tmp))
         env = {k: v for k, v in os.environ.items()
                if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
-                            "NPY_DISABLE_CPU_FEATURES", "SM_NUMERICS_PROFILE")}
-        env.update(kernels, SM_NUMERICS="native", SM_PROJECT_ROOT=str(project),
-                   SM_CACHE_DIR=str(project / "cache"), SM_REGRESSION_OUT=str(out),
-                   HF_HUB_OFFLINE="1")
+                            "NPY_DISABLE_CPU_FEATURES", "SM_NUMERICS_PROFILE", "SM_NUMERICS")}
+        if kernels is not None:
+            env.update(kernels, SM_NUMERICS="native")
+        env.update(SM_PROJECT_ROOT=str(project), SM_CACHE_DIR=str(project / "cache"),
+                   SM_REGRESSION_OUT=str(out), HF_HUB_OFFLINE="1")
         sm = Path(sys.executable).with_name("sm")
         for notebook in notebooks:
             path = project / "notebooks" / f"{notebook}.ipynb"
-            done = subprocess.run([str(sm), "notebook", str(path), str(out / f"{notebook}.ipynb")],
+            parameters = ["-p", "seed", str(seed)] if seed is not None and notebook in SEEDED else []
+            done = subprocess.run([str(sm), "notebook", *parameters, str(path),
+                                   str(out / f"{notebook}.ipynb")],
                                   env=env, cwd=project, capture_output=True, text=True,
                                   check=False)
             print(f"  {name}: {notebook} {'ok' if done.returncode == 0 else 'FAILED'}",
@@ -140,10 +150,83 @@ def derive_argmin_tolerances(stored: dict) -> list[str]:
     return changed
 
 
+def seed_folders(keep: Path) -> dict[int, Path]:
+    return {int(f.name.split("_", 1)[1]): f for f in sorted(keep.glob("seed_*")) if f.is_dir()}
+
+
+def seed_tolerances(notebook: str, folders: dict[int, Path], stored: dict) -> list[str]:
+    """Store, in place, each value's spread over the seeds in ``folders`` (``spread``) and the
+    rule (``spread_rule``); returns the lines to print: per quantity the spread and the widest
+    tolerance, then two out-of-sample checks of the rule."""
+    from sm_utils import regression
+
+    draws = {seed: json.loads((folder / f"{notebook}.json").read_text())["values"]
+             for seed, folder in folders.items() if (folder / f"{notebook}.json").exists()}
+    if len(draws) < regression.MIN_SEEDS:
+        raise SystemExit(f"{notebook}: {len(draws)} seeds' values in {sorted(folders)}; the "
+                         f"rule needs at least {regression.MIN_SEEDS} (run --seeds first)")
+    reference = stored["values"]
+    spread = regression.seed_spread(reference, list(draws.values()))
+    moved = sum(e["sd"] > 0 for e in spread.values() if e["n"] > 1)
+    stored["spread"] = spread
+    stored["spread_rule"] = (
+        f"tolerances from the spread over {len(draws)} training seeds: a normal prediction "
+        f"interval, so that a check fails with probability at most "
+        f"{regression.NOTEBOOK_FAILURE_RATE:g} on a machine that acts like another seed "
+        f"(Bonferroni over the {moved} values that moved), widened to every seed seen and "
+        f"never below 1.5 x the largest difference under other CPUs' kernels")
+    stored["spread_measured"] = {"seeds": sorted(draws), "date": datetime.date.today().isoformat(),
+                                 "command": "python benchmarks/notebook_spread.py --seeds "
+                                            + " ".join(map(str, sorted(draws)))
+                                            + " && python benchmarks/notebook_spread.py --from-seeds"}
+    tolerances = stored.get("tolerances", {})
+    lines = [(f"{notebook}: {len(draws)} seeds, {len(reference)} values, {moved} moved; "
+              f"per value alpha {next(iter(spread.values()))['alpha']:.2g}"),
+             f"  {'quantity':36s} {'sd (max)':>9s} {'seeds':>9s} {'kernels':>9s} {'allowed':>9s}"]
+    by_quantity: dict[str, list[str]] = {}
+    for key in reference:
+        by_quantity.setdefault(regression.quantity(key), []).append(key)
+    for name, keys in sorted(by_quantity.items()):
+        sd = max((spread[k]["sd"] for k in keys if spread[k]["n"] > 1), default=math.nan)
+        seeds_only = max(regression.allowed_difference({}, spread, k, reference[k]) for k in keys)
+        allowed = max(regression.allowed_difference(tolerances, spread, k, reference[k])
+                      for k in keys)
+        kernels = float(tolerances.get(name, {}).get("tolerance", math.nan))
+        lines.append(f"  {name:36s} {sd:9.3g} {seeds_only:9.3g} {kernels:9.3g} {allowed:9.3g}")
+    # out of sample 1: each seed against the rule derived from the others
+    outside = []
+    for seed, values in draws.items():
+        others = [v for s, v in draws.items() if s != seed]
+        rule = regression.seed_spread(reference, others)
+        bad = [k for k, ref in reference.items()
+               if not math.isnan(values.get(k, math.nan)) and not math.isnan(ref)
+               and abs(values[k] - ref) > regression.allowed_difference({}, rule, k, ref)]
+        if bad:
+            outside.append(f"seed {seed} ({len(bad)}: {bad[0]})")
+    lines.append(f"  leave one seed out: {len(draws) - len(outside)} of {len(draws)} seeds inside "
+                 "the tolerances the other seeds give" + (f"; outside: {', '.join(outside)}"
+                                                          if outside else ""))
+    # out of sample 2: what other CPUs' kernels did, against the seeds alone
+    beyond = [f"{name} ({entry['largest_difference']:.3g})" for name, entry in tolerances.items()
+              if entry.get("largest_difference", 0) > max(
+                  regression.allowed_difference({}, spread, k, reference[k])
+                  for k in by_quantity.get(name, []))]
+    lines.append(f"  other CPUs' kernels ({', '.join(next(iter(tolerances.values()), {}).get('settings', []))}): "
+                 + (f"beyond the seeds' tolerances in {', '.join(beyond)}" if beyond
+                    else "every largest difference inside the seeds' tolerances"))
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--notebooks", nargs="+", default=list(CHECKED), choices=CHECKED)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="run the notebooks with these training seeds, reference numerics "
+                             "(values kept in --keep, default " + str(DEFAULT_KEEP) + ")")
+    parser.add_argument("--from-seeds", action="store_true",
+                        help="store each value's spread over the kept seeds' values and its "
+                             "tolerance rule in data/reference/notebooks/")
     parser.add_argument("--keep", help="folder to keep each setting's values and notebooks in")
     parser.add_argument("--write", action="store_true",
                         help="store the tolerances in data/reference/notebooks/")
@@ -162,7 +245,27 @@ def main() -> int:
         return 0
     needed = [n for n in NOTEBOOKS if n in args.notebooks
               or (n == "01_data_preparation" and "03_fine_tuning" in args.notebooks)]
-    keep = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sm-spread-out-"))
+    keep = (Path(args.keep) if args.keep else DEFAULT_KEEP if args.seeds
+            else Path(tempfile.mkdtemp(prefix="sm-spread-out-")))
+    if args.from_seeds:
+        from sm_utils.io import atomic_write_json
+
+        folders = seed_folders(Path(args.keep or DEFAULT_KEEP))
+        for notebook in args.notebooks:
+            path = ROOT / "data" / "reference" / "notebooks" / f"{notebook}.json"
+            stored = json.loads(path.read_text())
+            print("\n".join(seed_tolerances(notebook, folders, stored)))
+            atomic_write_json(path, stored)
+            print(f"  written to {path.relative_to(ROOT)}\n")
+        return 0
+    if args.seeds:
+        for seed in args.seeds:
+            folder = keep / f"seed_{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if not all((folder / f"{n}.json").exists() for n in args.notebooks):
+                run_setting(f"seed {seed}", None, needed, folder, seed=seed)
+        print(f"values per seed in {keep}")
+        return 0
     outputs = {}
     for name in args.settings:
         folder = keep / name.replace(" ", "_").replace(".", "")
