@@ -805,3 +805,25 @@ def test_one_or_two_concurrent_runs_on_cpu_give_identical_results(tmp_path):
         tables.append(collect_results(spec.runs_dir).drop(columns=["train_seconds",
                                                                    "eval_seconds"]))
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+@pytest.mark.slow
+def test_two_launches_at_once_build_the_data_set_once(tmp_path):
+    path = write_grid(tmp_path, datasets=[{"name": "phantom_cxr", "manifest": "data/ph/manifest.csv",
+                                           "params": {"n_patients": 7}}],
+                      notebooks={"data": str(FIXTURES / "fake_data_preparation.ipynb"),
+                                 "fine_tuning": str(FAKE_NOTEBOOK)})
+    env = {**os.environ, "SM_FAKE_SLEEP_S": "4"}
+    code = ("import sys; from sm_utils.grid import load_grid, prepare; "
+            "prepare(load_grid(sys.argv[1], check_names=False))")
+    launches = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+    outputs = [launch.communicate(timeout=240)[0] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs
+    assert len((tmp_path / "data" / "builds.log").read_text().split()) == 1  # built once
+    said = "\n".join(outputs)
+    assert said.count("building dataset 'phantom_cxr'") == 1
+    assert said.count("waiting for dataset 'phantom_cxr', claimed by process") == 1
+    assert (tmp_path / "data/ph/manifest.csv").read_text() == "image_id\n# phantom_cxr 7\n"
+    assert not list((tmp_path / "data" / ".claims").glob("*.json"))  # the claim released

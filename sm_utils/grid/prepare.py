@@ -1,5 +1,7 @@
 """Preparation before the cells: notebook 01 builds each missing dataset, a source's build
-notebook its missing weights; a file an earlier grid built with other parameters is refused."""
+notebook its missing weights; a file an earlier grid built with other parameters is refused.
+Each build is claimed like a cell (:mod:`.locks`): of two launches at once, one builds and the
+other waits for it, then uses what it built."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 from ..io import atomic_write_json
 from .errors import GridError, describe_error, error_headline
+from .locks import CellClaim
 from .runner import CellRunner, RunnerSettings
 from .spec import GridSpec, resolve_path
 
@@ -63,50 +66,89 @@ def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: 
 GRID_DATA_DEFAULTS = {"n_folds": 5, "dataset_params": {}}
 
 
+WAIT_POLL_S = 2.0
+
+
+def claimed_build(target: Path, claim: CellClaim, what: str, build, log, *,
+                  poll_s: float = WAIT_POLL_S) -> None:
+    """Run ``build()``, which checks ``target`` or makes it. Where ``target`` is missing, hold
+    ``claim`` for it; while another launch holds it, wait (saying so once), then run it, which
+    finds what that launch built. A launch that died leaves its claim abandoned: taken over."""
+    if target.exists():  # built: only checked (nothing written beside read-only data)
+        build()
+        return
+    waiting = False
+    while not claim.acquire():
+        if not waiting:
+            log(f"waiting for {what}, {claim.describe()}")
+            waiting = True
+        time.sleep(poll_s)
+    try:
+        build()
+    finally:
+        claim.release()
+
+
 def prepare(spec: GridSpec, log=print) -> float:
     """Notebook 01 once per dataset whose manifest is missing; source builds whose weights are."""
     start = time.perf_counter()
-    prepare_dir = spec.runs_dir / "_prepare"
     for dataset in spec.datasets:
-        recorded = dataset.manifest.parent / "grid_dataset_params.json"
-        if dataset.manifest.exists():
-            _check_built_with(recorded, dataset.params, dataset.manifest,
-                              f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
-                              "another manifest path")
-            continue
-        log(f"building dataset {dataset.name!r} ({dataset.builder_name}) with "
-            f"{spec.notebooks['data']} -> {dataset.manifest}")
-        execute_once(
-            spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
-            {"dataset": dataset.builder_name, "out_dir": str(dataset.manifest.parent),
-             **GRID_DATA_DEFAULTS, **dataset.params},
-            spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
-            step=f"building dataset {dataset.name!r}",
-        )
-        if not dataset.manifest.exists():
-            raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
-                            f"at {dataset.manifest}; see {prepare_dir}")
-        atomic_write_json(recorded, dataset.params)
+        # claimed beside the dataset's folder: two grids sharing a data set share the claim
+        folder = dataset.manifest.parent
+        claimed_build(dataset.manifest, CellClaim(folder.parent, f"build-{folder.name}"),
+                      f"dataset {dataset.name!r}", lambda d=dataset: _build_dataset(spec, d, log),
+                      log)
     for source in spec.sources:
         if source.weights is None or not source.build:
             continue
-        build = dict(source.build)
-        recorded = source.weights.with_name(source.weights.name + ".grid_build.json")
-        if source.weights.exists():
-            _check_built_with(recorded, build, source.weights,
-                              f"delete {source.weights} to rebuild it, or give this source "
-                              "another weights path")
-            continue
-        notebook = resolve_path(spec.root, source.build["notebook"])
-        log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
-        # "{weights}" in a parameter stands for the absolute weights path (one truth, no cwd doubt)
-        params = {k: str(source.weights) if v == "{weights}" else v
-                  for k, v in dict(source.build.get("parameters") or {}).items()}
-        execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
-                     spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
-                     step=f"building the weights of source {source.name!r}")
-        if not source.weights.exists():
-            raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
-                            f"{source.weights}; see {prepare_dir}")
-        atomic_write_json(recorded, build)
+        claimed_build(source.weights,
+                      CellClaim(source.weights.parent, f"build-{source.weights.name}"),
+                      f"the weights of source {source.name!r}",
+                      lambda s=source: _build_source(spec, s, log), log)
     return time.perf_counter() - start
+
+
+def _build_dataset(spec: GridSpec, dataset, log) -> None:
+    prepare_dir = spec.runs_dir / "_prepare"
+    recorded = dataset.manifest.parent / "grid_dataset_params.json"
+    if dataset.manifest.exists():
+        _check_built_with(recorded, dataset.params, dataset.manifest,
+                          f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
+                          "another manifest path")
+        return
+    log(f"building dataset {dataset.name!r} ({dataset.builder_name}) with "
+        f"{spec.notebooks['data']} -> {dataset.manifest}")
+    execute_once(
+        spec.notebooks["data"], prepare_dir / f"01_{dataset.name}.ipynb",
+        {"dataset": dataset.builder_name, "out_dir": str(dataset.manifest.parent),
+         **GRID_DATA_DEFAULTS, **dataset.params},
+        spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+        step=f"building dataset {dataset.name!r}",
+    )
+    if not dataset.manifest.exists():
+        raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
+                        f"at {dataset.manifest}; see {prepare_dir}")
+    atomic_write_json(recorded, dataset.params)
+
+
+def _build_source(spec: GridSpec, source, log) -> None:
+    prepare_dir = spec.runs_dir / "_prepare"
+    build = dict(source.build)
+    recorded = source.weights.with_name(source.weights.name + ".grid_build.json")
+    if source.weights.exists():
+        _check_built_with(recorded, build, source.weights,
+                          f"delete {source.weights} to rebuild it, or give this source "
+                          "another weights path")
+        return
+    notebook = resolve_path(spec.root, source.build["notebook"])
+    log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
+    # "{weights}" in a parameter stands for the absolute weights path (one truth, no cwd doubt)
+    params = {k: str(source.weights) if v == "{weights}" else v
+              for k, v in dict(source.build.get("parameters") or {}).items()}
+    execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
+                 spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+                 step=f"building the weights of source {source.name!r}")
+    if not source.weights.exists():
+        raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
+                        f"{source.weights}; see {prepare_dir}")
+    atomic_write_json(recorded, build)
