@@ -29,7 +29,6 @@ on to the preprocessing).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,10 +44,10 @@ from .hounsfield import HounsfieldError, SliceView, read_hu_png, slice_view
 from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
 from .manifest import Manifest
+from .paths import CACHE_ENV, default_cache_dir  # noqa: F401  (their home was here)
 from .progress import progress_bar
 
 CACHE_VERSION = 2
-CACHE_ENV = "SM_CACHE_DIR"
 MIN_IMAGE_SIZE = 32
 
 
@@ -135,15 +134,6 @@ PAPER_AUGMENTATION = Augmentation()
 
 # --- the uint8 image cache ---------------------------------------------------------------------
 
-def default_cache_dir() -> Path:
-    """``$SM_CACHE_DIR``, else ``cache/images`` in the project checkout, else ``~/.cache``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    project = Path(__file__).resolve().parents[1]
-    if (project / "pyproject.toml").is_file() and os.access(project, os.W_OK):
-        return project / "cache" / "images"
-    return Path.home() / ".cache" / "sm_utils" / "images"
-
 
 def load_stored(path: Path, view: SliceView | None = None) -> np.ndarray:
     """A row's stored image as 8-bit grey at its own resolution: the file as it is, or for a CT
@@ -172,6 +162,14 @@ def _load_resized(path: Path, size: int, resize: str = "bilinear",
         return resize_grey(load_stored(path, view), size, resize)
     except ImageError as err:
         raise DataError(str(err)) from err
+
+
+def _load_or_error(path: Path, size: int, resize: str,
+                   view: SliceView | None) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return _load_resized(path, size, resize, view), None
+    except DataError as err:
+        return None, str(err)
 
 
 class ImageCache:
@@ -248,15 +246,25 @@ class ImageCache:
         # (two processes building the same cache both produce the same bytes).
         with atomic_path(array_path) as tmp:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size))
+            failed = []
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                loaded = pool.map(lambda p, v: _load_resized(p, size, resize, v), paths, views)
+                loaded = pool.map(lambda p, v: _load_or_error(p, size, resize, v), paths, views)
                 bar = progress_bar(loaded, f"image cache {size} px ({resize})", "image",
                                    total=len(paths), enabled=progress)
                 with bar:
-                    for i, pixels in enumerate(bar):
-                        out[i] = pixels
+                    for i, (pixels, error) in enumerate(bar):
+                        if error is None:
+                            out[i] = pixels
+                        else:
+                            failed.append(error)
             out.flush()
             del out
+            if failed:  # every one named, not the first of them per run
+                shown = "\n".join(f"  {e}" for e in failed[:20])
+                more = f"\n  ... and {len(failed) - 20} more" if len(failed) > 20 else ""
+                raise DataError(f"{len(failed)} of {len(paths)} images of the manifest cannot be "
+                                f"read:\n{shown}{more}\nRebuild the data set (its builder "
+                                "checks every image; unreadable_images='drop' leaves them out).")
 
     def get(self, image_id: str) -> np.ndarray:
         try:

@@ -40,3 +40,16 @@ MODEL_FILE = "model.safetensors"         # a run's fine-tuned weights, where kep
 MECHANISMS_FILE = "mechanisms.json"      # mechanisms measured later from a kept model
 CELLS_FILE = "cells.csv"                 # a grid's cells and their run ids
 SOURCE_PROBES_FILE = "source_probes.csv"  # each source probed before fine-tuning
+
+
+CACHE_ENV = "SM_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$SM_CACHE_DIR``, else ``cache/images`` in the project checkout, else ``~/.cache``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    project = Path(__file__).resolve().parents[1]
+    if (project / "pyproject.toml").is_file() and os.access(project, os.W_OK):
+        return project / "cache" / "images"
+    return Path.home() / ".cache" / "sm_utils" / "images"

@@ -52,10 +52,13 @@ def test_cache_key_changes_when_an_image_changes(odd_images, tmp_path):
     assert ImageCache.key(odd_images, 40) != before
 
 
-def test_unreadable_image_is_a_clear_error(odd_images, tmp_path):
+def test_unreadable_images_are_all_named_in_one_clear_error(odd_images, tmp_path):
     (tmp_path / "im2.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="im2.png"):
+    whole = (tmp_path / "im0.png").read_bytes()
+    (tmp_path / "im0.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    with pytest.raises(DataError, match=r"2 of 4 images of the manifest cannot be read") as err:
         ImageCache.for_manifest(odd_images, 40, tmp_path / "cache")
+    assert "im0.png" in str(err.value) and "im2.png" in str(err.value)
     assert not list((tmp_path / "cache").glob("*.u8"))  # no half-built cache
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -259,3 +260,29 @@ def test_header_resaved_with_quotes(tmp_path):
     path.write_text(text)
     frame = read_metadata(path)
     assert frame["height"].tolist() == [2048] * len(records)
+
+
+def test_unreadable_images_are_all_named_at_once_or_dropped_and_counted(tmp_path, monkeypatch):
+    """Three damaged files among the provider's PNGs (truncated, overwritten, empty): the build
+    names all three in one error; with unreadable_images="drop" it finishes without them."""
+    monkeypatch.setenv("SM_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "nih"
+    records = make_nih_root(root, n_patients=30)
+    files = {p.name: p for p in root.rglob("*.png")}
+    damaged = sorted(files)[3:6]
+    whole = files[damaged[0]].read_bytes()
+    files[damaged[0]].write_bytes(whole[: len(whole) // 2])           # a download cut short
+    files[damaged[1]].write_bytes(b"<html>503 Service Unavailable</html>")  # an error page
+    files[damaged[2]].write_bytes(b"")                                   # an empty file
+    task = {"views": None, "positive": "Atelectasis|Effusion|Cardiomegaly|Nodule"}
+    with pytest.raises(ValueError, match=r"3 of \d+ images under .* cannot be read") as err:
+        build_dataset("nih_cxr14", tmp_path / "out", root=root, **task)
+    assert sorted(Path(p).name for p in err.value.unreadable) == damaged
+    assert all(name in str(err.value) for name in damaged)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+    manifest = build_dataset("nih_cxr14", tmp_path / "out", root=root, unreadable_images="drop",
+                             **task)
+    assert manifest.meta["unreadable_images_dropped"] == 3
+    assert sorted(manifest.meta["unreadable_images"]) == damaged
+    assert len(manifest.table) == len(records) - 3
+    assert not set(damaged) & set(manifest.table["image_id"])

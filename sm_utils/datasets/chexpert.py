@@ -103,6 +103,7 @@ def build_chexpert(
     val_fraction: float = 0.1,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """A binary CheXpert task (train.csv and valid.csv pooled, then patient-grouped splits).
 
@@ -150,7 +151,8 @@ def build_chexpert(
             "uncertain": uncertain, "views": wanted}
     return finish_manifest(out, image_root, out_dir, meta, removed, what="CheXpert",
                            n_folds=n_folds, test_fraction=test_fraction,
-                           val_fraction=val_fraction, seed=seed, missing_images=missing_images)
+                           val_fraction=val_fraction, seed=seed, missing_images=missing_images,
+                           unreadable_images=unreadable_images)
 
 
 @register_dataset("mimic_cxr_jpg")
@@ -167,6 +169,7 @@ def build_mimic_cxr_jpg(
     val_fraction: float = 0.1,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """A binary MIMIC-CXR-JPG task: the study's labels on each of its images, ViewPosition
     from the metadata; ``patients_csv`` (MIMIC-IV patients.csv(.gz)) adds sex and age."""
@@ -215,4 +218,5 @@ def build_mimic_cxr_jpg(
         meta["age"] = "MIMIC-IV anchor_age: the age in the patient's anchor year, not at the study"
     return finish_manifest(out, root, out_dir, meta, removed, what="MIMIC-CXR-JPG",
                            n_folds=n_folds, test_fraction=test_fraction,
-                           val_fraction=val_fraction, seed=seed, missing_images=missing_images)
+                           val_fraction=val_fraction, seed=seed, missing_images=missing_images,
+                           unreadable_images=unreadable_images)

@@ -30,6 +30,7 @@ from ..manifest import Manifest, ManifestError, find_leakage, format_leakage
 from ..progress import progress_bar
 from ..splits import make_splits
 from . import register_dataset
+from .image_check import drop_unreadable
 
 METADATA_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 OFFICIAL_SPLIT_FILES = ("train_val_list.txt", "test_list.txt")
@@ -374,6 +375,7 @@ def build_nih_cxr14(
     val_fraction: float = 0.1,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """A binary NIH ChestX-ray14 task; the manifest's root is the image ``root``.
 
@@ -381,11 +383,15 @@ def build_nih_cxr14(
     of them). ``n_positive``/``n_negative``: sample that many images per class (seeded);
     None keeps all. ``official_split``: the official test_list.txt is the fixed test set and
     train_val_list.txt the development set; otherwise ``make_splits`` draws a grouped one.
+    ``missing_images``/``unreadable_images``: "error" (name every one) or "drop" (counted in
+    the meta); every listed image is checked once, in parallel (:mod:`.image_check`).
     """
     root = Path(root)
     meta_file = find_metadata(root, metadata_csv)
     frame = label_task(read_metadata(meta_file), positive, negative, views)
     frame, absent = attach_paths(frame, root, missing_images=missing_images)
+    frame, unreadable = drop_unreadable(frame, root, name_column="image_index",
+                                        unreadable_images=unreadable_images)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 14]))
     frame = pd.concat([sample_rows(frame[frame["label"] == 1], n_positive, rng, "positive"),
                        sample_rows(frame[frame["label"] == 0], n_negative, rng, "negative")])
@@ -422,5 +428,7 @@ def build_nih_cxr14(
         "n_positive": int(table["label"].sum()),
         "n_patients": int(table["patient_id"].nunique()),
         "absent_images_dropped": len(absent),
+        "unreadable_images_dropped": len(unreadable),
+        "unreadable_images": unreadable,
     }
     return Manifest(table=to_manifest_columns(table), root=root.resolve(), meta=meta)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..manifest import Manifest, find_leakage, format_leakage
 from . import register_dataset
+from .image_check import drop_unreadable
 from .nih import (
     NIHInputError,
     attach_paths,
@@ -87,6 +88,7 @@ def build_nih_sex_task(
     val_fraction: float = 0.15,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """The paper's sex task, leak-free.
 
@@ -103,6 +105,8 @@ def build_nih_sex_task(
     meta_file = find_metadata(root, metadata_csv)
     frame = label_task(read_metadata(meta_file), positive, negative, view)
     frame, absent = attach_paths(frame, root, missing_images=missing_images)
+    frame, unreadable = drop_unreadable(frame, root, name_column="image_index",
+                                        unreadable_images=unreadable_images)
     quotas = {
         ("dev", "F", 1): n_dev_female_positive, ("dev", "M", 1): n_dev_male_positive,
         ("dev", "M", 0): n_dev_male_negative,
@@ -164,5 +168,7 @@ def build_nih_sex_task(
         "patients_in_dev_and_test": 0,
         "seed": seed,
         "absent_images_dropped": len(absent),
+        "unreadable_images_dropped": len(unreadable),
+        "unreadable_images": unreadable,
     }
     return Manifest(table=to_manifest_columns(table), root=root.resolve(), meta=meta)

@@ -79,6 +79,7 @@ def build_padchest(
     val_fraction: float = 0.1,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """A binary PadChest task. ``views``: Projection values (PA, AP, AP_horizontal, L, ...);
     ``labelled_by``: "Physician" (the reports labelled by hand) or "RNN_model"; None keeps
@@ -139,7 +140,8 @@ def build_padchest(
             "images": "16-bit PNG stretched to 8 bits per image (own min to max)"}
     return finish_manifest(out, root, out_dir, meta, removed, what=path.name, n_folds=n_folds,
                            test_fraction=test_fraction, val_fraction=val_fraction, seed=seed,
-                           missing_images=missing_images, sixteen_bit=True)
+                           missing_images=missing_images, sixteen_bit=True,
+                           unreadable_images=unreadable_images)
 
 
 def _dicom_attributes(path: Path) -> tuple[object, float]:
@@ -171,6 +173,7 @@ def build_vindr_cxr(
     val_fraction: float = 0.1,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """A binary VinDr-CXR task: ``finding`` (one of the 28 labels) against "No finding" or
     ``"absent"``; ``readers``: "majority" or "any" of a training image's three radiologists.
@@ -226,4 +229,5 @@ def build_vindr_cxr(
             "official_split": official_split, "patients": "one per image (no patient ids)"}
     return finish_manifest(out, root, out_dir, meta, removed, what="VinDr-CXR", n_folds=n_folds,
                            test_fraction=test_fraction, val_fraction=val_fraction, seed=seed,
-                           missing_images=missing_images, fixed_roles=fixed)
+                           missing_images=missing_images, fixed_roles=fixed,
+                           unreadable_images=unreadable_images)

@@ -22,6 +22,7 @@ import pandas as pd
 from ..manifest import Manifest, ManifestError
 from ..splits import make_splits
 from . import register_dataset
+from .image_check import drop_unreadable
 from .nih import fixed_test_folds, parse_age
 
 # Sex as researchers' tables write it -> F/M (case-insensitive)
@@ -207,6 +208,7 @@ def build_table(
     val_fraction: float = 0.1,
     seed: int = 0,
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> Manifest:
     """A binary task from ``table`` (CSV/TSV/Parquet; relative to ``root``, the folder the
     image paths are relative to).
@@ -287,12 +289,14 @@ def build_table(
     }
     return finish_manifest(out, root, out_dir, meta, removed, what=table_path.name,
                            n_folds=n_folds, test_fraction=test_fraction,
-                           val_fraction=val_fraction, seed=seed, missing_images=missing_images)
+                           val_fraction=val_fraction, seed=seed, missing_images=missing_images,
+                           unreadable_images=unreadable_images)
 
 
 def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
                     removed: dict[str, int], *, what: str, n_folds: int, test_fraction: float,
                     val_fraction: float, seed: int, missing_images: str,
+                    unreadable_images: str = "error",
                     sixteen_bit: bool = False, fixed_roles: pd.Series | None = None) -> Manifest:
     """The common end of the table builders: ``out`` (image_id, path, label, patient_id and
     attributes; paths relative to ``root``) with absent images listed or dropped, DICOM (and,
@@ -311,6 +315,11 @@ def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
             f"{root}: {shown}. Check the data root and the paths, or pass missing_images='drop'.")
     removed["image missing"] = len(absent)
     out = out[present]
+    # every image checked once, in parallel (DICOM files are read, and checked, as converted)
+    readable = out[~out["path"].map(_is_dicom)]
+    _, unreadable = drop_unreadable(readable, root, unreadable_images=unreadable_images)
+    removed["image unreadable"] = len(unreadable)
+    out = out[~out["path"].astype(str).isin(unreadable)]
 
     image_root = root.resolve()
     source = out["path"].map(lambda p: Path(p) if Path(p).is_absolute() else root / p)

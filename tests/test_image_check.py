@@ -1,0 +1,70 @@
+"""Images checked once, up front, in parallel (sm_utils.datasets.image_check)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sm_utils.datasets import image_check
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Twelve PNGs, three of them damaged (truncated, overwritten, empty)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(path)
+        paths.append(path)
+    whole = paths[2].read_bytes()
+    paths[2].write_bytes(whole[:-40])
+    paths[5].write_bytes(b"GIF89a garbage")
+    paths[9].write_bytes(b"")
+    return paths
+
+
+def test_every_damaged_file_is_found_in_parallel_as_in_one_process(folder, monkeypatch):
+    monkeypatch.setattr(image_check, "CHUNK", 2)  # six tasks for two processes
+    parallel = image_check.check_images(folder, workers=2)
+    assert sorted(parallel) == [str(folder[i]) for i in (2, 5, 9)]
+    assert parallel == image_check.check_images(folder, workers=1)
+    assert all(parallel.values())  # each with its reason
+
+
+def test_files_that_passed_are_not_checked_again_until_they_change(folder, tmp_path, monkeypatch):
+    memo = tmp_path / "memo.json"
+    assert len(image_check.check_images(folder, workers=1, memo=memo)) == 3
+    checked = []
+    real = image_check._check_chunk
+    monkeypatch.setattr(image_check, "_check_chunk", lambda paths: checked.extend(paths)
+                        or real(paths))
+    assert len(image_check.check_images(folder, workers=1, memo=memo)) == 3
+    assert sorted(checked) == [str(folder[i]) for i in (2, 5, 9)]  # only the damaged ones
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder[0])  # rewritten: checked again
+    checked.clear()
+    image_check.check_images(folder, workers=1, memo=memo)
+    assert str(folder[0]) in checked and str(folder[1]) not in checked
+
+
+def test_a_pool_that_cannot_start_falls_back_to_one_process(folder, monkeypatch):
+    class NoPool:
+        def __init__(self, *args, **kwargs):
+            raise OSError("[Errno 11] Resource temporarily unavailable")
+
+    monkeypatch.setattr(image_check, "ProcessPoolExecutor", NoPool)
+    monkeypatch.setattr(image_check, "CHUNK", 2)
+    with pytest.warns(RuntimeWarning, match="checking them in this process instead"):
+        found = image_check.check_images(folder, workers=2)
+    assert sorted(found) == [str(folder[i]) for i in (2, 5, 9)]
+
+
+def test_the_cores_of_a_slurm_allocation_are_used(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert image_check.available_cpus() == 6
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    import os
+
+    assert image_check.available_cpus() == len(os.sched_getaffinity(0))
