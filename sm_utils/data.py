@@ -45,7 +45,7 @@ from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
 from .manifest import Manifest
 from .paths import CACHE_ENV, default_cache_dir  # noqa: F401  (their home was here)
-from .progress import progress_bar
+from .progress import available_cpus, progress_bar
 
 CACHE_VERSION = 2
 MIN_IMAGE_SIZE = 32
@@ -216,9 +216,11 @@ class ImageCache:
     @classmethod
     def for_manifest(
         cls, manifest: Manifest, size: int, cache_dir: str | Path | None = None,
-        *, threads: int = 4, resize: str = "bilinear", progress: bool | None = None,
+        *, threads: int | None = None, resize: str = "bilinear", progress: bool | None = None,
     ) -> ImageCache:
-        """Open the cache of ``manifest`` at ``size``, building it first if it is absent.
+        """Open the cache of ``manifest`` at ``size``, building it first if it is absent, with
+        ``threads`` decoding (None: every core this process may use, :func:`available_cpus`;
+        the bytes are the same whatever the number).
 
         ``progress``: a bar while building (None: on a terminal only, see
         :mod:`sm_utils.progress`); it changes nothing in the cache.
@@ -232,7 +234,7 @@ class ImageCache:
         index_path = cache_dir / f"{key}_{size}px.json"
         ids = manifest.table["image_id"].astype(str).tolist()
         if not (array_path.is_file() and index_path.is_file()):
-            cls._build(manifest, size, array_path, threads, resize, progress)
+            cls._build(manifest, size, array_path, threads or available_cpus(), resize, progress)
             atomic_write_json(index_path, {"image_ids": ids, "size": int(size), "resize": resize,
                                            "root": str(Path(manifest.root).resolve())})
         return cls(array_path, ids, size)

@@ -53,16 +53,18 @@ def test_a_pool_that_cannot_start_falls_back_to_one_process(folder, monkeypatch)
         def __init__(self, *args, **kwargs):
             raise OSError("[Errno 11] Resource temporarily unavailable")
 
-    monkeypatch.setattr(image_check, "ProcessPoolExecutor", NoPool)
+    import concurrent.futures
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", NoPool)
     monkeypatch.setattr(image_check, "CHUNK", 2)
-    with pytest.warns(RuntimeWarning, match="checking them in this process instead"):
+    with pytest.warns(RuntimeWarning, match="running them in this process instead"):
         found = image_check.check_images(folder, workers=2)
     assert sorted(found) == [str(folder[i]) for i in (2, 5, 9)]
 
 
 def test_the_cores_of_a_slurm_allocation_are_used(monkeypatch):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert image_check.available_cpus() == 6
+    assert image_check.available_cpus() == 6  # (sm_utils.io.available_cpus)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
     import os

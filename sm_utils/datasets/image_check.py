@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 from ..io import atomic_write_json, stable_hash
 from ..paths import default_cache_dir
-from ..progress import progress_bar
+from ..progress import available_cpus, parallel_map  # noqa: F401  (available_cpus: re-exported)
 
 UNREADABLE_CHOICES = ("error", "drop")
 CHUNK = 256  # files per task: large enough that process start-up and pickling are noise
@@ -32,18 +31,6 @@ class UnreadableImagesError(ValueError):
     def __init__(self, message: str, unreadable: dict[str, str]):
         super().__init__(message)
         self.unreadable = unreadable
-
-
-def available_cpus() -> int:
-    """Cores this process may use: a SLURM job's allocation, else the CPU affinity mask."""
-    for variable in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-        value = os.environ.get(variable, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def image_error(path: str) -> str | None:
@@ -75,8 +62,9 @@ def check_images(paths: Sequence[str | os.PathLike], *, workers: int | None = No
                  progress: bool | None = None) -> dict[str, str]:
     """``{path: error}`` for each of ``paths`` that cannot be read (empty: all readable).
 
-    ``workers``: processes (None: :func:`available_cpus`; 1 or a pool that cannot start: in
-    this process, with the same result). ``memo``: a JSON file remembering files that passed.
+    ``workers``: processes (None: every core this process may use; 1, or a pool that cannot
+    start: in this process, with the same result; :func:`sm_utils.progress.parallel_map`).
+    ``memo``: a JSON file remembering files that passed.
     """
     memo_path = Path(memo) if memo is not None else None
     passed: dict[str, list[int]] = {}
@@ -86,31 +74,10 @@ def check_images(paths: Sequence[str | os.PathLike], *, workers: int | None = No
         except ValueError:
             passed = {}
     todo = [str(p) for p in paths if passed.get(str(p)) != _signature(Path(p))]
-    results: list[tuple[str, str | None]] = []
-    workers = available_cpus() if workers is None else max(1, int(workers))
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    with progress_bar(None, "checking images", "image", total=len(todo),
-                      enabled=progress) as bar:
-        def collect(chunk_results):
-            results.extend(chunk_results)
-            bar.update(len(chunk_results))
-
-        if workers > 1 and len(chunks) > 1:
-            try:
-                with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-                    for chunk_results in pool.map(_check_chunk, chunks):
-                        collect(chunk_results)
-                chunks = []
-            except (OSError, RuntimeError) as err:  # e.g. a container that limits processes
-                import warnings
-
-                warnings.warn(f"could not start {workers} processes to check images ({err}); "
-                              "checking them in this process instead (same result, slower)",
-                              RuntimeWarning, stacklevel=2)
-                done = {path for path, _ in results}
-                chunks = [[p for p in chunk if p not in done] for chunk in chunks]
-        for chunk in chunks:
-            collect(_check_chunk(chunk))
+    results = [pair for chunk in parallel_map(_check_chunk, chunks, desc="checking images",
+                                              unit="chunk", workers=workers, enabled=progress)
+               for pair in chunk]
     unreadable = {path: error for path, error in results if error is not None}
     if memo_path is not None and todo:
         passed.update({path: _signature(Path(path)) for path, error in results if error is None})

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..manifest import Manifest, ManifestError
+from ..progress import parallel_map
 from ..splits import make_splits
 from . import register_dataset
 from .image_check import drop_unreadable
@@ -176,6 +177,11 @@ def _is_sixteen_bit(path: Path) -> bool:
         return image.mode in ("I;16", "I;16B", "I;16L", "I")
 
 
+def _convert(job: tuple[bool, Path, Path]) -> None:
+    is_dicom, source, target = job
+    (dicom_to_png if is_dicom else png16_to_png8)(source, target)
+
+
 def png16_to_png8(source: Path, target: Path) -> None:
     """A 16-bit grey PNG (PadChest's) as 8-bit: stretched from its own minimum to maximum,
     as a DICOM image is (``load_grey`` would clip every value above 255)."""
@@ -327,15 +333,17 @@ def finish_manifest(out: pd.DataFrame, root: Path, out_dir: Path, meta: dict,
     wide = source.map(_is_sixteen_bit) & ~dicom if sixteen_bit else dicom & False
     if dicom.any() or wide.any():  # converted once beside the manifest; the rest linked from there
         image_root = out_dir.resolve()
-        converted = []
+        converted, jobs = [], []
         for path, file, is_dicom, is_wide in zip(out["path"], source, dicom, wide):
             if not (is_dicom or is_wide):
                 converted.append(Path(os.path.relpath(file.resolve(), image_root)).as_posix())
                 continue
             target = Path("images") / Path(path.lstrip("/")).with_suffix(".png")
             if not (image_root / target).is_file():
-                (dicom_to_png if is_dicom else png16_to_png8)(file, image_root / target)
+                jobs.append((is_dicom, file, image_root / target))
             converted.append(target.as_posix())
+        parallel_map(_convert, jobs, desc="converting DICOM / 16-bit images", unit="image",
+                     chunksize=16)  # on every core, one bar
         out = out.assign(path=converted)
     if out["image_id"].duplicated().any():
         raise TableInputError(f"{what}: image ids repeat (e.g. "
