@@ -10,8 +10,9 @@ What is timed, on generated files in a temporary folder (removed at the end):
   (``images_001/images/``, made from phantom radiographs, :func:`sm_utils.phantoms.render_cxr`),
   and a full-size 112,120-row ``Data_Entry_2017_v2020.csv`` (30,805 patients). Timed:
   ``read_metadata`` on the full CSV; ``index_images`` on the PNG folder and on a full-size tree
-  of 112,120 empty ``*.png`` files in 12 folders (names only matter to it); the two NIH builders
-  on that full-size tree (no pixel is read by a builder); ``ImageCache.for_manifest`` at 224 px
+  of 112,120 empty ``*.png`` files in 12 folders (names only matter to it); (the two NIH
+  builders, which check every image, at full size: ``benchmarks/bench_full_size.py``);
+  ``ImageCache.for_manifest`` at 224 px
   with ``resize="nearest"`` and ``"bilinear"`` (default 4 threads) on the PNGs.
 - LIDC-IDRI: ``--lidc-series`` (4) CT series of ``--slices`` (200) 512 x 512 int16 slices
   written with pydicom (phantom CT, :func:`sm_utils.phantoms.render_ct_hu`) in the TCIA layout,
@@ -180,9 +181,8 @@ def bench_nih(tmp: Path, args) -> tuple[Path, list[str]]:
     write_empty_tree(full, names)
     timed(f"index_images, {NIH_IMAGES:,} files in 12 folders", index_images, full,
           per=NIH_IMAGES / 1000, unit="1,000 files")
-    for name, params in (("nih_cxr14", {}), ("nih_sex_task", {})):
-        timed(f"build_dataset {name!r}, full size (no pixels read)", build_dataset, name,
-              tmp / f"out_{name}", root=full, **params)
+    # the builders now check every image they list: timed on real files at full size by
+    # benchmarks/bench_full_size.py
     shutil.rmtree(full)
 
     root = tmp / "nih"

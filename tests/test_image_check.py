@@ -70,3 +70,26 @@ def test_the_cores_of_a_slurm_allocation_are_used(monkeypatch):
     import os
 
     assert image_check.available_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_the_full_size_rehearsal_runs_its_steps_on_a_slice(tmp_path):
+    """benchmarks/bench_full_size.py at 2,000 rows (the full run: 112,120): each data step is
+    timed, with its memory, and the parallel steps' speed-ups are printed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "result.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_full_size.py"
+    done = subprocess.run([sys.executable, str(script), "--images", "2000", "--px", "64",
+                           "--bases", "4", "--speedup-images", "300", "--out", str(out),
+                           "--folder", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = {row["step"]: row for row in json.loads(out.read_text())["steps"]}
+    assert steps["build_dataset nih_cxr14 (first: checks every image)"]["wall_s"] > 0
+    assert any(name.startswith("image cache at 64 px") for name in steps)
+    assert all(row["peak_rss_mb"] > 0 for row in steps.values() if "wall_s" in row)
+    assert sum(name.startswith("speed-up of") for name in steps) == 2
+    assert len(list((tmp_path / "data" / "nih").glob("images_0*/images/*.png"))) == 2000
