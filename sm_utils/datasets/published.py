@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..manifest import Manifest, ManifestError, find_leakage
 from . import register_dataset
+from .image_check import drop_unreadable
 from .nih import index_images
 
 DEFAULT_CLASS_MAP = {"YES": 1, "NO": 0}
@@ -213,6 +214,7 @@ def import_published_splits(
     test_role: str = "test",
     on_overlap: str = "report",
     missing_images: str = "error",
+    unreadable_images: str = "error",
 ) -> tuple[Manifest, OverlapReport]:
     """Import published split files; return the manifest and the overlap report."""
     if on_overlap not in ("report", "error"):
@@ -253,7 +255,11 @@ def import_published_splits(
     listed = pd.concat(parts, ignore_index=True)
     listed["path"] = resolve_paths(listed["listed_path"], root, missing_images)
     dropped = sorted(listed.loc[listed["path"].isna(), "listed_path"].unique())
-    listed = _check_consistent(listed[listed["path"].notna()])
+    listed = listed[listed["path"].notna()]
+    # every listed image checked once, in parallel: the damaged ones all named, or dropped
+    _, unreadable = drop_unreadable(listed.drop_duplicates("path"), root,
+                                    unreadable_images=unreadable_images)
+    listed = _check_consistent(listed[~listed["path"].isin(unreadable)])
 
     attributes = ["sex"] if "sex" in listed else []
     images = (listed.drop_duplicates("path")[["path", "patient_id", "label", *attributes]]
@@ -309,6 +315,8 @@ def import_published_splits(
         "overlap": report.summary(),
         "overlap_table": report.table.to_dict(orient="records"),
         "images_not_found_dropped": len(dropped),
+        "unreadable_images_dropped": len(unreadable),
+        "unreadable_images": unreadable,
         "n_images": len(images),
         "n_patients": int(images["patient_id"].nunique()),
     }
