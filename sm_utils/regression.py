@@ -199,7 +199,8 @@ def check_notebook(notebook: str, tables: dict[str, Any], parameters: dict[str, 
         atomic_write_json(path, {"notebook": notebook, "parameters": parameters,
                                  "numerics": here, "values": values, "identities": identities,
                                  "tolerances": stored.get("tolerances", {}),
-                                 **{k: stored[k] for k in ("spread", "spread_rule") if k in stored}})
+                                 **{k: stored[k] for k in ("spread", "spread_rule", "spread_measured")
+                                    if k in stored}})
         return RegressionCheck(notebook, path, "recorded", len(values))
     if not stored:
         return RegressionCheck(notebook, path, "skipped", reason=f"no reference: write one with "

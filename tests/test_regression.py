@@ -273,6 +273,7 @@ def test_the_seed_spread_is_measured_from_the_reference_as_it_is_now(recorded, m
     other_numerics(monkeypatch)
     stored = json.loads((recorded / "nb.json").read_text())
     assert stored["values"]["result | row=0 | auc"] == 0.70 and "spread" in stored
+    assert stored["spread_rule"].startswith("tolerances from the spread")
     entry = stored["spread"]["result | row=0 | auc"]
     assert regression.allowed_difference({}, stored["spread"], "result | row=0 | auc", 0.70) \
         == pytest.approx(0.05 + entry["half_width"])
