@@ -40,7 +40,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 TOP_LEVEL_KEYS = {
     "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
     "prevalences", "folds", "sources", "architectures", "seeds", "training", "run", "slurm",
-    "notebooks", "reference", "probe", "attribution", "claims",
+    "notebooks", "reference", "probe", "attribution", "claims", "plugins",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "device": "auto",          # passed to notebook 03
@@ -126,6 +126,8 @@ class GridSpec:
     probe: bool = False          # every run probes its model; each source is probed before
     attribution: bool = False    # every run measures attribution inside the confounder's mask
     description: str | None = None
+    # modules or .py files (absolute) that register names; loaded by load_grid in every process
+    plugins: list[str] = field(default_factory=list)
 
 
 def _is_project(folder: Path) -> bool:
@@ -167,6 +169,9 @@ def _registry_names(kind: str) -> list[str] | None:
         if kind == "sources":
             from ..sources import list_sources
             return list(list_sources())
+        if kind == "metrics":
+            from ..metrics import list_metrics
+            return list(list_metrics())
     except ImportError:
         return None
     raise ValueError(f"unknown registry {kind!r}")
@@ -293,6 +298,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
     claims = _claims_block(raw, [s.name for s in sources], problems)
+    plugin_refs = _plugins_block(raw, path, problems)
     if problems and not collect:
         raise GridError(_problem_text(path, problems))
     runs_dir = str(raw.get("runs_dir", "runs/{name}")).replace("{name}", name)
@@ -319,7 +325,35 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         attribution=bool(raw.get("attribution", False)),
         path=path,
         description=" ".join(str(raw.get("description") or "").split()) or None,
+        plugins=plugin_refs,
     )
+
+
+def _plugins_block(raw: dict[str, Any], path: Path | None, problems: list[str]) -> list[str]:
+    """``plugins: [my_study.confounders, ./plugins.py]``: module names, or .py files relative
+    to the grid file (made absolute, so a process elsewhere loads the same file)."""
+    from ..plugins import resolve_ref
+
+    given = _as_list(raw.get("plugins"))
+    bad = [p for p in given if not isinstance(p, str) or not p.strip()]
+    if bad:
+        problems.append(f"plugins: each entry must be a module name or a .py path (relative to "
+                        f"the grid file); found {bad}")
+        return []
+    base = path.resolve().parent if path else Path.cwd()
+    return [resolve_ref(p, base) for p in given]
+
+
+def load_grid_plugins(spec: GridSpec) -> None:
+    """Import the grid's plugins here and export them (``SM_PLUGINS``) to every process this
+    one starts; a plugin that fails stops with its file, line and error (GridError)."""
+    from ..plugins import PluginError, export, load_plugins
+
+    try:
+        load_plugins(spec.plugins, where=f"grid file {spec.path}" if spec.path else "the grid")
+    except PluginError as err:
+        raise GridError(f"grid {spec.name!r}: {err}") from err
+    export(spec.plugins)
 
 
 def _claims_block(raw: dict[str, Any], source_names: list[str], problems: list[str]) -> dict:
@@ -452,5 +486,6 @@ def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bo
         raw = merge_grid(raw, override)
     problems: list[str] = []  # every problem at once: structure, names and files
     spec = parse_grid(raw, _default_root(path), path.resolve(), problems=problems)
+    load_grid_plugins(spec)  # before the names are checked: plugins register some of them
     validate_grid(spec, check_names=check_names, check_paths=check_paths, problems=problems)
     return spec

@@ -1,0 +1,256 @@
+"""Plugins (sm_utils.plugins): loading, who registered each name, duplicates, import errors,
+installed plugins found through their entry point, and plugins' code in run ids.
+
+The end-to-end study (its own confounder, source and dataset through `sm validate`, `sm run`,
+`sm analyse`, `sm report`) is tests/test_study.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sm_utils import plugins
+from sm_utils.confounders import ConfounderError, get_confounder, list_confounders
+from sm_utils.confounders import registry as confounder_registry
+from sm_utils.datasets import list_datasets
+from sm_utils.identity import run_identity
+from sm_utils.metrics import MetricError, compute_metrics, list_metrics
+from sm_utils.sources import SourceError
+from sm_utils.sources import registry as source_registry
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def isolated(monkeypatch):
+    """The registries and the plugins' records as they are now, restored after the test."""
+    import sm_utils.datasets as datasets
+    import sm_utils.metrics as metrics
+
+    monkeypatch.setattr(confounder_registry, "_REGISTRY", dict(confounder_registry._REGISTRY))
+    monkeypatch.setattr(source_registry, "_SOURCES", dict(source_registry._SOURCES))
+    monkeypatch.setattr(datasets, "_BUILDERS", dict(datasets._BUILDERS))
+    monkeypatch.setattr(metrics, "_METRICS", dict(metrics._METRICS))
+    monkeypatch.setattr(plugins, "_LOADED", dict(plugins._LOADED))
+    monkeypatch.setattr(plugins, "_REGISTRATIONS", dict(plugins._REGISTRATIONS))
+    monkeypatch.setattr(plugins, "_STATE", dict(plugins._STATE))
+    monkeypatch.delenv(plugins.ENV, raising=False)
+
+
+CONFOUNDER = '''
+import numpy as np
+from sm_utils.confounders import register_confounder
+
+@register_confounder("{name}", category="environment/marker",
+                     description="A chest drain's tube across the lower right lung.")
+def drain(image, rng, *, strength):
+    out = image.copy()
+    out[-4:, :] = np.uint8(255 * strength)
+    return out
+'''
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_builtin_names_are_recorded_as_the_package_s_own():
+    assert plugins.registered_by("confounder", "tag") == "sm_utils (built-in)"
+    assert plugins.registered_by("source", "random") == "sm_utils (built-in)"
+    assert plugins.registered_by("dataset", "phantom_cxr") == "sm_utils (built-in)"
+    assert plugins.code_digest("confounder", "tag") is None   # the package's code: not in ids
+
+
+def test_a_plugin_file_registers_and_is_named_as_its_origin(tmp_path, isolated):
+    path = write(tmp_path / "ward" / "markers.py", CONFOUNDER.format(name="drain_a"))
+    plugin = plugins.load_plugin("ward/markers.py", base=tmp_path)
+    assert plugin.file == str(path.resolve()) and plugin.how == "file"
+    assert "drain_a" in list_confounders()
+    assert plugins.registered_by("confounder", "drain_a") == f"plugin file {path.resolve()}"
+    out = get_confounder("drain_a").apply(__import__("numpy").zeros((8, 8), "uint8"), None)
+    assert out[-1, 0] == 255 and out[0, 0] == 0
+    assert plugins.load_plugin(str(path)) is plugin          # once per process
+    [described] = [p for p in plugins.describe_plugins() if p["file"] == str(path.resolve())]
+    assert described["registers"] == ["confounder:drain_a"]
+    assert described["sha256"] == plugins._sha256_file(path)
+
+
+def test_a_taken_name_is_refused_naming_both_unless_replace(tmp_path, isolated):
+    taken = write(tmp_path / "taken.py", CONFOUNDER.format(name="tag"))
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load_plugin(str(taken))
+    message = str(info.value)
+    assert "confounder 'tag' is already registered (by sm_utils (built-in))" in message
+    assert f"plugin file {taken}" in message and "replace=True" in message
+    assert plugins.registered_by("confounder", "tag") == "sm_utils (built-in)"
+
+    replacing = write(tmp_path / "replacing.py", CONFOUNDER.format(name="tag").replace(
+        'description="A chest', 'replace=True, description="A chest'))
+    plugins.load_plugin(str(replacing))
+    assert plugins.registered_by("confounder", "tag") == f"plugin file {replacing}"
+    assert get_confounder("tag").description.startswith("A chest drain")
+
+
+def test_duplicate_source_dataset_and_metric_names_name_both(tmp_path, isolated):
+    from sm_utils.datasets import register_dataset
+    from sm_utils.metrics import register_metric
+    from sm_utils.sources import Source, get_source, register_source
+
+    with pytest.raises(SourceError, match=r"source 'random' is already registered \(by "
+                       r"sm_utils \(built-in\)\); plugin module .*test_plugins"):
+        register_source(get_source("random"))
+    with pytest.raises(ValueError, match=r"dataset 'table' is already registered \(by sm_utils"):
+        register_dataset("table")(lambda out_dir: None)
+    register_metric("m_once", lambda y, s: 0.0, description="d")
+    with pytest.raises(MetricError, match=r"metric 'm_once' is already registered \(by plugin "
+                       r"module .*test_plugins.*replace=True"):
+        register_metric("m_once", lambda y, s: 1.0, description="d")
+    assert isinstance(get_source("random"), Source)
+
+
+def test_a_syntax_error_names_file_and_line(tmp_path, isolated):
+    path = write(tmp_path / "broken.py", "import numpy\n\ndef drain(image:\n    return image\n")
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load_plugin(str(path))
+    assert f"SyntaxError at {path}:3" in str(info.value)
+    assert "no cell has started" in str(info.value)
+    assert str(path) not in plugins._LOADED
+
+
+def test_a_failing_import_names_its_line_and_the_missing_dependency(tmp_path, isolated):
+    path = write(tmp_path / "needs.py", "import os\nimport sm_no_such_dependency_xyz\n")
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load_plugin(str(path))
+    message = str(info.value)
+    assert f"at {path}:2: ModuleNotFoundError" in message
+    assert "needs the module 'sm_no_such_dependency_xyz'" in message
+
+
+def test_missing_file_and_unknown_module_say_what_was_expected(tmp_path, isolated):
+    with pytest.raises(plugins.PluginError, match=r"plugin file .*nowhere\.py \(named in grid "
+                       r"file g\.yaml\) does not exist on .*Expected a \.py file"):
+        plugins.load_plugin("nowhere.py", base=tmp_path, where="grid file g.yaml")
+    with pytest.raises(plugins.PluginError, match=r"plugin module 'sm_no_such_study' .* not "
+                       r"importable .*pip install -e"):
+        plugins.load_plugin("sm_no_such_study")
+
+
+def test_sm_plugins_variable_is_loaded_on_first_lookup(tmp_path, isolated, monkeypatch):
+    path = write(tmp_path / "env_plugin.py", CONFOUNDER.format(name="drain_env"))
+    assert "drain_env" not in list_confounders()
+    monkeypatch.setenv(plugins.ENV, str(path))
+    assert "drain_env" in list_confounders()
+
+
+def test_plugin_code_is_part_of_the_run_id_builtin_names_add_nothing(tmp_path, isolated):
+    path = write(tmp_path / "code.py", CONFOUNDER.format(name="drain_id"))
+    plugins.load_plugin(str(path))
+    params = {"manifest": "m.csv", "confounder": "drain_id", "strength": 1, "p": 0.5,
+              "source": "random", "weights": None}
+    identity = run_identity(params, manifest="digest")
+    assert identity["plugin_code"] == {"confounder": plugins.code_digest("confounder", "drain_id")}
+    assert len(identity["plugin_code"]["confounder"]) == 64
+    assert "plugin_code" not in run_identity({**params, "confounder": "tag"}, manifest="digest")
+
+
+def test_registered_metric_is_computed_and_its_failure_named(isolated):
+    from sm_utils.metrics import register_metric
+
+    @register_metric("positives_share", description="share of positives")
+    def share(labels, scores):
+        return labels.mean()
+
+    assert "positives_share" in list_metrics()
+    assert compute_metrics([0, 1, 1, 1], [0.1, 0.2, 0.3, 0.4])["positives_share"] == 0.75
+
+    register_metric("broken_metric", lambda y, s: 1 / 0, description="fails")
+    with pytest.raises(MetricError, match=r"metric 'broken_metric' \(from plugin module "
+                       r".*\) failed on a test set of 2 images: ZeroDivisionError"):
+        compute_metrics([0, 1], [0.2, 0.8])
+
+
+def _sm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "sm"), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory):
+    """A tiny distribution, built and installed by pip into a folder of its own (no network):
+    it declares an entry point in the group sm_utils.plugins."""
+    root = tmp_path_factory.mktemp("dist")
+    project = root / "sm_ward_plugin"
+    write(project / "pyproject.toml", """
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "sm-ward-plugin"
+        version = "0.3.1"
+
+        [project.entry-points."sm_utils.plugins"]
+        ward = "sm_ward_plugin"
+    """)
+    write(project / "sm_ward_plugin" / "__init__.py", CONFOUNDER.format(name="ward_drain"))
+    target = root / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                           "--no-index", "--no-build-isolation", "--target", str(target),
+                           str(project)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return target
+
+
+def test_installed_plugin_is_found_without_being_named(installed_plugin, tmp_path):
+    env = {"PYTHONPATH": str(installed_plugin)}
+    listed = _sm("list", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    [line] = [x for x in listed.stdout.splitlines() if "ward_drain" in x]
+    assert line.split(None, 1)[1] == "sm-ward-plugin 0.3.1 (entry point ward)"
+    assert "sm_utils (built-in)" in next(x for x in listed.stdout.splitlines() if " tag " in x)
+
+    off = _sm("list", cwd=tmp_path, env={**env, plugins.AUTOLOAD_ENV: "0"})
+    assert "ward_drain" not in off.stdout
+
+    grid = write(tmp_path / "grid.yaml", """
+        name: ward
+        datasets: [{name: phantom_cxr, manifest: data/m.csv}]
+        confounders: [ward_drain]
+        prevalences: [0.5]
+        sources: [random]
+    """)
+    valid = _sm("validate", str(grid), "--no-check-paths", cwd=tmp_path, env=env)
+    assert valid.returncode == 0, valid.stderr
+    assert "valid; 1 cells" in valid.stdout
+    unknown = _sm("validate", str(grid), "--no-check-paths", cwd=tmp_path,
+                  env={**env, plugins.AUTOLOAD_ENV: "0"})
+    assert unknown.returncode == 2 and "unknown confounders ['ward_drain']" in unknown.stderr
+
+
+def test_datasets_registry_lists_through_plugins(tmp_path, isolated):
+    path = write(tmp_path / "ds.py", """
+        from sm_utils.datasets import register_dataset
+
+        @register_dataset("ward_table")
+        def ward_table(out_dir, table=None):
+            raise NotImplementedError
+    """)
+    plugins.load_plugin(str(path))
+    assert "ward_table" in list_datasets()
+    assert plugins.registered_by("dataset", "ward_table") == f"plugin file {path}"
+
+
+def test_confounder_error_still_raised_for_duplicates_in_the_package(isolated):
+    from sm_utils.confounders import register_confounder
+
+    with pytest.raises(ConfounderError, match="already registered"):
+        register_confounder("tag", lambda image, rng, *, strength: image,
+                            category="environment/marker", description="d")
