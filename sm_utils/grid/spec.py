@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import GridError
+from .extend import load_grid_plugins, notebook_paths, plugins_block
 
 DEFAULT_NOTEBOOKS = {
     "data": "notebooks/01_data_preparation.ipynb",
@@ -298,7 +299,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
     claims = _claims_block(raw, [s.name for s in sources], problems)
-    plugin_refs = _plugins_block(raw, path, problems)
+    plugin_refs = plugins_block(raw, path, problems)
     if problems and not collect:
         raise GridError(_problem_text(path, problems))
     runs_dir = str(raw.get("runs_dir", "runs/{name}")).replace("{name}", name)
@@ -318,7 +319,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         training=training,
         run=run,
         slurm=slurm,
-        notebooks={k: resolve_path(root, v) for k, v in notebooks.items()},
+        notebooks=notebook_paths(raw, root, notebooks),
         reference=dict(raw.get("reference") or {}),
         claims=claims,
         probe=bool(raw.get("probe", False)),
@@ -327,33 +328,6 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         description=" ".join(str(raw.get("description") or "").split()) or None,
         plugins=plugin_refs,
     )
-
-
-def _plugins_block(raw: dict[str, Any], path: Path | None, problems: list[str]) -> list[str]:
-    """``plugins: [my_study.confounders, ./plugins.py]``: module names, or .py files relative
-    to the grid file (made absolute, so a process elsewhere loads the same file)."""
-    from ..plugins import resolve_ref
-
-    given = _as_list(raw.get("plugins"))
-    bad = [p for p in given if not isinstance(p, str) or not p.strip()]
-    if bad:
-        problems.append(f"plugins: each entry must be a module name or a .py path (relative to "
-                        f"the grid file); found {bad}")
-        return []
-    base = path.resolve().parent if path else Path.cwd()
-    return [resolve_ref(p, base) for p in given]
-
-
-def load_grid_plugins(spec: GridSpec) -> None:
-    """Import the grid's plugins here and export them (``SM_PLUGINS``) to every process this
-    one starts; a plugin that fails stops with its file, line and error (GridError)."""
-    from ..plugins import PluginError, export, load_plugins
-
-    try:
-        load_plugins(spec.plugins, where=f"grid file {spec.path}" if spec.path else "the grid")
-    except PluginError as err:
-        raise GridError(f"grid {spec.name!r}: {err}") from err
-    export(spec.plugins)
 
 
 def _claims_block(raw: dict[str, Any], source_names: list[str], problems: list[str]) -> dict:
