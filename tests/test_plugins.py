@@ -254,3 +254,29 @@ def test_confounder_error_still_raised_for_duplicates_in_the_package(isolated):
     with pytest.raises(ConfounderError, match="already registered"):
         register_confounder("tag", lambda image, rng, *, strength: image,
                             category="environment/marker", description="d")
+
+
+def test_the_examples_of_docs_extending_register_as_a_plugin(tmp_path, isolated):
+    """Every Python block of docs/EXTENDING.md, together in one plugin file, registers what it
+    says, and its confounder and metric compute."""
+    import re
+
+    import numpy as np
+
+    from sm_utils.metrics import get_metric
+    from sm_utils.sources import get_source
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "EXTENDING.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 4
+    path = write(tmp_path / "extending.py", "\n\n".join(blocks))
+    plugins.load_plugin(str(path))
+    mine = f"plugin file {path}"
+    for kind, name in (("confounder", "burned_text"), ("source", "in_house"),
+                       ("dataset", "ward_cxr"), ("metric", "sensitivity_at_spec90")):
+        assert plugins.registered_by(kind, name) == mine, (kind, name)
+    out = get_confounder("burned_text").apply(np.zeros((32, 32), np.uint8), None)
+    assert out[1:4, 1:10].min() == 255 and out[8:, :].max() == 0
+    assert get_source("in_house").default_arch == "tf_efficientnet_lite0"
+    labels, scores = np.array([0] * 10 + [1, 1]), np.array([*np.linspace(0, 0.9, 10), 0.95, 0.5])
+    assert get_metric("sensitivity_at_spec90").fn(labels, scores) == 0.5
