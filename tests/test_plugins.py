@@ -280,3 +280,65 @@ def test_the_examples_of_docs_extending_register_as_a_plugin(tmp_path, isolated)
     assert get_source("in_house").default_arch == "tf_efficientnet_lite0"
     labels, scores = np.array([0] * 10 + [1, 1]), np.array([*np.linspace(0, 0.9, 10), 0.95, 0.5])
     assert get_metric("sensitivity_at_spec90").fn(labels, scores) == 0.5
+
+
+def test_a_memoised_plugin_confounder_is_recomputed_when_its_code_changes(tmp_path, isolated,
+                                                                         monkeypatch):
+    """The disk cache of a slow confounder is keyed by the plugin's code too: an edited plugin
+    never reads the outputs of the old one."""
+    import dataclasses
+
+    import numpy as np
+
+    path = write(tmp_path / "slow.py", CONFOUNDER.format(name="drain_slow").replace(
+        'description="A chest', 'memoise=True, description="A chest'))
+    plugins.load_plugin(str(path))
+    conf = get_confounder("drain_slow").with_cache(tmp_path / "cache")
+    image = np.full((32, 32), 60, np.uint8)
+    first = conf.prepare(image, True, 0, "img1", size=32, resize="bilinear")
+    assert first[-1, 0] == 255
+    cached = sorted((tmp_path / "cache").rglob("*.png"))
+    assert len(cached) == 1
+    conf.prepare(image, True, 0, "img1", size=32, resize="bilinear")
+    assert sorted((tmp_path / "cache").rglob("*.png")) == cached       # reused as it is
+    old = plugins.registration("confounder", "drain_slow")
+    monkeypatch.setitem(plugins._REGISTRATIONS, ("confounder", "drain_slow"),
+                        dataclasses.replace(old, code_sha256="0" * 64))  # as after an edit
+    conf.prepare(image, True, 0, "img1", size=32, resize="bilinear")
+    assert len(sorted((tmp_path / "cache").rglob("*.png"))) == 2
+
+
+def test_an_edited_plugin_dataset_builder_does_not_reuse_its_old_manifest(tmp_path, isolated):
+    """The manifest records the builder's code hash; after an edit the grid refuses the old
+    manifest, saying to delete it (built-in builders record their params only, as before)."""
+    import json
+
+    import yaml
+
+    from sm_utils.grid import GridError, load_grid, prepare
+
+    write(tmp_path / "ds.py", """
+        from sm_utils.datasets import register_dataset
+
+        @register_dataset("ward_rebuilt")
+        def ward_rebuilt(out_dir, n_folds=2):
+            raise NotImplementedError
+    """)
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "name": "g", "root": ".", "plugins": ["ds.py"],
+        "datasets": [{"name": "w", "builder": "ward_rebuilt", "manifest": "data/w/manifest.csv",
+                      "params": {"n_folds": 2}}],
+        "confounders": ["tag"], "prevalences": [0.5], "sources": ["random"]}))
+    spec = load_grid(tmp_path / "grid.yaml", check_paths=False)
+    digest = plugins.code_digest("dataset", "ward_rebuilt")
+    assert len(digest) == 64
+    folder = tmp_path / "data" / "w"
+    folder.mkdir(parents=True)
+    (folder / "manifest.csv").write_text("image_id\n")
+    record = folder / "grid_dataset_params.json"
+    record.write_text(json.dumps({"n_folds": 2, "builder_code_sha256": digest}))
+    prepare(spec, log=lambda message: None)   # the same code: the manifest is reused
+    record.write_text(json.dumps({"n_folds": 2, "builder_code_sha256": "0" * 64}))
+    with pytest.raises(GridError, match=rf"was built with .*'builder_code_sha256': '0{{64}}'.* "
+                       rf"asks for .*'{digest}'.*delete {folder} to rebuild it"):
+        prepare(spec, log=lambda message: None)

@@ -360,9 +360,10 @@ class Confounder:
             if view is None:
                 check_image(image, f"confounder {self.name!r}")
             original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
+        code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
         key = hashlib.sha256(json.dumps(
             [self.spec(), check_seed(seed), str(image_id), bool(confounded), int(size), resize,
-             original_key] + ([] if view is None else [view.key()]),
+             original_key] + ([] if view is None else [view.key()]) + ([code] if code else []),
             sort_keys=True, default=str).encode()).hexdigest()
         path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
         if path.is_file():

@@ -58,6 +58,15 @@ def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: 
         raise GridError(f"{built} was built with {built_with}, but the grid asks for {params}; {fix}")
 
 
+def _dataset_record(dataset) -> dict[str, Any]:
+    """What a manifest is built with: the grid's params and, for a builder from a plugin, the
+    hash of its code (so an edited builder does not silently reuse the old manifest)."""
+    from ..plugins import code_digest
+
+    code = code_digest("dataset", dataset.builder_name)
+    return {**dataset.params, **({"builder_code_sha256": code} if code else {})}
+
+
 # What a grid's dataset gets where its params say nothing: 5 folds and the builder's own
 # defaults, as before notebook 01's defaults became the demo's (3 folds, easy phantoms).
 GRID_DATA_DEFAULTS = {"n_folds": 5, "dataset_params": {}}
@@ -69,10 +78,11 @@ def prepare(spec: GridSpec, log=print) -> float:
     prepare_dir = spec.runs_dir / "_prepare"
     for dataset in spec.datasets:
         recorded = dataset.manifest.parent / "grid_dataset_params.json"
+        built_with = _dataset_record(dataset)
         if dataset.manifest.exists():
-            _check_built_with(recorded, dataset.params, dataset.manifest,
-                              f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
-                              "another manifest path")
+            _check_built_with(recorded, built_with, dataset.manifest,
+                              f"delete {dataset.manifest.parent} to rebuild it (its runs then get "
+                              "new ids; the old ones stay), or give this grid another manifest path")
             continue
         log(f"building dataset {dataset.name!r} ({dataset.builder_name}) with "
             f"{spec.notebooks['data']} -> {dataset.manifest}")
@@ -86,7 +96,7 @@ def prepare(spec: GridSpec, log=print) -> float:
         if not dataset.manifest.exists():
             raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
                             f"at {dataset.manifest}; see {prepare_dir}")
-        atomic_write_json(recorded, dataset.params)
+        atomic_write_json(recorded, built_with)
     for source in spec.sources:
         if source.weights is None or not source.build:
             continue
