@@ -298,10 +298,12 @@ def load_plugin(ref: str, base: str | os.PathLike | None = None, where: str = ""
                 "path in `plugins:`, or make the file reachable at that path on this machine "
                 "(a SLURM node must see it at the same absolute path).")
         plugin = Plugin(str(path), "file", file=str(path), sha256=_sha256_file(path))
+        _LOADED[ref] = plugin  # now: a registry it asks while it loads must not load it again
         _LOADING.append(plugin)
         try:
             _import_file(path)
         except Exception as err:  # noqa: BLE001 (reported with its file and line)
+            del _LOADED[ref]
             raise _import_failure(str(path), err, str(path)) from err
         finally:
             _LOADING.pop()
@@ -320,14 +322,15 @@ def load_plugin(ref: str, base: str | os.PathLike | None = None, where: str = ""
         file = spec.origin if spec.origin and Path(spec.origin).is_file() else None
         plugin = dataclasses.replace(_module_plugin(ref), how="module", file=file,
                                      sha256=_sha256_file(file) if file else None)
+        _LOADED[ref] = plugin
         _LOADING.append(plugin)
         try:
             importlib.import_module(ref)
         except Exception as err:  # noqa: BLE001
+            del _LOADED[ref]
             raise _import_failure(ref, err, file) from err
         finally:
             _LOADING.pop()
-    _LOADED[ref] = plugin
     return plugin
 
 

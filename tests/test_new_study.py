@@ -36,6 +36,8 @@ def new_study(tmp_path_factory):
     out = {"folder": folder, "new": sm("new", folder, cwd=base)}
     out["run"] = sm("run", folder / "grid.yaml", "--progress", "off", cwd=base)
     out["list"] = sm("list", folder / "grid.yaml", cwd=base)
+    out["report"] = sm("report", folder / "grid.yaml", folder / "kit", "--permutations", "99",
+                       cwd=base)
     return out
 
 
@@ -69,6 +71,19 @@ def test_sm_run_runs_the_new_study_offline_at_once(new_study):
     results = pd.read_csv(folder / "runs" / "results.csv")
     assert results["sensitivity_at_spec90"].between(0, 1).all() and len(results) == 24
     assert (folder / "figures" / "drain_study_auc_vs_p.png").exists()
+
+
+@pytest.mark.numerics
+def test_sm_report_turns_the_new_study_into_a_kit(new_study):
+    report = new_study["report"]
+    assert report.returncode == 0, report.stderr[-3000:]
+    kit = new_study["folder"] / "kit"
+    assert (kit / "tables" / "auc.tex").exists() and (kit / "figures" / "captions.md").exists()
+    methods = (kit / "methods.md").read_text()
+    assert (f"plugin `{new_study['folder'] / 'plugins.py'}` (file; file "
+            f"`{new_study['folder'] / 'plugins.py'}`; sha256 `") in methods
+    assert "registers confounder:chest_drain, dataset:ward_table, metric:sensitivity_at_spec90, " \
+        "source:in_house" in methods
 
 
 @pytest.mark.numerics

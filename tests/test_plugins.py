@@ -342,3 +342,17 @@ def test_an_edited_plugin_dataset_builder_does_not_reuse_its_old_manifest(tmp_pa
     with pytest.raises(GridError, match=rf"was built with .*'builder_code_sha256': '0{{64}}'.* "
                        rf"asks for .*'{digest}'.*delete {folder} to rebuild it"):
         prepare(spec, log=lambda message: None)
+
+
+def test_a_plugin_that_asks_a_registry_while_it_loads_is_loaded_once(tmp_path, isolated,
+                                                                      monkeypatch):
+    """As in a SLURM job: SM_PLUGINS names the plugin, the job loads it, and the plugin looks a
+    name up at import (which loads what SM_PLUGINS names): no second import, no duplicate."""
+    path = write(tmp_path / "asks.py", CONFOUNDER.format(name="drain_asks") + (
+        "\nfrom sm_utils.confounders import list_confounders\n"
+        "ASKED = 'drain_asks' in list_confounders()\n"))
+    monkeypatch.setenv(plugins.ENV, str(path))
+    plugins.load_plugin(str(path))
+    module = next(m for n, m in sys.modules.items() if n.startswith("_sm_plugin_asks_"))
+    assert module.ASKED is True
+    assert list_confounders().count("drain_asks") == 1
