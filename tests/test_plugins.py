@@ -356,3 +356,15 @@ def test_a_plugin_that_asks_a_registry_while_it_loads_is_loaded_once(tmp_path, i
     module = next(m for n, m in sys.modules.items() if n.startswith("_sm_plugin_asks_"))
     assert module.ASKED is True
     assert list_confounders().count("drain_asks") == 1
+
+
+def test_a_plugin_named_by_module_is_imported_and_named(tmp_path, isolated, monkeypatch):
+    write(tmp_path / "ward_pkg" / "__init__.py", "")
+    path = write(tmp_path / "ward_pkg" / "markers.py", CONFOUNDER.format(name="drain_mod"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert plugins.resolve_ref("ward_pkg.markers", base="/elsewhere") == "ward_pkg.markers"
+    plugin = plugins.load_plugin("ward_pkg.markers")
+    assert plugin.how == "module" and plugin.file == str(path)
+    assert plugins.registered_by("confounder", "drain_mod") == \
+        f"plugin module ward_pkg.markers ({path})"
+    assert plugins.code_digest("confounder", "drain_mod") is not None
