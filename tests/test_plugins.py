@@ -40,7 +40,7 @@ def isolated(monkeypatch):
     monkeypatch.setattr(plugins, "_LOADED", dict(plugins._LOADED))
     monkeypatch.setattr(plugins, "_REGISTRATIONS", dict(plugins._REGISTRATIONS))
     monkeypatch.setattr(plugins, "_STATE", dict(plugins._STATE))
-    monkeypatch.delenv(plugins.ENV, raising=False)
+    monkeypatch.setenv(plugins.ENV, "")  # so that teardown removes what a grid exports
 
 
 CONFOUNDER = '''
