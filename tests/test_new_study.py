@@ -1,5 +1,9 @@
 """`sm new DIR`: a study folder outside the checkout that `sm run DIR/grid.yaml` runs offline
-at once, as written (its grid unchanged), with the plugin's names listed by `sm list`."""
+at once, as written (its grid unchanged), with the plugin's names listed by `sm list`.
+
+The compendium it uses is a fresh clone of this checkout's last commit (``SM_PROJECT_ROOT``:
+its notebooks; ``SM_CACHE_DIR``: an image cache of its own), so nothing built in this checkout
+before is needed."""
 
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SM = str(Path(sys.executable).parent / "sm")
 
 
-def sm(*args, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def sm(*args, cwd: Path, timeout: float = 900, env: dict | None = None
+       ) -> subprocess.CompletedProcess:
     start = time.perf_counter()
     done = subprocess.run([SM, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={k: v for k, v in os.environ.items()
-                                                if k != "SM_PLUGINS"})
+                          timeout=timeout, env={**{k: v for k, v in os.environ.items()
+                                                   if k not in ("SM_PLUGINS", "SM_CACHE_DIR")},
+                                                **(env or {})})
     done.seconds = time.perf_counter() - start
     return done
 
@@ -31,13 +37,17 @@ def sm(*args, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
 def new_study(tmp_path_factory):
     """`sm new` then `sm run` on the grid exactly as written (8 runs, 32 px, 1 epoch)."""
     base = tmp_path_factory.mktemp("studies")
+    fresh = base / "fresh_clone"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(fresh)], check=True, timeout=120)
+    assert not (fresh / "cache").exists() and not (fresh / "data" / "demo").exists()
+    env = {"SM_PROJECT_ROOT": str(fresh), "SM_CACHE_DIR": str(fresh / "cache" / "images")}
     folder = base / "drain_study"
     assert ROOT not in folder.resolve().parents
-    out = {"folder": folder, "new": sm("new", folder, cwd=base)}
-    out["run"] = sm("run", folder / "grid.yaml", "--progress", "off", cwd=base)
-    out["list"] = sm("list", folder / "grid.yaml", cwd=base)
+    out = {"folder": folder, "fresh": fresh, "new": sm("new", folder, cwd=base, env=env)}
+    out["run"] = sm("run", folder / "grid.yaml", "--progress", "off", cwd=base, env=env)
+    out["list"] = sm("list", folder / "grid.yaml", cwd=base, env=env)
     out["report"] = sm("report", folder / "grid.yaml", folder / "kit", "--permutations", "99",
-                       cwd=base)
+                       cwd=base, env=env)
     return out
 
 
@@ -71,6 +81,10 @@ def test_sm_run_runs_the_new_study_offline_at_once(new_study):
     results = pd.read_csv(folder / "runs" / "results.csv")
     assert results["sensitivity_at_spec90"].between(0, 1).all() and len(results) == 24
     assert (folder / "figures" / "drain_study_auc_vs_p.png").exists()
+    fresh = new_study["fresh"]
+    assert f"analysis: {fresh / 'notebooks' / '04_analysis.ipynb'}" in run.stdout
+    assert f"with {fresh / 'notebooks' / '01_data_preparation.ipynb'}" in run.stdout
+    assert any((fresh / "cache" / "images").iterdir())   # an image cache of its own, built now
 
 
 @pytest.mark.numerics
