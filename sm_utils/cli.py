@@ -254,10 +254,33 @@ def cmd_notebook(args) -> int:
     return 0
 
 
+def cmd_new(args) -> int:
+    """A study folder of one's own (sm_utils.study)."""
+    from .study import new_study
+
+    folder = Path(args.folder)
+    written = new_study(folder, name=args.name)
+    print(f"wrote {len(written)} files to {folder}: "
+          + ", ".join(str(p.relative_to(folder)) for p in written))
+    print(f"next: sm run {folder / 'grid.yaml'}   (offline, on phantoms; {folder / 'README.md'}"
+          " says how to point it at your data)")
+    return 0
+
+
 def cmd_list(args) -> int:
-    for kind in ("datasets", "confounders", "sources"):
+    """Each registered name and who registered it (sm_utils itself, or a plugin)."""
+    from .plugins import registered_by
+
+    if getattr(args, "config", None):  # a grid's plugins: loaded as `sm run` would
+        grid_module.load_grid(args.config, check_names=False, check_paths=False)
+    for kind in ("datasets", "confounders", "sources", "metrics"):
         names = grid_module._registry_names(kind)
-        print(f"{kind}: {', '.join(names) if names is not None else '(module not available)'}")
+        if names is None:
+            print(f"{kind}: (module not available)")
+            continue
+        print(f"{kind}:" + ("" if names else " (none)"))
+        for name in names:
+            print(f"  {name:<24} {registered_by(kind[:-1], name)}")
     return 0
 
 
@@ -361,7 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     notebook.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     notebook.set_defaults(func=cmd_notebook)
 
-    listing = commands.add_parser("list", help="registered datasets, confounders and sources")
+    new = commands.add_parser(
+        "new", help="write a study folder of your own (grid.yaml, plugins.py with a worked "
+        "confounder, source, dataset and metric, README.md, .gitignore) that runs offline")
+    new.add_argument("folder", help="a new or empty folder, e.g. ../my_study")
+    new.add_argument("--name", default=None, help="the study's name (default: the folder's)")
+    new.set_defaults(func=cmd_new)
+
+    listing = commands.add_parser(
+        "list", help="registered datasets, confounders, sources and metrics, each with the "
+        "plugin (or sm_utils) that registered it")
+    listing.add_argument("config", nargs="?", help="a grid file: its plugins are loaded first")
     listing.set_defaults(func=cmd_list)
     return parser
 

@@ -7,7 +7,9 @@ reads named by their content:
 
 - the manifest by a digest of its table (the CSV bytes) and of its meta sidecar without the
   keys that only say where the data are (``root``, ``exported_from``);
-- the weights file, if any, by its SHA-256.
+- the weights file, if any, by its SHA-256;
+- a confounder or source registered by a plugin (not sm_utils itself) by a SHA-256 of its
+  code (:func:`sm_utils.plugins.code_digest`), so editing the plugin gives its runs new ids.
 
 So the same grid gives the same ids in two clones at different paths (or on a cluster that
 mounts the project elsewhere), and a manifest rebuilt with other content, or weights retrained
@@ -29,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import plugins
 from .io import stable_hash
 
 # Parameters of a run that do not change its result.
@@ -110,6 +113,12 @@ def run_identity(params: dict[str, Any], *, manifest: str | None = None) -> dict
             identity.pop(extra, None)
     identity["manifest"] = manifest if manifest is not None else manifest_digest(params["manifest"])
     identity["weights"] = weights_digest(identity.get("weights"))
+    # plugins' code; the package's own names add nothing, so their runs keep their ids
+    code = {kind: digest for kind, digest in (
+        ("confounder", plugins.code_digest("confounder", identity.get("confounder"))),
+        ("source", plugins.code_digest("source", identity.get("source")))) if digest}
+    if code:
+        identity["plugin_code"] = code
     return identity
 
 

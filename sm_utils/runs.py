@@ -44,6 +44,7 @@ from .identity import run_identity
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
 from .manifest import load_manifest
 from .paths import METRICS_FILE, resolve
+from .plugins import describe_plugins
 from .provenance import git_commit, package_versions
 from .training import (
     configure_device,
@@ -395,6 +396,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
         "versions": package_versions(),
         "git": git_commit(),
         "platform": platform.platform(),
+        # every plugin loaded: name, how found, file or distribution, version, sha256, names
+        "plugins": describe_plugins(),
     }
     atomic_write_json(run_dir / "config.json", json_safe(resolved))
     atomic_write_csv(run_dir / "history.csv", run.result.history)

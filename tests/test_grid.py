@@ -653,12 +653,28 @@ def test_a_grid_file_in_a_folder_of_ones_own_runs(tmp_path, capsys):
     assert (study / "runs" / "results.csv").exists() and (study / "figures" / "outside_auc_vs_p.png").exists()
 
 
-def test_a_missing_notebook_says_how_to_set_root(tmp_path):
+def test_a_missing_notebook_says_how_to_set_root(tmp_path, monkeypatch):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"root": ".", "datasets": ["phantom_cxr"], "confounders": ["tag"],
                                     "prevalences": [0], "sources": ["random"]}))
+    # a study folder (root: .) takes the installed compendium's notebooks (tests/test_study.py);
+    # here the installed compendium has none either
+    monkeypatch.setenv("SM_PROJECT_ROOT", str(tmp_path / "no_compendium"))
     with pytest.raises(GridError, match=r"03_fine_tuning.ipynb does not exist; set `root:` in the grid"):
         load_grid(path)
+
+
+def test_a_study_folder_takes_the_installed_compendium_s_notebooks(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"root": ".", "datasets": ["phantom_cxr"], "confounders": ["tag"],
+                                    "prevalences": [0], "sources": ["random"],
+                                    "notebooks": {"analysis": "my_analysis.ipynb"}}))
+    spec = load_grid(path, check_paths=False)
+    root = CONFIGS.parent
+    assert spec.notebooks["fine_tuning"] == root / "notebooks" / "03_fine_tuning.ipynb"
+    assert spec.notebooks["data"] == root / "notebooks" / "01_data_preparation.ipynb"
+    assert spec.notebooks["analysis"] == tmp_path / "my_analysis.ipynb"   # named: its own
+    assert spec.runs_dir == tmp_path / "runs" / "grid"
 
 
 def test_runs_per_gpu_shares_each_gpu_and_refuses_what_does_not_fit(monkeypatch):

@@ -261,6 +261,7 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
                  + (" (with uncommitted changes)" if runs_dirty else "")
                  if any(commits) else "- sm_utils commit of the runs: not recorded")
     lines.append(f"- sm_utils commit of this report: {short_commit(report_commit)}")
+    lines += _plugin_lines(configs)
     numerics = _distinct(((c["device"].get("numerics") or {}).get("mode"),
                           (c["device"].get("numerics") or {}).get("profile")) for c in configs)
     lines.append("- CPU numerics: " + "; ".join(f"{m} ({p})" for m, p in numerics)
@@ -281,6 +282,23 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
     lines += [f"| {d.topic} | {d.paper} | {d.here} | {d.why} |" for d in rows]
     lines.append("")
     return "\n".join(lines)
+
+
+def _plugin_lines(configs: list[dict]) -> list[str]:
+    """One line per plugin the runs loaded (config.json ``plugins``): what it is, where it
+    came from, its version and its code's SHA-256, and the names it registered."""
+    seen = {}
+    for config in configs:
+        for plugin in config.get("plugins") or []:
+            seen.setdefault((plugin.get("name"), plugin.get("sha256")), plugin)
+    lines = []
+    for plugin in seen.values():
+        where = (f"distribution {plugin['distribution']} {plugin.get('version') or ''}".strip()
+                 if plugin.get("distribution") else f"file `{plugin.get('file')}`")
+        names = ", ".join(plugin.get("registers") or []) or "no names"
+        lines.append(f"- plugin `{plugin.get('name')}` ({plugin.get('how')}; {where}; sha256 "
+                     f"`{(plugin.get('sha256') or 'unknown')[:16]}`): registers {names}")
+    return lines
 
 
 def _plain_dict(values: dict | None) -> str:

@@ -105,8 +105,12 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
     if datasets:
         run_dirs = [d for d in run_dirs if d.name in datasets]
     rows, group_rows = [], []
-    for metrics in _read_metrics(run_dirs):
+    from ..metrics import list_metrics
+
+    own_metrics = list_metrics()  # registered metrics (plugins): from each run's predictions
+    for run_dir, metrics in zip(run_dirs, _read_metrics(run_dirs)):
         config = metrics["config"]
+        extra = _own_metrics(run_dir) if own_metrics else {}
         run_id = metrics["run_id"]
         base = {
             "run_id": run_id,
@@ -127,11 +131,12 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
             row.update({k: metrics.get(k, np.nan) for k in RUN_COLUMNS})
             row.update({k: metrics["ran_on"][k] for k in RAN_ON_COLUMNS})
             row.update(mechanisms)  # run-level: the same on each of the run's test sets
+            row.update(extra.get(test_set, {}))
             rows.append(row)
             for group, auc in (values.get("group_auc") or {}).items():
                 group_rows.append({**base, "test_set": test_set, "group": group, "auc": auc})
     columns = ["run_id", *AXES, "test_set", *METRIC_COLUMNS, *RUN_COLUMNS, *RAN_ON_COLUMNS]
-    present = [c for c in MECHANISM_COLUMNS if any(c in r for r in rows)]
+    present = [c for c in [*MECHANISM_COLUMNS, *own_metrics] if any(c in r for r in rows)]
     table = _sorted(pd.DataFrame(rows, columns=columns + present))
     probes = runs_dir / SOURCE_PROBES_FILE
     if probes.exists() and not table.empty:  # the grid's probe of each source before fine-tuning
@@ -143,6 +148,21 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
         return table
     groups = _sorted(pd.DataFrame(group_rows, columns=["run_id", *AXES, "test_set", "group", "auc"]))
     return table, groups
+
+
+def _own_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """The registered metrics (:mod:`sm_utils.metrics`) of each test set of a run, from its
+    predictions.csv (none without it)."""
+    from ..metrics import compute_metrics
+
+    path = run_dir / "predictions.csv"
+    if not path.exists():
+        return {}
+    frame = pd.read_csv(path)
+    if not {"test_set", "label", "score"} <= set(frame):
+        return {}
+    return {test_set: compute_metrics(part["label"].to_numpy(), part["score"].to_numpy())
+            for test_set, part in frame.groupby("test_set")}
 
 
 def check_one_device_per_condition(table: pd.DataFrame) -> None:

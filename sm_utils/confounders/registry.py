@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import plugins
 from .validation import (  # noqa: F401  (importable from here as before)
     MIN_IMAGE_SIDE,
     RESOLUTIONS,
@@ -77,6 +78,7 @@ def register_confounder(
     memoise: bool = False,
     mask: ImageFn | None = None,
     hu: tuple[ImageFn, ImageFn | None] | None = None,
+    replace: bool = False,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -94,6 +96,8 @@ def register_confounder(
     ``hu``: (function, baseline) acting on a whole CT slice in Hounsfield units (float (H, W)
     in and out, with ``pixel_mm`` the slice's pixel spacing), used instead of ``fn`` and
     ``baseline`` on CT manifests that store HU (:mod:`sm_utils.hounsfield`).
+    A name registered before (by the package or a plugin) is refused, naming both, unless
+    ``replace=True``; who registered each name is recorded (:mod:`sm_utils.plugins`).
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -101,14 +105,14 @@ def register_confounder(
         raise ConfounderError(
             f"confounder {name!r}: category must be one of {list(CATEGORIES)}; got {category!r}."
         )
-    if name in _REGISTRY:
-        raise ConfounderError(f"confounder {name!r} is already registered; choose another name.")
-
     values = dict(defaults or {})
     if kind == "synthetic":
         values["resolution"] = check_resolution(name, values.get("resolution", "input"))
 
     def add(function: ImageFn | None) -> ImageFn | None:
+        if name in _REGISTRY and not replace:
+            raise ConfounderError(plugins.duplicate_message("confounder", name, function or baseline))
+        plugins.record("confounder", name, function or baseline)
         _REGISTRY[name] = ConfounderSpec(
             name=name, category=category, kind=kind, description=description,
             defaults=values, fn=function, baseline_fn=baseline,
@@ -127,11 +131,13 @@ def register_confounder(
 
 def list_confounders(kind: str | None = None) -> list[str]:
     """Registered names (of one kind if given), sorted."""
+    plugins.ensure_loaded()
     return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
 
 
 def masked_confounders() -> list[str]:
     """Names of the localised confounders (those reporting a pixel mask), sorted."""
+    plugins.ensure_loaded()
     return sorted(n for n, s in _REGISTRY.items() if s.mask_fn is not None)
 
 
@@ -139,6 +145,7 @@ def confounder_table():
     """One row per registered confounder: name, kind, category, description, parameters."""
     import pandas as pd
 
+    plugins.ensure_loaded()
     return pd.DataFrame([
         {"name": s.name, "kind": s.kind, "category": s.category,
          "description": s.description, "parameters": dict(s.defaults)}
@@ -353,9 +360,10 @@ class Confounder:
             if view is None:
                 check_image(image, f"confounder {self.name!r}")
             original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
+        code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
         key = hashlib.sha256(json.dumps(
             [self.spec(), check_seed(seed), str(image_id), bool(confounded), int(size), resize,
-             original_key] + ([] if view is None else [view.key()]),
+             original_key] + ([] if view is None else [view.key()]) + ([code] if code else []),
             sort_keys=True, default=str).encode()).hexdigest()
         path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
         if path.is_file():
@@ -390,6 +398,7 @@ def _check_output(out: Any, image: np.ndarray, name: str) -> np.ndarray:
 
 def get_confounder(name: str, strength: float = 1.0, **params: Any) -> Confounder:
     """Build confounder ``name`` with ``strength`` and parameters overriding its defaults."""
+    plugins.ensure_loaded()
     if name not in _REGISTRY:
         raise ConfounderError(
             f"unknown confounder {name!r}; valid names: {', '.join(list_confounders())}."

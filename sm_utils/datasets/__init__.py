@@ -11,25 +11,32 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import plugins
 from ..manifest import Manifest, ManifestError, save_manifest
 
 _BUILDERS: dict[str, Callable[..., Manifest]] = {}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Manifest]], Callable[..., Manifest]]:
+def register_dataset(name: str, *, replace: bool = False
+                     ) -> Callable[[Callable[..., Manifest]], Callable[..., Manifest]]:
+    """Decorator: ``builder(out_dir, **params) -> Manifest`` under ``name``. A name registered
+    before (by the package or a plugin) is refused, naming both, unless ``replace=True``."""
     def decorator(builder: Callable[..., Manifest]) -> Callable[..., Manifest]:
-        if name in _BUILDERS:
-            raise ValueError(f"dataset {name!r} is already registered")
+        if name in _BUILDERS and not replace:
+            raise ValueError(plugins.duplicate_message("dataset", name, builder))
+        plugins.record("dataset", name, builder)
         _BUILDERS[name] = builder
         return builder
     return decorator
 
 
 def list_datasets() -> list[str]:
+    plugins.ensure_loaded()
     return sorted(_BUILDERS)
 
 
 def get_builder(name: str) -> Callable[..., Manifest]:
+    plugins.ensure_loaded()
     if name not in _BUILDERS:
         raise ManifestError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}.")
     return _BUILDERS[name]

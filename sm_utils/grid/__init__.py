@@ -68,6 +68,7 @@ from .spec import (
     SourceSpec,
     _registry_names,  # noqa: F401  (sm_utils.cli looks the registries up through here)
     load_grid,
+    load_grid_plugins,
     merge_grid,
     parse_grid,
     validate_grid,
@@ -107,6 +108,7 @@ __all__ = [
     "failed_cells",
     "iter_run_dirs",
     "load_grid",
+    "load_grid_plugins",
     "measure_grid_memory",
     "measure_run_memory",
     "memory_configurations",
@@ -280,6 +282,7 @@ def run_grid(
         check_gpus_usable(spec.run["device"], log)
     else:
         check_slurm_gpus(spec, log)
+    load_grid_plugins(spec)  # (again, for a spec not made by load_grid): before any cell
     if check:
         refuse_unrunnable(spec, expand_cells(spec), load_weights=False)
     report_prepare = prepare(spec, log=log)
@@ -298,9 +301,13 @@ def run_grid(
     todo = [c for c in cells if not c.done]
     report = GridReport(total=len(cells), already_done=len(cells) - len(todo), prepare_seconds=report_prepare)
     log(f"grid {spec.name!r}: {len(cells)} cells, {report.already_done} already done, {len(todo)} to run")
+    from ..plugins import ENV, export
+
     settings = RunnerSettings(
         notebook=spec.notebooks["fine_tuning"], kernel_name=spec.run["kernel_name"],
         cells_per_kernel=int(spec.run["cells_per_kernel"]), cell_timeout_s=int(spec.run["cell_timeout_s"]),
+        # the grid's plugins, by absolute path, for kernels and jobs wherever they start
+        env={ENV: export(spec.plugins)} if (spec.plugins or os.environ.get(ENV)) else {},
     )
     if todo:
         bar = progress_bar(len(todo), disable=None if progress is None else not progress)

@@ -61,6 +61,15 @@ def _check_built_with(recorded: Path, params: dict[str, Any], built: Path, fix: 
         raise GridError(f"{built} was built with {built_with}, but the grid asks for {params}; {fix}")
 
 
+def _dataset_record(dataset) -> dict[str, Any]:
+    """What a manifest is built with: the grid's params and, for a builder from a plugin, the
+    hash of its code (so an edited builder does not silently reuse the old manifest)."""
+    from ..plugins import code_digest
+
+    code = code_digest("dataset", dataset.builder_name)
+    return {**dataset.params, **({"builder_code_sha256": code} if code else {})}
+
+
 # What a grid's dataset gets where its params say nothing: 5 folds and the builder's own
 # defaults, as before notebook 01's defaults became the demo's (3 folds, easy phantoms).
 GRID_DATA_DEFAULTS = {"n_folds": 5, "dataset_params": {}}
@@ -111,10 +120,11 @@ def prepare(spec: GridSpec, log=print) -> float:
 def _build_dataset(spec: GridSpec, dataset, log) -> None:
     prepare_dir = spec.runs_dir / "_prepare"
     recorded = dataset.manifest.parent / "grid_dataset_params.json"
+    built_with = _dataset_record(dataset)
     if dataset.manifest.exists():
-        _check_built_with(recorded, dataset.params, dataset.manifest,
-                          f"delete {dataset.manifest.parent} to rebuild it, or give this grid "
-                          "another manifest path")
+        _check_built_with(recorded, built_with, dataset.manifest,
+                          f"delete {dataset.manifest.parent} to rebuild it (its runs then get "
+                          "new ids; the old ones stay), or give this grid another manifest path")
         return
     log(f"building dataset {dataset.name!r} ({dataset.builder_name}) with "
         f"{spec.notebooks['data']} -> {dataset.manifest}")
@@ -128,7 +138,7 @@ def _build_dataset(spec: GridSpec, dataset, log) -> None:
     if not dataset.manifest.exists():
         raise GridError(f"{spec.notebooks['data']} ran for {dataset.name!r} but wrote no manifest "
                         f"at {dataset.manifest}; see {prepare_dir}")
-    atomic_write_json(recorded, dataset.params)
+    atomic_write_json(recorded, built_with)
 
 
 def _build_source(spec: GridSpec, source, log) -> None:

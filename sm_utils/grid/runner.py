@@ -164,8 +164,18 @@ def _train_seconds(run_dir: Path) -> float:
 def run_batch(cells: Sequence[Cell], settings: RunnerSettings) -> tuple[list[CellResult], float]:
     """Run ``cells`` in one warm kernel; returns the results and the kernel start-up seconds.
 
-    This is what a SLURM array task executes.
+    This is what a SLURM array task executes. The grid's plugins (``SM_PLUGINS`` in
+    ``settings.env``) are imported here first: where one does not resolve or import on this
+    node, every cell fails with that error (the path named), and no kernel starts.
     """
+    from .. import plugins
+
+    refs = [r for r in settings.env.get(plugins.ENV, "").split(os.pathsep) if r]
+    try:
+        plugins.load_plugins(refs, where="the grid's plugins (SM_PLUGINS)")
+    except plugins.PluginError as err:
+        error = f"{type(err).__name__} on node {os.uname().nodename}: {err}"
+        return [CellResult(c.run_id, c.label(), False, 0.0, error=error) for c in cells], 0.0
     runner = CellRunner(settings)
     try:
         results = [runner.run(cell) for cell in cells]

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import GridError
+from .extend import load_grid_plugins, notebook_paths, plugins_block
 
 DEFAULT_NOTEBOOKS = {
     "data": "notebooks/01_data_preparation.ipynb",
@@ -40,7 +41,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 TOP_LEVEL_KEYS = {
     "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
     "prevalences", "folds", "sources", "architectures", "seeds", "training", "run", "slurm",
-    "notebooks", "reference", "probe", "attribution", "claims",
+    "notebooks", "reference", "probe", "attribution", "claims", "plugins",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "device": "auto",          # passed to notebook 03
@@ -126,6 +127,8 @@ class GridSpec:
     probe: bool = False          # every run probes its model; each source is probed before
     attribution: bool = False    # every run measures attribution inside the confounder's mask
     description: str | None = None
+    # modules or .py files (absolute) that register names; loaded by load_grid in every process
+    plugins: list[str] = field(default_factory=list)
 
 
 def _is_project(folder: Path) -> bool:
@@ -167,6 +170,9 @@ def _registry_names(kind: str) -> list[str] | None:
         if kind == "sources":
             from ..sources import list_sources
             return list(list_sources())
+        if kind == "metrics":
+            from ..metrics import list_metrics
+            return list(list_metrics())
     except ImportError:
         return None
     raise ValueError(f"unknown registry {kind!r}")
@@ -293,6 +299,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
     claims = _claims_block(raw, [s.name for s in sources], problems)
+    plugin_refs = plugins_block(raw, path, problems)
     if problems and not collect:
         raise GridError(_problem_text(path, problems))
     runs_dir = str(raw.get("runs_dir", "runs/{name}")).replace("{name}", name)
@@ -312,13 +319,14 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         training=training,
         run=run,
         slurm=slurm,
-        notebooks={k: resolve_path(root, v) for k, v in notebooks.items()},
+        notebooks=notebook_paths(raw, root, notebooks),
         reference=dict(raw.get("reference") or {}),
         claims=claims,
         probe=bool(raw.get("probe", False)),
         attribution=bool(raw.get("attribution", False)),
         path=path,
         description=" ".join(str(raw.get("description") or "").split()) or None,
+        plugins=plugin_refs,
     )
 
 
@@ -452,5 +460,6 @@ def load_grid(path: str | os.PathLike, check_names: bool = True, check_paths: bo
         raw = merge_grid(raw, override)
     problems: list[str] = []  # every problem at once: structure, names and files
     spec = parse_grid(raw, _default_root(path), path.resolve(), problems=problems)
+    load_grid_plugins(spec)  # before the names are checked: plugins register some of them
     validate_grid(spec, check_names=check_names, check_paths=check_paths, problems=problems)
     return spec

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import plugins
 from ..io import sha256_file
 from ..weights import (
     SourceError,
@@ -63,17 +64,23 @@ _SOURCES: dict[str, Source] = {}
 
 
 def register_source(source: Source, *, replace: bool = False) -> Source:
+    """Add ``source`` under its name. A name registered before (by the package or a plugin) is
+    refused, naming both, unless ``replace=True``; who registered it is recorded
+    (:mod:`sm_utils.plugins`)."""
     if source.name in _SOURCES and not replace:
-        raise SourceError(f"Source {source.name!r} is already registered (pass replace=True).")
+        raise SourceError(plugins.duplicate_message("source", source.name, source))
+    plugins.record("source", source.name, source)
     _SOURCES[source.name] = source
     return source
 
 
 def list_sources() -> list[str]:
+    plugins.ensure_loaded()
     return sorted(_SOURCES)
 
 
 def get_source(name: str) -> Source:
+    plugins.ensure_loaded()
     if name not in _SOURCES:
         raise SourceError(f"Unknown source {name!r}. Valid sources: {', '.join(list_sources())}.")
     return _SOURCES[name]
