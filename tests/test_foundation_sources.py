@@ -374,7 +374,16 @@ def test_a_published_config_that_contradicts_the_named_one_is_refused(tmp_path):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": gelu}))
     with pytest.raises(SourceError, match="another vision tower") as err:
         create_model("clip_openai", weights=folder)
-    assert "'quick_gelu': False" in str(err.value) and "'quick_gelu': True" in str(err.value)
+    assert "quick_gelu False there, True in 'ViT-B-16-quickgelu'" in str(err.value)
+    # the same config as published, with open_clip's defaults written out, is no contradiction
+    from open_clip.model import CLIPVisionCfg
+
+    from sm_utils.sources.openclip import model_config
+
+    quick = open_clip.get_model_config("ViT-B-16-quickgelu")
+    spelled = {**quick, "vision_cfg": vars(CLIPVisionCfg(**quick["vision_cfg"]))}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": spelled}))
+    assert model_config("ViT-B-16-quickgelu", folder / "open_clip_model.safetensors")[0] == quick
 
 
 @pytest.mark.parametrize("source, arch, size, patch", [

@@ -29,7 +29,9 @@ from .preprocessing import Preprocessing
 from .registry import Source, register_source
 
 CONFIG = "open_clip_config.json"
-CHECKPOINTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# open_clip's own names for them, in its order of preference (safetensors first)
+CHECKPOINTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+               "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 HF_HUB = "hf-hub:"
 VISUAL = "visual."
 
@@ -99,8 +101,15 @@ def _read_config(path: Path) -> dict:
 
 
 def _vision_part(cfg: dict) -> dict:
+    """What decides the vision tower, with open_clip's defaults filled in."""
+    from open_clip.model import CLIPVisionCfg
+
+    try:
+        vision = CLIPVisionCfg(**cfg.get("vision_cfg", {}))
+    except TypeError as exc:
+        raise SourceError(f"open_clip cannot read this vision_cfg ({exc}).") from exc
     return {"embed_dim": cfg.get("embed_dim"), "quick_gelu": bool(cfg.get("quick_gelu", False)),
-            "vision_cfg": cfg.get("vision_cfg")}
+            "vision_cfg": vision}
 
 
 def model_config(arch: str, path: Path | None) -> tuple[dict, dict]:
@@ -114,9 +123,12 @@ def model_config(arch: str, path: Path | None) -> tuple[dict, dict]:
         return published["model_cfg"], published.get("preprocess_cfg", {})
     named = _open_clip().get_model_config(arch)
     if published is not None and _vision_part(published["model_cfg"]) != _vision_part(named):
+        differ = {k: (v, _vision_part(named)[k]) for k, v in
+                  _vision_part(published["model_cfg"]).items() if v != _vision_part(named)[k]}
         raise SourceError(
             f"{beside} describes another vision tower than open_clip's {arch!r}: "
-            f"{_vision_part(published['model_cfg'])} vs {_vision_part(named)}. Set arch to the "
+            + "; ".join(f"{k} {a!r} there, {b!r} in {arch!r}" for k, (a, b) in differ.items())
+            + ". Set arch to the "
             f"open_clip name of this checkpoint (e.g. 'ViT-B-16-quickgelu' for OpenAI's CLIP) or "
             f"'{HF_HUB}<repo>' to use {CONFIG}."
         )
