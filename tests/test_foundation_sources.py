@@ -252,6 +252,7 @@ def test_the_foundation_sources_are_registered_and_listed(capsys):
     listed = capsys.readouterr().out
     assert all(name in listed for name in FOUNDATION)
     assert check_source_arch("dinov2") == "vit_small_patch14_dinov2"
+    assert check_source_arch("dinov2", "vit_base_patch14_dinov2.lvd142m").endswith(".lvd142m")
     assert check_source_arch("clip_openai") == "ViT-B-16-quickgelu"
     with pytest.raises(SourceError, match="not a timm VisionTransformer"):
         check_source_arch("timm_vit", "resnet50")
@@ -293,6 +294,18 @@ def test_a_checkpoint_of_another_layout_names_the_keys_it_found(tmp_path):
     with pytest.raises(WeightsError, match="patch_embed.proj.weight") as err:
         create_model("timm_vit", arch="vit_tiny_patch16_224", weights=path, image_size=32)
     assert str(path) in str(err.value) and "conv1.weight" in str(err.value)
+
+
+def test_a_torchvision_vit_state_dict_is_named_as_such(tmp_path):
+    import torchvision
+
+    with torch.device("meta"):
+        shapes = torchvision.models.vit_b_16().state_dict()
+    path = tmp_path / "vit_b_16.pth"
+    torch.save({k: torch.zeros(v.shape) for k, v in list(shapes.items())[:6]}, path)
+    with pytest.raises(WeightsError, match="torchvision ViT state dict") as err:
+        create_model("timm_vit", arch="vit_tiny_patch16_224", weights=path, image_size=32)
+    assert str(path) in str(err.value)
 
 
 def test_a_missing_tensor_is_refused_never_left_random(tmp_path):
@@ -389,13 +402,16 @@ def test_a_published_config_that_contradicts_the_named_one_is_refused(tmp_path):
 @pytest.mark.parametrize("source, arch, size, patch", [
     ("timm_vit", "vit_tiny_patch16_224", 40, 16),
     ("rad_dino", None, 36, 8),
+    ("open_clip", "hf-hub:tiny/clip", 36, 8),
 ])
 def test_an_input_size_the_patch_size_does_not_divide_is_refused(tmp_path, source, arch, size,
                                                                     patch):
-    weights = None
     if source == "rad_dino":
         weights = tmp_path / "rad-dino"
         tiny_dinov2_folder(weights)
+    elif source == "open_clip":
+        weights = tmp_path / "clip"
+        tiny_clip_folder(weights)
     else:
         weights = tmp_path / "vit.safetensors"
         save_file(tiny_vit(32).state_dict(), weights)

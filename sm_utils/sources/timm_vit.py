@@ -41,6 +41,7 @@ DINOV2_ARCHS = (
     "vit_large_patch14_reg4_dinov2",
     "vit_giant_patch14_reg4_dinov2",
 )
+DINOV2_ARCHS += tuple(f"{arch}.lvd142m" for arch in DINOV2_ARCHS)  # timm's pretrained tag
 # ViT widths by name, for the error that says which ViT a file holds.
 _WIDTHS = {192: "ViT-Ti", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H", 1536: "ViT-g"}
 
@@ -92,6 +93,12 @@ def _describe(shape: dict) -> str:
 def check_vit_file(state: dict, model, arch: str, path: Path) -> None:
     """WeightsError unless the file holds a ViT of ``model``'s width, depth and patch size."""
     found = _file_shape(state)
+    if found is None and "conv_proj.weight" in state:
+        raise WeightsError(
+            f"{path} is a torchvision ViT state dict (keys conv_proj.weight, "
+            "encoder.layers.*), whose layout timm does not convert. Use timm's release of the "
+            f"same weights (huggingface.co/timm/<name>, model.safetensors) for {arch}."
+        )
     if found is None:
         raise WeightsError(
             f"{path} is not a timm or DINOv2 ViT checkpoint: it has no patch embedding "
