@@ -94,6 +94,7 @@ def test_a_timm_vit_checkpoint_gives_the_original_features(tmp_path, suffix):
         expected = original.forward_head(original.forward_features(x), pre_logits=True)
     assert_same(features(model, x), expected)
     assert model(x).shape == (3, 2)  # a fresh 2-class head, not the file's 1000-class one
+    assert model.unused_keys == ("head.bias", "head.weight")  # said, not silently dropped
     assert (prep.input_size, prep.patch_size) == ((32, 32), 16)
     assert prep.mean == pytest.approx((127.5,) * 3)  # timm's config for this ViT: 0.5, 0.5
 
@@ -211,6 +212,9 @@ def test_an_open_clip_checkpoint_gives_the_original_image_embedding(tmp_path):
     assert (prep.input_size, prep.patch_size) == ((32, 32), 8)
     assert prep.mean == pytest.approx((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255))
     assert not any(k.startswith("text") for k in model.state_dict())  # the vision tower only
+    text_tower = {k for k in original.state_dict() if not k.startswith("visual.")}
+    assert set(model.unused_keys) == text_tower
+    assert "transformer.resblocks.0.ln_1.weight" in model.unused_keys  # the text tower's
 
 
 @pytest.mark.numerics
@@ -239,6 +243,8 @@ def test_a_biomedclip_layout_checkpoint_gives_the_original_image_embedding(tmp_p
     assert_same(features(model, x), expected)
     assert (prep.input_size, prep.patch_size) == ((224, 224), 16)
     assert check_source_arch("biomedclip") == BIOMEDCLIP
+    described = describe_source("biomedclip", weights=folder)["preprocessing"]
+    assert (described["input_size"], described["patch_size"]) == ([224, 224], 16)
 
 
 # ------------------------------------------------------------------ registration

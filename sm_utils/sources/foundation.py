@@ -16,7 +16,7 @@ image embedding (``encode_image`` before normalisation) for an open_clip tower.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -32,11 +32,13 @@ class FoundationClassifier(nn.Module):
 
     ``kind`` says how the backbone gives its features (:data:`KINDS`); ``pretrained_cfg``
     carries the architecture's name, the classifier's name (``head``), input size, patch size
-    and normalisation, as timm models carry theirs.
+    and normalisation, as timm models carry theirs. ``unused_keys``: the keys of the weights
+    file that were deliberately left out (the file's own classifier, a CLIP text tower).
     """
 
     def __init__(self, backbone: nn.Module, *, kind: str, num_features: int, num_classes: int,
-                 drop_rate: float, arch_name: str, pretrained_cfg: Mapping | None = None):
+                 drop_rate: float, arch_name: str, pretrained_cfg: Mapping | None = None,
+                 unused_keys: Iterable[str] = ()):
         super().__init__()
         if kind not in KINDS:
             raise SourceError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -49,6 +51,7 @@ class FoundationClassifier(nn.Module):
         self.arch_name = arch_name
         self.pretrained_cfg = {"architecture": arch_name, "classifier": "head",
                                **dict(pretrained_cfg or {})}
+        self.unused_keys = tuple(sorted(unused_keys))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, num_features): what the head reads."""
@@ -113,8 +116,8 @@ def key_sample(keys: Iterable[str], limit: int = 8) -> str:
     return _listing(keys, limit)
 
 
-def refuse_mismatch(path: Path, what: str, *, missing: list[str], unexpected: list[str],
-                    mismatched: list[str] = (), fix: str) -> None:
+def refuse_mismatch(path: Path, what: str, *, missing: Sequence[str], unexpected: Sequence[str],
+                    mismatched: Sequence[str] = (), fix: str) -> None:
     """One WeightsError listing the missing, unexpected and mismatched keys, if any."""
     lines = mismatch_lines([
         ("missing keys (would stay randomly initialised)", sorted(missing), 12),

@@ -65,8 +65,8 @@ def find_checkpoint(source: str):
     def find(arch: str, weights: Path | None) -> Path:
         if weights is None:
             raise SourceError(
-                f"Source {source!r} needs weights=<an open_clip checkpoint ({' or '.join(CHECKPOINTS)}) "
-                "or its folder>."
+                f"Source {source!r} needs weights=<an open_clip checkpoint "
+                f"({' or '.join(CHECKPOINTS)}) or its folder>."
             )
         if weights.is_dir():
             found = [weights / name for name in CHECKPOINTS if (weights / name).is_file()]
@@ -149,12 +149,14 @@ def _preprocessing_of(source: str, model_cfg: dict, preprocess_cfg: dict,
     )
 
 
-def _tower_patch(visual) -> int:
+def _tower_patch(visual) -> int | None:
+    """The tower's patch size; None for a tower without patches (a CLIP ResNet)."""
     trunk = getattr(visual, "trunk", None)
-    if trunk is not None and hasattr(trunk, "patch_embed"):
-        return int(trunk.patch_embed.patch_size[0])
-    return int(square(visual.patch_size)[0]) if hasattr(visual, "patch_size") else int(
-        visual.conv1.kernel_size[0])
+    if trunk is not None and hasattr(getattr(trunk, "patch_embed", None), "patch_size"):
+        return int(square(trunk.patch_embed.patch_size)[0])
+    if hasattr(visual, "patch_size"):
+        return int(square(visual.patch_size)[0])
+    return None
 
 
 def _build_tower(model_cfg: dict):
@@ -190,34 +192,41 @@ def build_open_clip(source: str, arch: str, path: Path | None, *, num_classes: i
     size = square(model_cfg["vision_cfg"].get("image_size", 224))
     what = f"Source {source!r} ({arch})"
     if image_size is not None and square(image_size) != size:
-        check_patch_multiple(image_size, patch, what)
+        if patch is not None:
+            check_patch_multiple(image_size, patch, what)
         raise SourceError(
             f"{what} takes {size[0]}x{size[1]} images (its config's image_size), got "
             f"{square(image_size)[0]}x{square(image_size)[1]}; its position embedding is not "
             f"resampled here. Use image_size={size[0]}."
         )
-    check_patch_multiple(size, patch, what)
+    if patch is not None:
+        check_patch_multiple(size, patch, what)
+    unused: list[str] = []
     if path is not None:
         state, _ = read_state_dict(path)
-        load_checked(tower, visual_state(state, path, arch),
+        visual = visual_state(state, path, arch)
+        load_checked(tower, visual,
                      what=f"{source} vision tower weights ({path}, keys 'visual.*')")
+        unused = [k for k in state if not k.removeprefix("module.").startswith(VISUAL)]
     prep = _preprocessing_of(source, model_cfg, preprocess_cfg, patch)
     model = FoundationClassifier(
         tower, kind="open_clip", num_features=int(model_cfg["embed_dim"]),
         num_classes=num_classes, drop_rate=drop_rate, arch_name=f"open_clip:{arch}",
         pretrained_cfg={"input_size": (3, *size), "patch_size": patch,
                         "mean": prep.mean, "std": prep.std},
+        unused_keys=unused,
     )
     return model, prep
 
 
 def _preprocessing(source: str):
     def preprocessing(arch: str, path: Path | None) -> Preprocessing:
+        import torch
+
         model_cfg, preprocess_cfg = model_config(arch, path)
-        vision = model_cfg["vision_cfg"]
-        patch = vision.get("patch_size")
-        return _preprocessing_of(source, model_cfg, preprocess_cfg,
-                                 int(patch) if patch is not None else None)
+        with torch.device("meta"):  # the patch size without allocating the tower
+            patch = _tower_patch(_build_tower(model_cfg))
+        return _preprocessing_of(source, model_cfg, preprocess_cfg, patch)
 
     return preprocessing
 
@@ -273,8 +282,8 @@ register_open_clip_source(
 register_open_clip_source(
     "open_clip",
     default_arch=None,
-    provenance="The vision tower of an open_clip checkpoint supplied by the user, for the open_clip "
-    "config named by arch (or hf-hub:<repo> with open_clip_config.json beside the checkpoint); "
-    "text tower weights left unused. Features: the image embedding (encode_image, not "
-    "normalised).",
+    provenance="The vision tower of an open_clip checkpoint supplied by the user, for the "
+    "open_clip config named by arch (or hf-hub:<repo> with open_clip_config.json beside the "
+    "checkpoint); text tower weights left unused. Features: the image embedding (encode_image, "
+    "not normalised).",
 )

@@ -130,14 +130,15 @@ def build_timm_vit(source: str, arch: str, path: Path | None, *, num_classes: in
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size)
     patch = tuple(backbone.patch_embed.patch_size)
     check_patch_multiple(size, patch, f"Source {source!r} ({arch})")
+    unused: list[str] = []
     if path is not None:
         state, _ = read_state_dict(path)
         check_vit_file(state, backbone, arch, path)
         # timm's own conversion: the original DINOv2 layout, the position embedding resampled
         # to this grid; the file's classifier is dropped only by name (allowed_unused).
         state = checkpoint_filter_fn(dict(state), backbone)
-        load_checked(backbone, state, skip_prefixes=allowed_unused,
-                     what=f"{source} weights ({path})")
+        unused = load_checked(backbone, state, skip_prefixes=allowed_unused,
+                              what=f"{source} weights ({path})").skipped
     prep = timm_preprocessing(arch)
     prep = Preprocessing(f"timm:{arch}", mean=prep.mean, std=prep.std, input_size=size,
                          patch_size=patch[0])
@@ -146,6 +147,7 @@ def build_timm_vit(source: str, arch: str, path: Path | None, *, num_classes: in
         drop_rate=drop_rate, arch_name=arch,
         pretrained_cfg={"input_size": (3, *size), "patch_size": patch[0],
                         "mean": prep.mean, "std": prep.std},
+        unused_keys=unused,
     )
     return model, prep
 

@@ -51,9 +51,9 @@ def find_folder(source: str):
                 f"Source {source!r} needs weights=<a transformers model folder: {CONFIG} + "
                 f"{WEIGHTS}>."
             )
-        folder = weights if weights.is_dir() else weights.parent
-        if not folder.is_dir():
+        if not weights.exists():
             raise SourceError(f"Source {source!r}: weights folder not found: {weights}.")
+        folder = weights if weights.is_dir() else weights.parent
         missing = [name for name in (CONFIG, WEIGHTS) if not (folder / name).is_file()]
         if missing:
             raise SourceError(
@@ -166,10 +166,11 @@ def build_transformers(source: str, arch: str, path: Path | None, *, num_classes
     def allowed(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in allowed_unused)
 
+    unexpected = list(info.get("unexpected_keys", ()))
     refuse_mismatch(
         path, f"{type(backbone).__name__} of {folder / CONFIG}",
         missing=list(info.get("missing_keys", ())),
-        unexpected=[k for k in info.get("unexpected_keys", ()) if not allowed(k)],
+        unexpected=[k for k in unexpected if not allowed(k)],
         mismatched=sorted(_mismatch(m) for m in info.get("mismatched_keys", ())),
         fix=f"{CONFIG} and {WEIGHTS} must be of the same model: download both from its page.",
     )
@@ -180,6 +181,7 @@ def build_transformers(source: str, arch: str, path: Path | None, *, num_classes
         num_classes=num_classes, drop_rate=drop_rate, arch_name=f"transformers:{arch}",
         pretrained_cfg={"input_size": (3, *size), "patch_size": patch,
                         "mean": prep.mean, "std": prep.std},
+        unused_keys=unexpected,
     )
     return model, prep
 
