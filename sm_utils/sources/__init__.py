@@ -19,14 +19,17 @@ Modules: ``preprocessing`` (the recipes), ``architectures`` (Keras ResNet50 or t
 ``registry`` (:class:`Source`, :func:`create_model`, :func:`describe_source`), and one module
 per family of sources, each registering its own on import: ``imagenet`` (timm ImageNet from a
 local file), ``keras`` (the paper's Keras .h5 weights: RadImageNet, Keras ImageNet; and
-RadImageNet's PyTorch release), ``generic`` (random initialisation, a weights file) and
-``demo`` (the offline demo's sources).
+RadImageNet's PyTorch release), ``generic`` (random initialisation, a weights file),
+``demo`` (the offline demo's sources), and the foundation models in their published formats,
+built by the source itself (``Source.build``): ``timm_vit`` (DINOv2 and any timm ViT
+checkpoint), ``transformers_folder`` (a transformers folder: RAD-DINO), ``openclip`` (an
+open_clip vision tower: BiomedCLIP, OpenAI CLIP), with ``foundation`` (what they share).
 """
 
 from __future__ import annotations
 
 from ..weights import SourceError, WeightsError, load_checked, read_state_dict, strip_prefix
-from . import generic  # noqa: F401  (registers its sources)
+from . import generic, openclip, timm_vit, transformers_folder  # noqa: F401  (register)
 from .architectures import KERAS_ARCH, check_image_size, make_architecture
 from .demo import LITE0_ARCH, RADIOLOGY_PHANTOM_DEFAULT, REPO_ROOT, map_lite0_state_dict
 from .imagenet import timm_pretrained_tag

@@ -20,6 +20,10 @@ class Preprocessing:
     Output = (x - mean) / std * scale, per channel, after grey is repeated to 3 channels and
     the channels put in ``channel_order``. ``mean`` and ``std`` are in 0-255 pixel units and
     in ``channel_order`` (Keras caffe means are B, G, R).
+
+    ``input_size`` (height, width) and ``patch_size``: what a source with a fixed input says
+    (a vision transformer: the size its model is built for and the side of its patches); None
+    where the source does not fix them (the CNNs). Left out of :meth:`describe` when None.
     """
 
     name: str
@@ -27,6 +31,8 @@ class Preprocessing:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     scale: float = 1.0
     channel_order: str = "RGB"
+    input_size: tuple[int, int] | None = None
+    patch_size: int | None = None
 
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):
@@ -52,13 +58,19 @@ class Preprocessing:
         return (x - mean) / std * self.scale
 
     def describe(self) -> dict:
-        return {
+        described = {
             **asdict(self),
             "mean": list(self.mean),
             "std": list(self.std),
             "formula": f"(x[{self.channel_order}] - mean) / std * scale, x in 0..255, "
             "grey repeated to 3 channels",
         }
+        for optional in ("input_size", "patch_size"):  # the CNN sources' records stay as they were
+            if described[optional] is None:
+                del described[optional]
+        if self.input_size is not None:
+            described["input_size"] = list(self.input_size)
+        return described
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
@@ -68,6 +80,8 @@ class Preprocessing:
             std=tuple(float(v) for v in d.get("std", (1.0, 1.0, 1.0))),
             scale=float(d.get("scale", 1.0)),
             channel_order=str(d.get("channel_order", "RGB")),
+            input_size=tuple(int(v) for v in d["input_size"]) if d.get("input_size") else None,
+            patch_size=int(d["patch_size"]) if d.get("patch_size") else None,
         )
 
 

@@ -44,6 +44,11 @@ class Source:
     the source loads no weights (``random``); None keeps the architecture's own init.
     ``resolve_arch(arch) -> arch``: makes a checked arch name explicit (``imagenet`` turns a
     timm name without a pretrained tag into timm's default tag) or raises SourceError.
+    ``build(arch, path, *, num_classes, drop_rate, image_size, keep_pretrained_head) ->
+    (model, preprocessing)``: a source whose models are not built by
+    :func:`make_architecture` (a transformers folder, an open_clip vision tower, a ViT built
+    at its input size) builds, loads and checks them itself; its ``resolve_arch`` then checks
+    the arch, which need not be a timm name (``sources.foundation``).
     """
 
     name: str
@@ -55,6 +60,7 @@ class Source:
     archs: tuple[str, ...] | None = None
     init: Callable[[nn.Module], object] | None = None
     resolve_arch: Callable[[str], str] | None = None
+    build: Callable[..., tuple[nn.Module, Preprocessing]] | None = None
 
     def provenance_for(self, arch: str) -> str:
         return self.provenance(arch) if callable(self.provenance) else self.provenance
@@ -119,7 +125,8 @@ def check_source_arch(source: str, arch: str | None = None) -> str:
             f"{why} Fix: set arch to {spec.archs[0]!r} or leave it empty (None) for the "
             f"source's default {spec.default_arch!r}."
         )
-    _check_arch(arch)
+    if spec.build is None:  # a source that builds its own models checks its arch names
+        _check_arch(arch)
     return spec.resolve_arch(arch) if spec.resolve_arch is not None else arch
 
 
@@ -150,6 +157,9 @@ def create_model(
     then match it, e.g. 1000 for ImageNet): for checking a source, not for fine-tuning.
     """
     spec, arch, path = _resolve(source, arch, weights)
+    if spec.build is not None:
+        return spec.build(arch, path, num_classes=num_classes, drop_rate=drop_rate,
+                          image_size=image_size, keep_pretrained_head=keep_pretrained_head)
     if image_size is not None:
         check_image_size(arch, image_size)
     model = make_architecture(arch, num_classes=num_classes, drop_rate=drop_rate)
