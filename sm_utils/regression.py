@@ -296,7 +296,8 @@ def seed_spread(reference: dict[str, float], draws: list[dict[str, float]], *,
     """Per value of ``reference``: its distribution over training seeds (``draws``, one
     :func:`flatten`-ed dict per seed) and the half width of the normal prediction interval a
     new draw falls in with probability 1 - ``failure_rate`` / (values that moved):
-    t(n - 1) x sd x sqrt(1 + 1/n). A value that did not move over the seeds gets width 0."""
+    t(n - 1) x sd x sqrt(1 + 1/n), sd the largest over the values of its quantity. A quantity
+    none of whose values moved over the seeds gets width 0."""
     from scipy import stats
 
     if len(draws) < 2:
@@ -310,12 +311,20 @@ def seed_spread(reference: dict[str, float], draws: list[dict[str, float]], *,
         mean = math.fsum(xs) / n if n else math.nan
         sd = (0.0 if min(xs) == max(xs) else math.sqrt(math.fsum((x - mean) ** 2 for x in xs)
                                                        / (n - 1))) if n > 1 else math.nan
-        entries[key] = {"n": n, "mean": mean, "sd": sd, "min": min(xs, default=math.nan),
+        entries[key] = {"seeds": len(draws), "n": n, "mean": mean, "sd": sd, "min": min(xs, default=math.nan),
                         "max": max(xs, default=math.nan), "undefined_on_one_side": undefined}
+    # The scale of a quantity (one column of one table: every test set's AUC, every probe's
+    # AUC) is shared by its values: a value that moved in no seed, or in one, would otherwise
+    # get a width of 0 from a rare event the seeds happened to miss.
+    pooled: dict[str, float] = {}
+    for key, entry in entries.items():
+        if entry["n"] > 1:
+            pooled[quantity(key)] = max(pooled.get(quantity(key), 0.0), entry["sd"])
     moved = [e for e in entries.values() if e["n"] > 1 and e["sd"] > 0]
     alpha = failure_rate / max(1, len(moved))
-    for entry in entries.values():
-        n, sd = entry["n"], entry["sd"]
+    for key, entry in entries.items():
+        n, sd = entry["n"], pooled.get(quantity(key), 0.0)
+        entry["sd_quantity"] = sd
         if n < 2:  # too few defined draws to bound it: no spread beyond what was seen
             entry["half_width"] = 0.0
         else:
@@ -333,9 +342,10 @@ def prediction_p(entry: dict, value: float) -> float:
     if entry["n"] < 2 or math.isnan(value):
         return math.nan
     distance = abs(value - entry["mean"])
-    if entry["sd"] == 0:
+    sd = entry.get("sd_quantity", entry["sd"])
+    if sd == 0:
         return 1.0 if distance == 0 else 0.0
-    scale = entry["sd"] * math.sqrt(1 + 1 / entry["n"])
+    scale = sd * math.sqrt(1 + 1 / entry["n"])
     return float(2 * stats.t.sf(distance / scale, entry["n"] - 1))
 
 
