@@ -825,15 +825,18 @@ def test_one_or_two_concurrent_runs_on_cpu_give_identical_results(tmp_path):
 
 @pytest.mark.slow
 def test_two_launches_at_once_build_the_data_set_once(tmp_path):
+    """Two `sm run` of one grid at once: one builds the data set, the other waits for it."""
     path = write_grid(tmp_path, datasets=[{"name": "phantom_cxr", "manifest": "data/ph/manifest.csv",
                                            "params": {"n_patients": 7}}],
+                      confounders=["tag"], prevalences=[1], folds=[0], sources=["random"],
                       notebooks={"data": str(FIXTURES / "fake_data_preparation.ipynb"),
                                  "fine_tuning": str(FAKE_NOTEBOOK)})
     env = {**os.environ, "SM_FAKE_SLEEP_S": "4"}
-    code = ("import sys; from sm_utils.grid import load_grid, prepare; "
-            "prepare(load_grid(sys.argv[1], check_names=False))")
-    launches = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sm = Path(sys.executable).with_name("sm")
+    launches = [subprocess.Popen([str(sm), "run", str(path), "--no-check-names", "--no-check-paths",
+                                  "--workers", "1", "--no-analysis", "--progress", "off"],
+                                 env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
                 for _ in range(2)]
     outputs = [launch.communicate(timeout=240)[0] for launch in launches]
     assert [launch.returncode for launch in launches] == [0, 0], outputs
@@ -843,3 +846,6 @@ def test_two_launches_at_once_build_the_data_set_once(tmp_path):
     assert said.count("waiting for dataset 'phantom_cxr', claimed by process") == 1
     assert (tmp_path / "data/ph/manifest.csv").read_text() == "image_id\n# phantom_cxr 7\n"
     assert not list((tmp_path / "data" / ".claims").glob("*.json"))  # the claim released
+    # and the grid's one cell ran once, in one of them (the other found it claimed)
+    assert all(c.done for c in expand_cells(load_grid(path, check_names=False)))
+    assert said.count("1 left to another launch that holds them") == 1

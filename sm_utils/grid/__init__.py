@@ -323,9 +323,8 @@ def run_grid(
                 run_slurm(todo, settings, spec, report, bar, slurm_cluster, slurm_timeout_s)
         finally:
             bar.close()
-    executing = spec.runs_dir / ".executing"
-    if executing.exists() and not any(executing.iterdir()):
-        executing.rmdir()
+    # runs_dir/.executing stays, even empty: another launch of this grid may be about to write
+    # a live notebook there (removing it failed that launch's cell)
     if analyse and spec.notebooks["analysis"].exists():
         analysis_start = time.perf_counter()
         # notebook 04 reads the runs itself; 05 (probe/attribution grids) the table 04 wrote
