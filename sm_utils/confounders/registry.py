@@ -60,6 +60,7 @@ class ConfounderSpec:
     mask_fn: ImageFn | None = None   # localised confounders: where they paint (see mask())
     hu_fn: ImageFn | None = None     # CT slices in HU: fn(hu, rng, *, pixel_mm, **params) -> hu
     hu_baseline_fn: ImageFn | None = None
+    earlier: dict[str, Any] = field(default_factory=dict)  # see register_confounder
 
 
 _REGISTRY: dict[str, ConfounderSpec] = {}
@@ -79,6 +80,7 @@ def register_confounder(
     mask: ImageFn | None = None,
     hu: tuple[ImageFn, ImageFn | None] | None = None,
     replace: bool = False,
+    earlier: dict[str, Any] | None = None,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -98,6 +100,9 @@ def register_confounder(
     ``baseline`` on CT manifests that store HU (:mod:`sm_utils.hounsfield`).
     A name registered before (by the package or a plugin) is refused, naming both, unless
     ``replace=True``; who registered each name is recorded (:mod:`sm_utils.plugins`).
+    ``earlier``: parameters added after runs were made, with the value those runs used (a
+    run's identity names only the parameters a grid sets, so a new default would otherwise
+    pass for the old computation): :func:`identity_params` records them wherever they differ.
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -118,6 +123,7 @@ def register_confounder(
             defaults=values, fn=function, baseline_fn=baseline,
             strength_range=tuple(strength_range), memoise=bool(memoise), mask_fn=mask,
             hu_fn=None if hu is None else hu[0], hu_baseline_fn=None if hu is None else hu[1],
+            earlier=dict(earlier or {}),
         )
         return function
 
@@ -127,6 +133,21 @@ def register_confounder(
         add(None)
         return None
     return add if fn is None else add(fn)
+
+
+def identity_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``confounder_params`` as its identity needs them: a parameter of ``earlier``
+    (see :func:`register_confounder`) is written out wherever its value, set or default,
+    differs from the one runs used before it existed, and left out where it is that value (so
+    those runs keep their ids); every other parameter as given."""
+    out = dict(params or {})
+    spec = _REGISTRY.get(name)
+    for key, before in ({} if spec is None else spec.earlier).items():
+        if out.get(key, spec.defaults[key]) == before:
+            out.pop(key, None)
+        else:
+            out[key] = out.get(key, spec.defaults[key])
+    return out
 
 
 def list_confounders(kind: str | None = None) -> list[str]:
@@ -362,8 +383,9 @@ class Confounder:
             original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
         code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
         key = hashlib.sha256(json.dumps(
-            [self.spec(), check_seed(seed), str(image_id), bool(confounded), int(size), resize,
-             original_key] + ([] if view is None else [view.key()]) + ([code] if code else []),
+            [identity_params(self.name, self.spec()), check_seed(seed), str(image_id),
+             bool(confounded), int(size), resize, original_key]
+            + ([] if view is None else [view.key()]) + ([code] if code else []),
             sort_keys=True, default=str).encode()).hexdigest()
         path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
         if path.is_file():
