@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_ct_noise.py                 # 512 px, 1,000 angles: ~3 min
     .venv/bin/python benchmarks/bench_ct_noise.py --seeds 2 --phantoms 1     # quicker
     .venv/bin/python benchmarks/bench_ct_noise.py --torch-device cuda        # + the GPU path
+    .venv/bin/python benchmarks/bench_ct_noise.py --gpu-check cuda   # gpu_check.sh's step
 
 On 512 px slices at ``ct_noise``'s defaults (1,000 angles, 4,096 photons per view per mm of
 detector, 0.7 mm pixels): phantom CT slices (:func:`sm_utils.phantoms.render_ct_hu`) and a
@@ -174,6 +175,51 @@ def report(name, result, shape, n_seeds, reference="skimage"):
     return rows
 
 
+def gpu_check(device: str, size: int, n_angles: int, batch: int) -> int:
+    """The GPU check's step (benchmarks/gpu_check.sh): backend torch on ``device``, a batch of
+    noisy round trips timed after a warm-up, and one slice against the reference."""
+    import torch
+
+    from sm_utils.confounders.tomography import round_trip
+
+    photons = ct_bin_photons(N0_PER_MM, "mm", PIXEL_MM)
+    to_mu = MU_WATER * PIXEL_MM / 10
+    hu = np.stack([h for _, h in phantom_slices(batch, size)])
+    mu = to_mu * (1.0 + hu / 1000.0)
+
+    def timed_batch():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        round_trip(mu, n_angles, backend="torch", device=device, photons=[photons] * batch,
+                   rngs=[np.random.default_rng(i) for i in range(batch)])
+        return time.perf_counter() - start
+
+    timed_batch()  # warm-up: CUDA context, kernels, FFT plans
+    seconds = min(timed_batch() for _ in range(2))
+    print(f"ct_noise backend torch on {device}: {size} px, {n_angles} angles, batch {batch}: "
+          f"{1000 * seconds / batch:.1f} ms per slice (noise drawn on the CPU; target on one "
+          f"H100: < 20 ms)")
+    # one slice against the reference, smaller (scikit-image takes seconds per 512 px slice)
+    side, angles = min(size, 256), min(n_angles, 500)
+    hu = phantom_slices(1, side)[0][1]
+    one = (to_mu * (1.0 + hu / 1000.0))[None]
+    body = hu > -900
+    agree = {}
+    for backend, dev in (("skimage", None), ("torch", device)):
+        sino = project(one, angles, backend=backend, device=dev)
+        noisy = add_photon_noise(sino[0], photons, np.random.default_rng(0))[None]
+        clean, noisy = reconstruct(np.concatenate([sino, noisy]), angles, hu.shape,
+                                   backend=backend, device=dev) / to_mu * 1000
+        agree[backend] = (clean, float((noisy - clean)[body].std()))
+    mad = float(np.abs(agree["torch"][0] - agree["skimage"][0]).mean())
+    sd = agree["torch"][1], agree["skimage"][1]
+    print(f"against the reference ({side} px, {angles} angles, seed 0): noise-free round trips "
+          f"differ by {mad:.4f} HU on average; noise SD {sd[0]:.2f} HU vs {sd[1]:.2f} HU "
+          f"(ratio {sd[0] / sd[1]:.4f})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512, help="slice side in px (512)")
@@ -183,7 +229,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-dicom", action="store_true", help="leave out the DICOM slice")
     parser.add_argument("--torch-device", default=None,
                         help="also time backend 'torch' on this device (cpu, cuda)")
+    parser.add_argument("--gpu-check", metavar="DEVICE", default=None,
+                        help="only the GPU check's step: backend torch on DEVICE timed on a "
+                             "batch, one slice against the reference")
+    parser.add_argument("--batch", type=int, default=8, help="slices per batch (--gpu-check)")
     args = parser.parse_args(argv)
+    if args.gpu_check:
+        return gpu_check(args.gpu_check, args.size, args.angles, args.batch)
 
     backends = ["skimage", "nufft"] + (["torch"] if args.torch_device else [])
     devices = {"torch": args.torch_device}
