@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -198,3 +199,53 @@ def test_out_of_gpu_memory_halves_the_chunk_then_falls_back_to_the_cpu():
                                     lambda d: 4 if d.type == "cuda" else 16, "a slice") == ("cpu", 16)
     assert any("does not fit in the memory of cuda" in str(w.message)
                and "same numbers" in str(w.message) for w in caught)
+
+
+def test_the_grid_fills_every_ct_memo_once_batched_and_runs_read_them(tmp_path, monkeypatch):
+    """sm_utils.grid.memos: the memos of every cell's CT rows (confounded and baseline, every
+    split) computed before the cells, at the paths a run looks for, with the run's bits."""
+    from fakes.lidc_files import make_lidc_root
+
+    from sm_utils.confounders import paper
+    from sm_utils.data import ConfoundedImageDataset, ImageCache
+    from sm_utils.datasets import build_dataset
+    from sm_utils.grid.memos import fill_memos, memoised_hu_confounder, missing_memos, prefill
+    from sm_utils.manifest import load_manifest
+    from sm_utils.runs import RunConfig, get_run_confounder, split_rows
+
+    monkeypatch.setenv("SM_CACHE_DIR", str(tmp_path / "cache"))
+    _, table = make_lidc_root(tmp_path / "lidc", n_patients=6)
+    build_dataset("lidc_idri", tmp_path / "data", root=tmp_path / "lidc", annotations=table,
+                  image="slice", n_folds=2, test_fraction=0.34, val_fraction=0.34)
+    cells = [{"manifest": str(tmp_path / "data" / "manifest.csv"), "confounder": "ct_noise",
+              "confounder_params": {"n_angles": 30}, "p": p, "fold": 0, "image_size": 32,
+              "resize": "nearest", "seed": 5, "runs_dir": "x", "device": "cpu"}
+             for p in (0.5, 1.0)]
+    assert memoised_hu_confounder(cells[0]) and not memoised_hu_confounder(
+        {**cells[0], "confounder": "tag", "confounder_params": {}})
+    missing = missing_memos(cells)
+    lines = []
+    done = prefill([SimpleNamespace(params=c) for c in cells], "cpu", log=lines.append)
+    # in a child process; baseline slices are shared by both prevalences: each memo once
+    assert done["written"] == done["memos"] == len(missing) > 0
+    assert f"ct memos: {len(missing)} written" in lines[-1]
+    assert missing_memos(cells) == {} and fill_memos(cells, log=lambda line: None)["written"] == 0
+
+    # a run now reads every memo (computing one would fail) and gets what it computes itself
+    config = RunConfig.from_dict({k: v for k, v in cells[1].items()})
+    manifest = load_manifest(config.manifest)
+    conf = get_run_confounder(config)
+    rows = split_rows(config, manifest, conf)["train"]
+    cache = ImageCache.for_manifest(manifest, 32, tmp_path / "cache", resize="nearest")
+
+    def images(confounder):
+        data = ConfoundedImageDataset(rows, cache, confounder=confounder, seed=5,
+                                      root=manifest.root, resize="nearest")
+        return np.stack([data.image(i) for i in range(len(rows))])
+
+    fresh = images(conf)
+    with monkeypatch.context() as patch:
+        patch.setattr(paper, "ct_round_trip_hu", lambda *a, **k: pytest.fail("recomputed"))
+        memoised = images(conf.memoised_under(tmp_path / "cache" / "confounders"))
+    np.testing.assert_array_equal(memoised, fresh)
+    assert rows["confounded"].any() and not rows["confounded"].all()

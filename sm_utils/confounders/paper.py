@@ -319,23 +319,59 @@ def ct_bin_photons(n0: float, n0_per: str, pixel_mm: float) -> float:
     return n0 * pixel_mm if n0_per == "mm" else n0
 
 
-def _ct_noise_hu(hu, rng, *, pixel_mm, strength, n0, n0_per, fbp_baseline, mu_water, n_angles,
-                 backend, **_):
-    """The low-dose protocol on a whole slice in HU at its own pixel spacing (photons per bin:
-    :func:`ct_bin_photons`), whatever the box or the model input."""
-    if strength == 0 and not fbp_baseline:
+def _ct_hu_plan(confounded, pixel_mm, *, strength, n0, n0_per, fbp_baseline, **_):
+    """What a slice in HU gets: (reconstructed?, its pixel size in cm, photons per bin or None
+    for no noise). Confounded: the low-dose protocol at the slice's own pixel spacing (photons
+    per bin: :func:`ct_bin_photons`), whatever the box or the model input; not confounded: the
+    noise-free reconstruction with ``fbp_baseline``, else the slice as it is."""
+    if confounded:
+        if strength == 0 and not fbp_baseline:
+            return False, None, None
+        pixel_cm = _square_pixel_cm(pixel_mm)
+        photons = None if strength == 0 else ct_bin_photons(n0, n0_per, pixel_cm * 10.0) / strength
+        return True, pixel_cm, photons
+    if not fbp_baseline:
+        return False, None, None
+    return True, _square_pixel_cm(pixel_mm), None
+
+
+def _ct_noise_hu(hu, rng, *, pixel_mm, mu_water, n_angles, backend, **params):
+    act, pixel_cm, photons = _ct_hu_plan(True, pixel_mm, **params)
+    if not act:
         return hu
-    pixel_cm = _square_pixel_cm(pixel_mm)
-    photons = None if strength == 0 else ct_bin_photons(n0, n0_per, pixel_cm * 10.0) / strength
     return ct_round_trip_hu(hu, rng, photons=photons, pixel_cm=pixel_cm, mu_water=mu_water,
                             n_angles=n_angles, backend=check_backend(backend))
 
 
-def _ct_baseline_hu(hu, rng, *, pixel_mm, fbp_baseline, mu_water, n_angles, backend, **_):
-    if not fbp_baseline:
+def _ct_baseline_hu(hu, rng, *, pixel_mm, mu_water, n_angles, backend, **params):
+    act, pixel_cm, _ = _ct_hu_plan(False, pixel_mm, **params)
+    if not act:
         return hu
-    return ct_round_trip_hu(hu, rng, photons=None, pixel_cm=_square_pixel_cm(pixel_mm),
-                            mu_water=mu_water, n_angles=n_angles, backend=check_backend(backend))
+    return ct_round_trip_hu(hu, rng, photons=None, pixel_cm=pixel_cm, mu_water=mu_water,
+                            n_angles=n_angles, backend=check_backend(backend))
+
+
+def ct_noise_hu_batch(hus, confounded, rngs, pixel_mms, *, device=None, mu_water, n_angles,
+                      backend, **params) -> list[np.ndarray]:
+    """``ct_noise`` on many CT slices in HU at once (what ``Confounder.inject_hu`` gives each,
+    one at a time): the slices of one shape projected and reconstructed as one batch, on
+    ``device`` for backend "torch". ``rngs[i]``: the slice's ``Confounder.image_rng``."""
+    from .tomography import round_trip
+
+    out = [np.asarray(hu, dtype=np.float64) for hu in hus]
+    plans = [_ct_hu_plan(bool(c), p, **params) for c, p in zip(confounded, pixel_mms)]
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for i, (act, _, _) in enumerate(plans):
+        if act:
+            shapes.setdefault(out[i].shape, []).append(i)
+    for group in shapes.values():
+        mu = np.stack([mu_water * (1.0 + out[i] / 1000.0) * plans[i][1] for i in group])
+        back = round_trip(mu, n_angles, backend=check_backend(backend), device=device,
+                          photons=[plans[i][2] for i in group],
+                          rngs=[rngs[i] if plans[i][2] is not None else None for i in group])
+        for k, i in enumerate(group):
+            out[i] = (back[k] / plans[i][1] / mu_water - 1.0) * 1000.0
+    return out
 
 
 def _ct_params(params):

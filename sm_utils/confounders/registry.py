@@ -369,11 +369,30 @@ class Confounder:
             return self.with_cache(cache_dir)
         return self
 
-    def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
-                        original_key, view=None) -> np.ndarray:
+    def memo_path(self, confounded: bool, seed: int, image_id: Any, size: int, resize: str,
+                  original_key: str, view: Any = None) -> Path:
+        """Where :meth:`prepare` keeps (under ``cache_dir``) its output for these arguments;
+        ``original_key``: the stored file's digest (or the image's, see :meth:`prepare`)."""
+        code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
+        key = hashlib.sha256(json.dumps(
+            [identity_params(self.name, self.spec()), check_seed(seed), str(image_id),
+             bool(confounded), int(size), resize, original_key]
+            + ([] if view is None else [view.key()]) + ([code] if code else []),
+            sort_keys=True, default=str).encode()).hexdigest()
+        return Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
+
+    def write_memo(self, path: Path, out: np.ndarray) -> None:
+        """Keep ``out`` at ``path`` (:meth:`memo_path`), atomically, as :meth:`prepare` does."""
         from PIL import Image
 
         from ..io import atomic_path
+
+        with atomic_path(path) as tmp:
+            Image.fromarray(out).save(tmp, format="PNG")
+
+    def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
+                        original_key, view=None) -> np.ndarray:
+        from PIL import Image
 
         image = None
         if original_key is None:
@@ -381,13 +400,7 @@ class Confounder:
             if view is None:
                 check_image(image, f"confounder {self.name!r}")
             original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
-        code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
-        key = hashlib.sha256(json.dumps(
-            [identity_params(self.name, self.spec()), check_seed(seed), str(image_id),
-             bool(confounded), int(size), resize, original_key]
-            + ([] if view is None else [view.key()]) + ([code] if code else []),
-            sort_keys=True, default=str).encode()).hexdigest()
-        path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
+        path = self.memo_path(confounded, seed, image_id, size, resize, original_key, view)
         if path.is_file():
             with Image.open(path) as cached:
                 return np.asarray(cached).copy()
@@ -395,8 +408,7 @@ class Confounder:
             image = original() if callable(original) else original
         out = replace(self, cache_dir=None).prepare(image, confounded, seed, image_id,
                                                     size=size, resize=resize, view=view)
-        with atomic_path(path) as tmp:
-            Image.fromarray(out).save(tmp, format="PNG")
+        self.write_memo(path, out)
         return out
 
     def image_rng(self, seed: int, image_id: Any) -> np.random.Generator:
