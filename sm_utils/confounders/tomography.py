@@ -39,7 +39,7 @@ from .validation import ConfounderError
 
 BACKENDS = ("nufft", "torch", "skimage")
 ZERO_COUNTS = 0.1  # counts where no photon arrives (as in LoDoPaB-CT): keeps log finite
-NUFFT_EPS = 1e-4   # FINUFFT's relative tolerance (float32): far below the photon noise
+NUFFT_EPS = 1e-3   # FINUFFT's relative tolerance (float32): the noise-free round trip moves 0.03 HU
 NUFFT_UPSAMPLING = 1.25
 FORWARD_ALIASES = 1  # detector-sampling aliases on each side in the projection
 BACK_BAND = 1.5      # cycles per pixel kept of the back-projection's interpolation
@@ -155,22 +155,30 @@ class _NufftGeometry:
         self.back_plan.setpts(*(np.ascontiguousarray(2 * np.pi * f.ravel(), np.float32)
                                 for f in (back_row, back_col)))
         self.n_aliases = 2 * FORWARD_ALIASES + 1
+        size = padded_size(self.n_bins)
+        self.ramp = ramp_filter(size)[: size // 2 + 1].astype(np.float32)
 
     def project(self, mu: np.ndarray) -> np.ndarray:
         """Sinogram (bins x angles) of ``mu``: the bilinear interpolant's line integrals."""
+        from scipy import fft
+
         spectrum = self.forward_plan.execute(mu.astype(np.complex64))
         spectrum = (spectrum.reshape(len(self.theta), -1) * self.forward_weight)
         spectrum = spectrum.reshape(len(self.theta), self.n_aliases, -1).sum(axis=1)
-        periodic = np.fft.irfft(spectrum, n=self.period, axis=1)  # column j: bin offset j
+        periodic = fft.irfft(spectrum, n=self.period, axis=1)  # column j: bin offset j
         offsets = np.arange(self.n_bins) - self.n_bins // 2
         return periodic[:, offsets % self.period].T.astype(np.float64)
 
     def reconstruct(self, sinogram: np.ndarray) -> np.ndarray:
         """Filtered back-projection of a sinogram (bins x angles), scaled as scikit-image's."""
-        filtered = filter_projections(sinogram)
-        spectrum = np.fft.fft(filtered, n=self.period, axis=0).T[:, self.back_index]
-        coefficients = (spectrum * self.back_weight).astype(np.complex64)
-        image = self.back_plan.execute(coefficients.ravel())
+        from scipy import fft
+
+        projections = np.ascontiguousarray(sinogram.T, dtype=np.float32)  # angles x bins
+        size = padded_size(self.n_bins)
+        filtered = fft.irfft(fft.rfft(projections, n=size, axis=1) * self.ramp, n=size,
+                             axis=1)[:, : self.n_bins]
+        spectrum = fft.fft(filtered, n=self.period, axis=1)[:, self.back_index]
+        image = self.back_plan.execute((spectrum * self.back_weight).ravel())
         return image.real.astype(np.float64) * np.pi / (2 * len(self.theta))
 
 
