@@ -6,7 +6,8 @@ baseline slices side by side. Before any cell starts, :func:`prefill` lists ever
 grid still to run whose confounder is memoised and acts on CT slices in HU, and a child process
 (:func:`fill_memos`: the grid process itself loads no torch and holds no GPU memory) computes
 each missing memo once, batched: the slices of one shape and one confounder together
-(:func:`sm_utils.confounders.paper.ct_noise_hu_batch`; backend "torch" on the grid's device),
+(:func:`sm_utils.confounders.paper.ct_noise_hu_batch`), backend "torch" on the grid's device,
+the CPU backends on every available core (:func:`sm_utils.progress.parallel_map`),
 written where and as the run would have written them (``Confounder.memo_path``; the same key,
 so the same bits as a run computing it itself on the same backend and device). A memo that a
 run finds is read back, never recomputed.
@@ -49,9 +50,9 @@ def _torch_device(device: str) -> str:
 def missing_memos(cells: Sequence[dict[str, Any]]) -> dict[Path, dict[str, Any]]:
     """Every memo that the cells' runs would compute, and that no earlier run or fill left:
     memo path -> what computes it (the confounder, the row's slice, seed, id, flag, view)."""
-    from ..data import _file_digest, default_cache_dir, row_views
+    from ..data import _file_digest, row_views
     from ..manifest import load_manifest
-    from ..paths import resolve
+    from ..paths import default_cache_dir, resolve
     from ..runs import RunConfig, get_run_confounder, split_rows
 
     fields = set(RunConfig.__dataclass_fields__)
@@ -86,48 +87,59 @@ def missing_memos(cells: Sequence[dict[str, Any]]) -> dict[Path, dict[str, Any]]
     return todo
 
 
-def fill_memos(cells: Sequence[dict[str, Any]], *, device: str = "auto", batch: int = BATCH,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compute and write every missing memo of ``cells`` (notebook 03's parameters), batched;
-    returns the counts and seconds."""
-    import time
-
+def _fill_batch(item: tuple) -> int:
+    """Compute and write one batch of memos (one confounder): in a worker process on a CPU."""
     from ..confounders.paper import ct_noise_hu_batch
     from ..hounsfield import read_hu_png
     from ..imaging import resize_grey
+
+    conf, batch, device = item
+    if conf.name != "ct_noise":  # another memoised HU confounder: one slice at a time
+        for memo, task in batch:
+            conf.prepare(lambda t=task: read_hu_png(t["path"]), task["confounded"], task["seed"],
+                         task["image_id"], size=task["size"], resize=task["resize"],
+                         original_key=task["digest"], view=task["view"])
+        return len(batch)
+    hus = ct_noise_hu_batch(
+        [read_hu_png(t["path"]) for _, t in batch], [t["confounded"] for _, t in batch],
+        [conf.image_rng(t["seed"], t["image_id"]) for _, t in batch],
+        [t["view"].pixel_mm for _, t in batch], device=device, **conf.image_params)
+    for (memo, task), hu in zip(batch, hus):
+        conf.write_memo(memo, resize_grey(task["view"].grey(hu), task["size"], task["resize"]))
+    return len(batch)
+
+
+def fill_memos(cells: Sequence[dict[str, Any]], *, device: str = "auto", batch: int = BATCH,
+               workers: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compute and write every missing memo of ``cells`` (notebook 03's parameters) in batches
+    of one confounder and up to ``batch`` slices: backend "torch" on ``device`` in this
+    process, the CPU backends in a process pool (``workers``: None, every available core);
+    returns the counts, seconds and the torch device used."""
+    import time
+
+    from ..progress import parallel_map
 
     start = time.perf_counter()
     todo = missing_memos(cells)
     groups: dict[str, list[Path]] = {}
     for memo, task in todo.items():
-        key = json.dumps(task["conf"].spec(), sort_keys=True, default=str)
-        groups.setdefault(key, []).append(memo)
-    torch_device = None
-    written = 0
+        groups.setdefault(json.dumps(task["conf"].spec(), sort_keys=True, default=str),
+                          []).append(memo)
+    on_cpu, on_torch, torch_device = [], [], None
     for memos in groups.values():
         conf = todo[memos[0]]["conf"]
-        if conf.name != "ct_noise":  # another memoised HU confounder: one slice at a time
-            for memo in memos:
-                task = todo[memo]
-                conf.prepare(lambda t=task: read_hu_png(t["path"]), task["confounded"],
-                             task["seed"], task["image_id"], size=task["size"],
-                             resize=task["resize"], original_key=task["digest"],
-                             view=task["view"])
-            written += len(memos)
-            continue
-        if conf.params.get("backend") == "torch" and torch_device is None:
+        torch_backend = conf.params.get("backend") == "torch"
+        if torch_backend and torch_device is None:
             torch_device = _torch_device(device)
         for first in range(0, len(memos), batch):
-            chunk = [todo[m] for m in memos[first: first + batch]]
-            hus = ct_noise_hu_batch(
-                [read_hu_png(t["path"]) for t in chunk], [t["confounded"] for t in chunk],
-                [conf.image_rng(t["seed"], t["image_id"]) for t in chunk],
-                [t["view"].pixel_mm for t in chunk], device=torch_device, **conf.image_params)
-            for memo, task, hu in zip(memos[first: first + batch], chunk, hus):
-                conf.write_memo(memo, resize_grey(task["view"].grey(hu), task["size"],
-                                                  task["resize"]))
-            written += len(chunk)
-            log(f"ct memos: {written} of {len(todo)} written")
+            item = (conf, [(m, todo[m]) for m in memos[first: first + batch]],
+                    torch_device if torch_backend else None)
+            (on_torch if torch_backend else on_cpu).append(item)
+    written = sum(parallel_map(_fill_batch, on_cpu, desc="ct memos", unit="batch",
+                               workers=workers))
+    written += sum(parallel_map(_fill_batch, on_torch, desc="ct memos (torch)", unit="batch",
+                                workers=1))
+    log(f"ct memos: {written} of {len(todo)} written")
     return {"memos": len(todo), "written": written, "seconds": time.perf_counter() - start,
             "device": torch_device}
 
