@@ -170,7 +170,7 @@ def paper_cues(cxr: np.ndarray, ct: np.ndarray | None = None, *, input_size: int
     ``cxr``: a radiograph at its stored size (the paper's: 1024 px); ``ct``: a CT slice (512
     px) for ``ct_noise``; ``confounders``: parameters per confounder (default: the paper's,
     ``ct_noise`` with the reference backend "skimage", whose numbers notebook 02 shows and
-    checks; the default "nufft" agrees within 1-2 %: benchmarks/bench_ct_noise.py).
+    checks; the default "nufft" gives its noise SD within about 1 %: bench_ct_noise.py).
     """
     confounders = confounders or {"tag": {}, "lowpass": {}, "xray_noise": {},
                                   "ct_noise": {"backend": "skimage"}}

@@ -10,7 +10,7 @@ projection linearly. Three implementations (``backend``):
 - ``"skimage"``: scikit-image itself, one angle at a time in float64: the reference (8.8-11.5 s
   per 512 px slice at 1,000 angles on one core).
 - ``"nufft"`` (the default): the same operators in the Fourier domain (the Fourier slice
-  theorem), computed with FINUFFT's non-uniform FFTs in float32 on one thread, 20-40x faster.
+  theorem), computed with FINUFFT's non-uniform FFTs in float32 on one thread, 30-50x faster.
   The bilinear interpolant's spectrum (sinc^2 x sinc^2) and the sampling of each projection at
   the detector bins (its aliases one cycle per pixel away) are modelled in the projection; the
   back-projection's linear interpolation is the filtered projection's spectrum times sinc^2
