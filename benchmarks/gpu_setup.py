@@ -39,7 +39,10 @@ except ImportError:  # packaging comes with pytest in the image; else pip's own 
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
 
-from gpu_wheels import IMAGE_OWN  # beside this script: the packages the image brings
+from gpu_wheels import (  # beside this script: the packages the image brings, those left out
+    IMAGE_OWN,
+    NOT_CARRIED,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +134,8 @@ def unmet_requirements(target: Path | None) -> tuple[list[str], list[str]]:
         if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
             continue
         name = canonicalize_name(requirement.name)
+        if needed_by == "sm_utils" and name in NOT_CARRIED:
+            continue
         have = _installed(requirement.name)
         if have is None:
             missing.setdefault(name, []).append(f"{needed_by} ({spec})")

@@ -55,6 +55,9 @@ MARKER_ENV = {
 }
 # never carried: the image's own torch and what belongs to it
 IMAGE_OWN = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
+# sm_utils's dependencies that the GPU check does without (imported only where used): finufft
+# is ct_noise's CPU backend (7 MiB; on a GPU ct_noise runs with backend "torch")
+NOT_CARRIED = frozenset({"finufft"})
 
 
 def target_options() -> list[str]:
@@ -81,7 +84,10 @@ def image_packages() -> list[str]:
 
 
 def sm_utils_requirements() -> list[str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """sm_utils's dependencies (pyproject.toml) less those of NOT_CARRIED."""
+    return [spec for spec in
+            tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+            if canonicalize_name(Requirement(spec).name) not in NOT_CARRIED]
 
 
 def lock_pins() -> dict[str, str]:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .confounders.registry import identity_params
 from .confounding import NO_CONFOUNDER, TEST_SETS, ConfoundingError, run_sets
 from .data import (
     PAPER_AUGMENTATION,
@@ -105,7 +106,8 @@ class RunConfig:
         self.manifest = str(self.manifest)
         self.runs_dir = str(self.runs_dir)
         self.weights = None if self.weights in (None, "") else str(self.weights)
-        self.confounder_params = dict(self.confounder_params or {})
+        # parameters added later are written out where they differ from earlier runs' values
+        self.confounder_params = identity_params(self.confounder, self.confounder_params)
         if not 0.0 <= self.p <= 1.0:
             raise RunError(f"p (prevalence) must be in [0, 1]; got {self.p}.")
         if self.batch_size < 2:

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["setup", "environment", "gpu_tests", "bench_training", "bench_grid", "tiny_grid",
-         "gpu_check_report"]
+         "ct_noise", "gpu_check_report"]
 REHEARSAL_PYTHON = ROOT / ".venv-gpu-rehearsal/bin/python"
 WHEELS = ROOT / ".gpu-wheels"
 
@@ -74,7 +74,7 @@ def test_the_rehearsals_dry_run_has_the_same_steps_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     steps = re.findall(r"^(\w+)\s+(\d+)s  (.*)$", done.stdout, flags=re.MULTILINE)
     assert [name for name, _, _ in steps] == STEPS
-    assert sum(int(seconds) for _, seconds, _ in steps) <= 9 * 60
+    assert sum(int(seconds) for _, seconds, _ in steps) <= 9.5 * 60
     commands = {name: command for name, _, command in steps}
     assert f"benchmarks/gpu_setup.py --wheels {tmp_path} --target" in commands["setup"]
     assert "nvidia-smi;" not in commands["environment"] and "skipped" in commands["environment"]
@@ -82,6 +82,7 @@ def test_the_rehearsals_dry_run_has_the_same_steps_on_the_cpu(tmp_path):
     assert "--device cpu" in commands["bench_training"] and "--device cpu" in commands["bench_grid"]
     assert "configs/gpu_check.yaml --override" in commands["tiny_grid"]
     assert "tests/test_gpu.py" in commands["gpu_tests"]
+    assert "bench_ct_noise.py --gpu-check cpu --size 64" in commands["ct_noise"]
     missing = _dry_run("--wheels", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "no wheel folder" in missing.stderr
 

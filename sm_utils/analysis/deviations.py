@@ -117,6 +117,22 @@ DEVIATIONS = (
               'box or the input size; a protocol sets a dose, not a count per pixel; with a shared '
               'reconstruction only the dose differs',
               'dataset:lidc_idri'),
+    Deviation('CT projection and reconstruction',
+              'not published',
+              "scikit-image's parallel-beam projection and ramp-filtered back-projection, computed "
+              'in the Fourier domain with non-uniform FFTs (FINUFFT, `backend: nufft`, the '
+              "default) with scikit-image's interpolations modelled in the spectrum; the same "
+              'photon noise from the same seed, another realisation of it; on 512 px slices the '
+              "reference's mean HU within 0.05 HU, its noise SD within 0.3 % and its noise power "
+              'spectrum within 1.1 % in every ring (independent realisations, 12 seeds: within '
+              '2.5 % above the lowest-frequency ring, which moves by up to 8 %, 1.3 SE of its '
+              'spread over seeds), noise-free slices within 0.3-0.7 HU on average against a noise '
+              'SD of 45-158 HU (`backend: skimage` runs scikit-image itself, `torch` its '
+              'arithmetic on a GPU)',
+              '32-52x faster on a CPU (`benchmarks/bench_ct_noise.py`): every CT row needs a '
+              'reconstruction, which took 8-15 s per 512 px slice, hours before the first model '
+              'trained; the Fourier slice theorem replaces the loops over 1000 angles',
+              'confounder:ct_noise'),
     Deviation('X-ray noise in CT',
               "the paper's X-ray dose model on CT slices (details not published)",
               'that model on the whole windowed 512 px slice, before the box',

@@ -53,12 +53,13 @@ from .registry import (
     ConfounderError,
     confounder_table,
     get_confounder,
+    identity_params,
     list_confounders,
     register_confounder,
 )
 
 __all__ = [
     "CATEGORIES", "PREVALENCE_GRID", "TEST_SETS", "Confounder", "ConfounderError",
-    "apply_prevalence", "attribute_values", "confounder_table", "get_confounder",
+    "apply_prevalence", "attribute_values", "confounder_table", "get_confounder", "identity_params",
     "list_confounders", "n_confounded", "register_confounder",
 ]

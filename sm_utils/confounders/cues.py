@@ -96,6 +96,39 @@ def xray_noise_cue(conf: Confounder, image: np.ndarray, size: int, resize: str,
                 f"{predicted[0]:.2f} -> {predicted[1]:.2f}", passed)
 
 
+def noise_power_spectrum(noise: np.ndarray, pixel_mm: float = 1.0,
+                         n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged noise power spectrum of noise images (realisations x rows x cols, or
+    one image): frequencies (bin centres, cycles per mm, up to Nyquist) and NPS (HU^2 mm^2
+    for noise in HU).
+
+    Each realisation's own mean is removed; NPS(u, v) = pixel area / pixel count x
+    |DFT|^2, averaged over the realisations, so that its integral over the frequency plane is
+    the noise variance (white noise of SD s: s^2 x pixel area at every frequency). Averaged in
+    ``n_bins`` rings of equal width (default: half the shorter side) up to Nyquist, 0.5 /
+    ``pixel_mm``; the corners beyond it are left out.
+    """
+    noise = np.asarray(noise, dtype=np.float64)
+    if noise.ndim == 2:
+        noise = noise[None]
+    if noise.ndim != 3 or min(noise.shape[1:]) < 4:
+        raise ValueError(f"noise_power_spectrum expects noise images (realisations x rows x "
+                         f"cols, at least 4 x 4 px); got shape {noise.shape}.")
+    rows, cols = noise.shape[1:]
+    centred = noise - noise.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fft2(centred)) ** 2).mean(axis=0) * pixel_mm ** 2 / (rows * cols)
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(rows, pixel_mm), np.fft.fftfreq(cols, pixel_mm),
+                                   indexing="ij"))
+    nyquist = 0.5 / pixel_mm
+    n_bins = n_bins or min(rows, cols) // 2
+    edges = np.linspace(0.0, nyquist, n_bins + 1)
+    which = np.digitize(radius.ravel(), edges) - 1
+    inside = (which >= 0) & (which < n_bins)
+    total = np.bincount(which[inside], power.ravel()[inside], minlength=n_bins)
+    count = np.bincount(which[inside], minlength=n_bins)
+    return (edges[:-1] + edges[1:]) / 2, total / np.maximum(count, 1)
+
+
 def highpass(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     image = image.astype(float)
     return image - gaussian_filter(image, sigma)
@@ -135,9 +168,12 @@ def paper_cues(cxr: np.ndarray, ct: np.ndarray | None = None, *, input_size: int
     """The cue of each paper confounder at the model input (see the module docstring).
 
     ``cxr``: a radiograph at its stored size (the paper's: 1024 px); ``ct``: a CT slice (512
-    px) for ``ct_noise``; ``confounders``: parameters per confounder (default: the paper's).
+    px) for ``ct_noise``; ``confounders``: parameters per confounder (default: the paper's,
+    ``ct_noise`` with the reference backend "skimage", whose numbers notebook 02 shows and
+    checks; the default "nufft" gives its noise SD within about 1 %: bench_ct_noise.py).
     """
-    confounders = confounders or {"tag": {}, "lowpass": {}, "xray_noise": {}, "ct_noise": {}}
+    confounders = confounders or {"tag": {}, "lowpass": {}, "xray_noise": {},
+                                  "ct_noise": {"backend": "skimage"}}
     rows = []
     for name, params in confounders.items():
         conf = get_confounder(name, **params)

@@ -60,6 +60,7 @@ class ConfounderSpec:
     mask_fn: ImageFn | None = None   # localised confounders: where they paint (see mask())
     hu_fn: ImageFn | None = None     # CT slices in HU: fn(hu, rng, *, pixel_mm, **params) -> hu
     hu_baseline_fn: ImageFn | None = None
+    earlier: dict[str, Any] = field(default_factory=dict)  # see register_confounder
 
 
 _REGISTRY: dict[str, ConfounderSpec] = {}
@@ -79,6 +80,7 @@ def register_confounder(
     mask: ImageFn | None = None,
     hu: tuple[ImageFn, ImageFn | None] | None = None,
     replace: bool = False,
+    earlier: dict[str, Any] | None = None,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -98,6 +100,9 @@ def register_confounder(
     ``baseline`` on CT manifests that store HU (:mod:`sm_utils.hounsfield`).
     A name registered before (by the package or a plugin) is refused, naming both, unless
     ``replace=True``; who registered each name is recorded (:mod:`sm_utils.plugins`).
+    ``earlier``: parameters added after runs were made, with the value those runs used (a
+    run's identity names only the parameters a grid sets, so a new default would otherwise
+    pass for the old computation): :func:`identity_params` records them wherever they differ.
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -118,6 +123,7 @@ def register_confounder(
             defaults=values, fn=function, baseline_fn=baseline,
             strength_range=tuple(strength_range), memoise=bool(memoise), mask_fn=mask,
             hu_fn=None if hu is None else hu[0], hu_baseline_fn=None if hu is None else hu[1],
+            earlier=dict(earlier or {}),
         )
         return function
 
@@ -127,6 +133,21 @@ def register_confounder(
         add(None)
         return None
     return add if fn is None else add(fn)
+
+
+def identity_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``confounder_params`` as its identity needs them: a parameter of ``earlier``
+    (see :func:`register_confounder`) is written out wherever its value, set or default,
+    differs from the one runs used before it existed, and left out where it is that value (so
+    those runs keep their ids); every other parameter as given."""
+    out = dict(params or {})
+    spec = _REGISTRY.get(name)
+    for key, before in ({} if spec is None else spec.earlier).items():
+        if out.get(key, spec.defaults[key]) == before:
+            out.pop(key, None)
+        else:
+            out[key] = out.get(key, spec.defaults[key])
+    return out
 
 
 def list_confounders(kind: str | None = None) -> list[str]:
@@ -348,11 +369,30 @@ class Confounder:
             return self.with_cache(cache_dir)
         return self
 
-    def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
-                        original_key, view=None) -> np.ndarray:
+    def memo_path(self, confounded: bool, seed: int, image_id: Any, size: int, resize: str,
+                  original_key: str, view: Any = None) -> Path:
+        """Where :meth:`prepare` keeps (under ``cache_dir``) its output for these arguments;
+        ``original_key``: the stored file's digest (or the image's, see :meth:`prepare`)."""
+        code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
+        key = hashlib.sha256(json.dumps(
+            [identity_params(self.name, self.spec()), check_seed(seed), str(image_id),
+             bool(confounded), int(size), resize, original_key]
+            + ([] if view is None else [view.key()]) + ([code] if code else []),
+            sort_keys=True, default=str).encode()).hexdigest()
+        return Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
+
+    def write_memo(self, path: Path, out: np.ndarray) -> None:
+        """Keep ``out`` at ``path`` (:meth:`memo_path`), atomically, as :meth:`prepare` does."""
         from PIL import Image
 
         from ..io import atomic_path
+
+        with atomic_path(path) as tmp:
+            Image.fromarray(out).save(tmp, format="PNG")
+
+    def _cached_prepare(self, original, confounded, seed, image_id, size, resize,
+                        original_key, view=None) -> np.ndarray:
+        from PIL import Image
 
         image = None
         if original_key is None:
@@ -360,12 +400,7 @@ class Confounder:
             if view is None:
                 check_image(image, f"confounder {self.name!r}")
             original_key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
-        code = plugins.code_digest("confounder", self.name)  # a plugin's: edited, recomputed
-        key = hashlib.sha256(json.dumps(
-            [self.spec(), check_seed(seed), str(image_id), bool(confounded), int(size), resize,
-             original_key] + ([] if view is None else [view.key()]) + ([code] if code else []),
-            sort_keys=True, default=str).encode()).hexdigest()
-        path = Path(self.cache_dir) / self.name / key[:2] / f"{key}.png"
+        path = self.memo_path(confounded, seed, image_id, size, resize, original_key, view)
         if path.is_file():
             with Image.open(path) as cached:
                 return np.asarray(cached).copy()
@@ -373,8 +408,7 @@ class Confounder:
             image = original() if callable(original) else original
         out = replace(self, cache_dir=None).prepare(image, confounded, seed, image_id,
                                                     size=size, resize=resize, view=view)
-        with atomic_path(path) as tmp:
-            Image.fromarray(out).save(tmp, format="PNG")
+        self.write_memo(path, out)
         return out
 
     def image_rng(self, seed: int, image_id: Any) -> np.random.Generator:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..confounders.registry import identity_params
 from ..io import atomic_write_csv, stable_hash
 from ..paths import CELLS_FILE, ERROR_FILE, METRICS_FILE
 from .errors import error_headline
@@ -109,7 +110,8 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
                 "manifest": str(dataset.manifest),
                 "confounder": confounder.name,
                 "strength": float(strength),
-                "confounder_params": dict(confounder.params),
+                # as RunConfig records them (parameters added later written out)
+                "confounder_params": identity_params(confounder.name, confounder.params),
                 "p": float(p),
                 "fold": int(fold),
                 "source": source.name,
