@@ -1,7 +1,17 @@
-"""How far the notebooks' float results move under other CPUs' kernels: the tolerances of
-their regression checks (sm_utils.regression).
+"""How far the notebooks' float results move: the tolerances of their regression checks
+(sm_utils.regression), from the spread over training seeds and, as a floor, under other CPUs'
+kernels.
 
-Each setting below is another CPU's choice of kernels (numerics not pinned). For each, the
+    .venv/bin/python benchmarks/notebook_spread.py --seeds 1 2 3 4 5 6 7 8 9 10   # ~80 min
+    .venv/bin/python benchmarks/notebook_spread.py --from-seeds   # store the spread (make tolerances)
+
+``--seeds`` runs notebooks 00, 01, 03 and 05 with each training seed in a scratch project
+(reference numerics; values kept in runs/notebook_seeds, resumable); ``--from-seeds`` stores
+each value's spread and the rule (:func:`sm_utils.regression.seed_spread`) beside the
+references and prints, per quantity, the spread and the tolerance, then two out-of-sample
+checks: each seed against the rule the other seeds give, and the kernels' measured differences.
+
+The kernel settings (the floor). Each setting below is another CPU's choice of kernels (numerics not pinned). For each, the
 notebooks with training or probes (00, 03, 05, and 01 for 03's data) run with their defaults
 in a scratch copy of the project (its own data, sources and cache, all rebuilt under those
 kernels, as on that CPU), and each notebook's check writes the values it saw. Printed: per
@@ -171,7 +181,8 @@ def seed_tolerances(notebook: str, folders: dict[int, Path], stored: dict) -> li
     stored["spread"] = spread
     stored["spread_rule"] = (
         f"tolerances from the spread over {len(draws)} training seeds: a normal prediction "
-        f"interval, so that a check fails with probability at most "
+        f"interval (its SD the largest over the quantity's values), so that a check fails "
+        f"with probability at most "
         f"{regression.NOTEBOOK_FAILURE_RATE:g} on a machine that acts like another seed "
         f"(Bonferroni over the {moved} values that moved), widened to every seed seen and "
         f"never below 1.5 x the largest difference under other CPUs' kernels")
