@@ -44,7 +44,7 @@ from .hounsfield import HounsfieldError, SliceView, read_hu_png, slice_view
 from .imaging import ImageError, check_resize_method, load_grey, resize_grey
 from .io import atomic_path, atomic_write_json, stable_hash
 from .manifest import Manifest
-from .paths import CACHE_ENV, default_cache_dir  # noqa: F401  (their home was here)
+from .paths import default_cache_dir
 from .progress import available_cpus, progress_bar
 
 CACHE_VERSION = 2

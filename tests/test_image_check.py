@@ -63,13 +63,15 @@ def test_a_pool_that_cannot_start_falls_back_to_one_process(folder, monkeypatch)
 
 
 def test_the_cores_of_a_slurm_allocation_are_used(monkeypatch):
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert image_check.available_cpus() == 6  # (sm_utils.io.available_cpus)
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
     import os
 
-    assert image_check.available_cpus() == len(os.sched_getaffinity(0))
+    from sm_utils.progress import available_cpus
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert available_cpus() == 6
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    assert available_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_the_full_size_rehearsal_runs_its_steps_on_a_slice(tmp_path):
@@ -85,7 +87,7 @@ def test_the_full_size_rehearsal_runs_its_steps_on_a_slice(tmp_path):
     done = subprocess.run([sys.executable, str(script), "--images", "2000", "--px", "64",
                            "--bases", "4", "--speedup-images", "300", "--out", str(out),
                            "--folder", str(tmp_path / "data")],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = {row["step"]: row for row in json.loads(out.read_text())["steps"]}
     assert steps["build_dataset nih_cxr14 (first: checks every image)"]["wall_s"] > 0

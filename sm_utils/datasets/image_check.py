@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..io import atomic_write_json, stable_hash
 from ..paths import default_cache_dir
-from ..progress import available_cpus, parallel_map  # noqa: F401  (available_cpus: re-exported)
+from ..progress import parallel_map
 
 UNREADABLE_CHOICES = ("error", "drop")
 CHUNK = 256  # files per task: large enough that process start-up and pickling are noise
