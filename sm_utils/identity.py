@@ -41,6 +41,10 @@ INT_FIELDS = ("fold", "image_size", "epochs", "batch_size", "patience", "seed", 
 # Extra measurements a run can be asked for (sm_utils.mechanisms); only when on are they part of
 # its identity, so every run without them keeps its id.
 OPTIONAL_OUTPUTS = ("probe", "attribution")
+# How a run trains: every layer (the paper) or only the head on a frozen backbone. Only a mode
+# other than the default is in the identity, so runs from before modes keep their ids.
+MODES = ("finetune", "linear_probe")
+DEFAULT_MODE = MODES[0]
 # Manifest meta keys that say where the data are, not what they are.
 LOCATION_META_KEYS = ("root", "exported_from")
 
@@ -80,9 +84,17 @@ def manifest_digest(path: str | os.PathLike) -> str:
 
 
 def weights_digest(weights: str | os.PathLike | None) -> str | None:
-    """SHA-256 of a weights file; None without one. A missing file cannot be named."""
+    """SHA-256 of a weights file; None without one. A folder (a ``transformers`` model, an
+    open_clip checkpoint with its config) is named by every file in it, by relative path and
+    SHA-256. A missing file cannot be named."""
     if weights in (None, ""):
         return None
+    folder = Path(weights)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        return stable_hash({p.relative_to(folder).as_posix(): file_sha256(p) for p in files},
+                           length=64)
     if not Path(weights).is_file():
         raise IdentityError(f"weights file {weights} does not exist, so runs with it have no id "
                             "yet; put the file there (or let the grid build it) first.")
@@ -108,6 +120,8 @@ def run_identity(params: dict[str, Any], *, manifest: str | None = None) -> dict
     identity["confounder_params"] = dict(identity.get("confounder_params") or {})
     if identity.get("confounder") == "none":
         identity.update(p=0.0, strength=0.0, confounder_params={})
+    if identity.get("mode", DEFAULT_MODE) == DEFAULT_MODE:
+        identity.pop("mode", None)
     for extra in OPTIONAL_OUTPUTS:  # asked for, they make another run; off, they change no id
         if not identity.get(extra):
             identity.pop(extra, None)

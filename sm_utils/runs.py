@@ -41,7 +41,7 @@ from .data import (
     make_loader,
 )
 from .evaluation import json_safe, summarise_test_set
-from .identity import run_identity
+from .identity import MODES, run_identity
 from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, stable_hash
 from .manifest import load_manifest
 from .paths import METRICS_FILE, resolve
@@ -85,6 +85,7 @@ class RunConfig:
     augment: bool = True
     drop_rate: float = 0.5
     seed: int = 812
+    mode: str = "finetune"        # or "linear_probe": only the head trains, the backbone frozen
     probe: bool = False           # after fine-tuning: encodedness probe of the model (mechanisms)
     attribution: bool = False     # and its attribution share inside the confounder's mask
     device: str = "auto"
@@ -112,6 +113,9 @@ class RunConfig:
             raise RunError(f"p (prevalence) must be in [0, 1]; got {self.p}.")
         if self.batch_size < 2:
             raise RunError(f"batch_size must be at least 2 (batch norm); got {self.batch_size}.")
+        if self.mode not in MODES:
+            raise RunError(f"mode must be one of {list(MODES)} ('finetune': every layer trains, "
+                           f"as in the paper; 'linear_probe': only the head); got {self.mode!r}.")
         from .imaging import RESIZE_METHODS
 
         if self.resize not in RESIZE_METHODS:
@@ -263,7 +267,7 @@ def data_placement(device: torch.device, n_images: int, image_size: int,
 @contextmanager
 def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
               resident: bool | None = None, threads: int | None = None) -> Iterator[TrainedRun]:
-    """Fine-tune the run's model and yield it while the device settings it trained under hold
+    """Train the run's model (fine-tune, or only its head: ``config.mode``) and yield it while the device settings it trained under hold
     (evaluate inside the ``with``). The one place a run's data, seeds, head and training are
     set up: :func:`execute_run` and :func:`sm_utils.mechanisms.fine_tune` both use it.
 
@@ -321,6 +325,7 @@ def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path
             model, prep, train_loader, val_loader, device=device, epochs=config.epochs,
             lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
             patience=config.patience, progress=progress, precision=config.precision,
+            frozen=config.mode == "linear_probe",
         )
         yield TrainedRun(model=model, prep=prep, manifest=manifest, manifest_path=manifest_path,
                          splits=splits, cache=cache, confounder=conf, result=result,
@@ -405,7 +410,8 @@ def execute_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Pa
     atomic_write_csv(run_dir / "history.csv", run.result.history)
     atomic_write_csv(run_dir / "predictions.csv", predictions)
     plot_curves(run.result.history, run.result.best_epoch, run_dir / "curves.png",
-                title=f"{config.source} | {config.confounder} p={config.p:g} | fold {config.fold}")
+                title=f"{config.source}{' (linear probe)' if config.mode == 'linear_probe' else ''}"
+                      f" | {config.confounder} p={config.p:g} | fold {config.fold}")
     metrics = {
         "run_id": config.run_id,
         "config": asdict(config),

@@ -1,6 +1,7 @@
 """Full fine-tuning as in the paper: every layer trained, cross-entropy on a 2-way softmax,
 Adam (or AdamW), early stopping on validation loss and the best-validation-loss checkpoint
-restored at the end.
+restored at the end. Or linear probing (``mode="linear_probe"``, not in the paper): the same
+loop training only the classification head on a frozen backbone.
 
 On a GPU: training under bf16 autocast (``precision="auto"``; ``"fp32"`` to train in full
 precision) and channels_last memory format; ``deterministic=True`` trades speed for repeatable
@@ -138,6 +139,18 @@ def configure_device(device: torch.device, threads: int | None = None, *,
         torch.backends.cudnn.allow_tf32 = previous[4]
 
 
+def classifier(model: nn.Module) -> nn.Linear:
+    """The model's classification head: ``get_classifier()`` (timm, the foundation sources,
+    the Keras ResNet50) when it is a linear layer, else its last linear layer."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise TrainingError(f"{type(model).__name__} has no linear classification head.")
+        head = linears[-1]
+    return head
+
+
 def reset_head(model: nn.Module) -> nn.Linear:
     """Initialise the classification head as Keras' Dense does: Glorot uniform, zero bias.
 
@@ -146,16 +159,34 @@ def reset_head(model: nn.Module) -> nn.Linear:
     with logits of about +-20 and losses of 5-10; Glorot keeps the initial logits near 0.
     Uses torch's global RNG (seed it first).
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Linear):
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise TrainingError(f"{type(model).__name__} has no linear classification head.")
-        head = linears[-1]
+    head = classifier(model)
     nn.init.xavier_uniform_(head.weight)
     if head.bias is not None:
         nn.init.zeros_(head.bias)
     return head
+
+
+def freeze_backbone(model: nn.Module) -> nn.Linear:
+    """Linear probing: only the classification head trains. Every other parameter stops
+    requiring gradients (so none is computed through the backbone, and the optimizer gets only
+    the head's); :func:`train_model` with ``frozen=True`` also keeps the backbone in eval mode,
+    so its batch-norm statistics stay as loaded and its features are deterministic."""
+    head = classifier(model)
+    trained = {id(p) for p in head.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in trained)
+    return head
+
+
+def _backbone_eval(model: nn.Module) -> None:
+    """After ``model.train()``: every top-level part except the head and the dropout before it
+    back in eval mode (timm applies its head dropout from the root's own ``training`` flag,
+    which stays on)."""
+    head = classifier(model)
+    for child in model.children():
+        if isinstance(child, nn.Dropout) or any(m is head for m in child.modules()):
+            continue
+        child.eval()
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0):
@@ -164,7 +195,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     if not lr > 0:
         raise TrainingError(f"learning rate must be positive; got {lr!r}.")
     cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # a frozen backbone's parameters are left out (linear probing: the head's alone)
+    return cls([p for p in model.parameters() if p.requires_grad], lr=lr,
+               weight_decay=weight_decay)
 
 
 def ran_on(settings: dict) -> dict:
@@ -256,7 +289,7 @@ class TrainResult:
 def train_model(
     model: nn.Module, prep: Callable, train_loader, val_loader, *, device: torch.device,
     epochs: int, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
-    patience: int = 3, progress: bool = True, precision: str = "auto",
+    patience: int = 3, progress: bool = True, precision: str = "auto", frozen: bool = False,
 ) -> TrainResult:
     """Fine-tune ``model`` in place; on return it holds the best-validation-loss weights.
 
@@ -264,6 +297,8 @@ def train_model(
     loss (``patience <= 0`` never stops early). Epochs are numbered from 1.
 
     ``precision``: of training (:func:`training_precision`); validation is always fp32.
+    ``frozen``: linear probing: the backbone is frozen (:func:`freeze_backbone`) and stays in
+    eval mode while the head trains.
 
     A NaN validation loss (the model's outputs are not finite: it diverged) is recorded in the
     history but never counts as the best; it is an epoch without improvement. If no epoch
@@ -281,6 +316,8 @@ def train_model(
         model.to(memory_format=torch.channels_last)
     if hasattr(prep, "to"):
         prep.to(device)
+    if frozen:
+        freeze_backbone(model)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -291,6 +328,8 @@ def train_model(
         if hasattr(train_loader.dataset, "set_epoch"):
             train_loader.dataset.set_epoch(epoch)  # a new augmentation draw per epoch
         model.train()
+        if frozen:
+            _backbone_eval(model)
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=_bar_off(progress),

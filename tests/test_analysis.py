@@ -147,10 +147,10 @@ def test_summary_band_is_the_t_interval_over_folds():
     assert row["n_folds"] == 5
 
 
-def write_run(runs_dir, run_id, confounder, p, source, fold, aucs):
+def write_run(runs_dir, run_id, confounder, p, source, fold, aucs, **config_extra):
     config = {"manifest": "data/phantom_cxr/manifest.csv", "confounder": confounder, "strength": 1.0,
               "confounder_params": {}, "p": p, "fold": fold, "source": source, "weights": None,
-              "arch": None, "seed": 812, "runs_dir": str(runs_dir)}
+              "arch": None, "seed": 812, "runs_dir": str(runs_dir), **config_extra}
     test_sets = {name: {"auc": auc, "auc_ci_low": auc - 0.1, "auc_ci_high": auc + 0.1, "micro_auc": auc,
                         "n": 40, "n_pos": 20, "n_confounded": 7,
                         "group_auc": {"sex=F": auc - 0.05, "sex=M": auc + 0.05}}
@@ -181,6 +181,37 @@ def test_collect_results_reads_complete_run_directories_only(tmp_path):
     assert [p.name for p in written] == ["results.csv", "results.parquet"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "results.parquet"), table)
     assert len(pd.read_csv(tmp_path / "results.csv")) == 6
+
+
+def test_a_linear_probe_is_an_arm_and_sources_of_their_own_architectures_are_compared(tmp_path):
+    from sm_utils.analysis import compare_sources
+
+    aucs = {"iid": 0.9, "ood": 0.6, "clean": 0.8}
+    for fold in range(2):
+        write_run(tmp_path, f"cnn{fold}", "tag", 1.0, "imagenet", fold, aucs, arch="resnet50")
+        write_run(tmp_path, f"vit{fold}", "tag", 1.0, "rad_dino", fold, aucs)
+        write_run(tmp_path, f"lp{fold}", "tag", 1.0, "rad_dino", fold, aucs,
+                  mode="linear_probe")
+    table = collect_results(tmp_path)
+    assert set(table["source"]) == {"imagenet", "rad_dino", "rad_dino:linear_probe"}
+    assert table.groupby("source")["mode"].first().to_dict() == {
+        "imagenet": "finetune", "rad_dino": "finetune", "rad_dino:linear_probe": "linear_probe"}
+    # a ResNet50 beside ViTs: one condition per (dataset, ..., p), every source in it
+    assert set(table["arch"]) == {"per source"}
+    assert table.groupby("source")["source_arch"].first().to_dict() == {
+        "imagenet": "resnet50", "rad_dino": "default", "rad_dino:linear_probe": "default"}
+    compared = compare_sources(table)
+    pairs = {frozenset(pair) for pair in zip(compared["source_a"], compared["source_b"])}
+    assert frozenset(("imagenet", "rad_dino")) in pairs
+    # one architecture for all, or several for one source: arch stays the grid's axis
+    for fold in range(2):
+        write_run(tmp_path, f"cnn_b{fold}", "tag", 1.0, "imagenet", fold, aucs, arch="vit_b")
+    table = collect_results(tmp_path)
+    assert "source_arch" not in table and set(table["arch"]) == {"resnet50", "vit_b", "default"}
+    # runs made before modes: no mode column, as before
+    plain = tmp_path / "plain"
+    write_run(plain, "run", "tag", 1.0, "random", 0, aucs)
+    assert "mode" not in collect_results(plain) and "source_arch" not in collect_results(plain)
 
 
 def test_reference_lines_use_our_names_and_are_drawn_over_micro_auc_only(tmp_path):

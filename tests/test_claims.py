@@ -286,7 +286,7 @@ def test_a_grid_names_its_sources_roles_and_bad_roles_are_refused(tmp_path, caps
     assert main(["validate", str(path), "--no-check-paths"]) == 2
     err = capsys.readouterr().err
     assert "claims.roles: unknown role 'medical'" in err
-    assert "claims.roles.imagenet: 'resnet_mine' is not a source of this grid" in err
+    assert "claims.roles.imagenet: 'resnet_mine' is not an arm of this grid" in err
     grid["claims"] = {"roles": {"in_domain": "random"}}
     path.write_text(yaml.safe_dump(grid))
     from sm_utils.grid import load_grid

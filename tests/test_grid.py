@@ -170,7 +170,66 @@ def test_a_rebuilt_manifest_with_other_content_makes_its_cells_run_again(tmp_pat
     assert all(c.done for c in expand_cells(spec))
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper_cxr.yaml", "paper_ct.yaml"])
+def test_training_modes_are_an_axis_and_a_fine_tuning_cell_keeps_its_parameters(tmp_path):
+    finetune = expand_cells(load_grid(write_grid(tmp_path), check_names=False))
+    both = expand_cells(load_grid(write_grid(tmp_path, training={
+        "image_size": 32, "epochs": 1, "mode": ["finetune", "linear_probe"]}), check_names=False))
+    assert len(both) == 2 * len(finetune)
+    # the fine-tuning cells are the grid's without modes, parameters and ids alike
+    assert [c.params for c in both if "mode" not in c.params] == [c.params for c in finetune]
+    probes = [c for c in both if c.params.get("mode") == "linear_probe"]
+    assert len(probes) == len(finetune) and "linear_probe" in probes[0].label()
+    assert not {c.run_id for c in probes} & {c.run_id for c in finetune}
+    one = load_grid(write_grid(tmp_path, training={"mode": "linear_probe"}), check_names=False)
+    assert one.modes == ["linear_probe"]
+
+
+def test_bad_modes_builds_and_role_arms_are_refused(tmp_path):
+    path = write_grid(tmp_path, training={"mode": ["finetune", "frozen"]},
+                      sources=["random", {"name": "imagenet_lite0", "weights": "w.safetensors",
+                                          "build": {"script": "make.py"}}],
+                      claims={"roles": {"imagenet": "imagenet_lite0:linear_probe"}})
+    with pytest.raises(GridError) as info:
+        load_grid(path, check_names=False, check_paths=False)
+    message = str(info.value)
+    assert "training.mode: one of ['finetune', 'linear_probe']" in message and "'frozen'" in message
+    assert "build must name one 'notebook' (a path) or one 'function'" in message
+    # a linear probe's arm is a role's only where the grid probes
+    assert "'imagenet_lite0:linear_probe' is not an arm of this grid" in message
+    fine = write_grid(tmp_path, training={"mode": ["finetune", "linear_probe"]},
+                      claims={"roles": {"imagenet": "imagenet_lite0:linear_probe"}})
+    assert load_grid(fine, check_names=False).claims["roles"]["imagenet"].endswith(":linear_probe")
+
+
+def test_a_source_is_built_by_a_function_named_in_the_grid(tmp_path):
+    from sm_utils.grid import prepare
+    from sm_utils.identity import weights_digest
+
+    build = {"function": "sm_utils.sources.stand_ins:save_random_source",
+             "parameters": {"out": "{weights}", "file_format": "transformers", "image_size": 16,
+                            "patch_size": 8, "width": 8, "depth": 1, "heads": 2}}
+    path = write_grid(tmp_path, sources=[{"name": "rad_dino", "weights": "dino", "build": build}])
+    spec = load_grid(path, check_names=False)
+    prepare(spec, log=lambda message: None)
+    folder = tmp_path / "dino"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors",
+                                                   "preprocessor_config.json"}
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 8
+    # a folder of weights is named by its files' content
+    digest = weights_digest(folder)
+    assert len(digest) == 64 and weights_digest(folder) == digest
+    (folder / "preprocessor_config.json").write_text("{}")
+    assert weights_digest(folder) != digest
+    spec.sources[0].build = {"function": "sm_utils.sources.stand_ins:no_such_function"}
+    import shutil
+
+    shutil.rmtree(folder)
+    with pytest.raises(GridError, match="build function 'sm_utils.sources.stand_ins:no_such"):
+        prepare(spec, log=lambda message: None)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper_cxr.yaml", "paper_ct.yaml",
+                                  "foundation_cxr.yaml", "foundation_demo.yaml"])
 def test_shipped_configs_validate(name):
     spec = load_grid(CONFIGS / name, check_paths=False)
     cells = expand_cells(spec)
@@ -187,6 +246,10 @@ def test_shipped_configs_validate(name):
         assert spec.training["resize"] == "nearest" and spec.training["drop_rate"] == 0.5
         # the paper trained in float32: every cell asks for fp32, not the GPU default of bf16
         assert {c.params.get("precision") for c in cells} == {"fp32"}
+    elif name.startswith("foundation"):  # every source fine-tuned and linearly probed
+        assert spec.modes == ["finetune", "linear_probe"]
+        assert spec.claims["roles"]["in_domain"] == "rad_dino"
+        assert sum("mode" in c.params for c in cells) == len(cells) / 2
     else:
         assert {c.params.get("precision") for c in cells} == {None}  # auto, notebook 03's default
 

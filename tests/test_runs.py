@@ -14,7 +14,7 @@ from sm_utils.runs import RunConfig, RunError, execute_run
 CONTRACT_FIELDS = [
     "manifest", "confounder", "strength", "confounder_params", "p", "fold", "source", "weights",
     "arch", "image_size", "resize", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "patience",
-    "augment", "drop_rate", "seed", "probe", "attribution", "device", "precision", "deterministic",
+    "augment", "drop_rate", "seed", "mode", "probe", "attribution", "device", "precision", "deterministic",
     "num_workers", "runs_dir",
 ]
 
@@ -32,7 +32,7 @@ def test_run_id_is_a_stable_hash_of_the_result_defining_fields(tmp_path):
     config = RunConfig(manifest=m, runs_dir="a", device="cpu", num_workers=0)
     identity = {k: v for k, v in asdict(config).items()
                 if k not in ("runs_dir", "device", "precision", "deterministic", "num_workers",
-                             "probe", "attribution")}
+                             "probe", "attribution", "mode")}
     identity.update(manifest=manifest_digest(manifest), weights=None)
     assert config.run_id == stable_hash(identity) and len(config.run_id) == 12
     # Mechanism measurements are extra outputs: off they leave the id alone, on they make a new run.
@@ -42,6 +42,11 @@ def test_run_id_is_a_stable_hash_of_the_result_defining_fields(tmp_path):
                      precision="fp32", deterministic=True)
     assert same.run_id == config.run_id
     assert RunConfig(manifest=m, lr=1e-4).run_id != config.run_id
+    # Fine-tuning is the default mode, so every run from before modes keeps its id; a linear
+    # probe is another run.
+    assert RunConfig(manifest=m, mode="finetune").run_id == config.run_id
+    assert RunConfig(manifest=m, mode="linear_probe").identity()["mode"] == "linear_probe"
+    assert RunConfig(manifest=m, mode="linear_probe").run_id != config.run_id
     assert RunConfig(manifest=m, p=1).run_id == RunConfig(manifest=m, p=1.0).run_id
     # Without a confounder p and strength change nothing: one run serves every p.
     none = [RunConfig(manifest=m, confounder="none", p=p) for p in (0.0, 0.5, 1.0)]
@@ -68,6 +73,9 @@ def test_bad_configs_are_refused():
         RunConfig(p=1.5)
     with pytest.raises(RunError, match="resize must be one of.*'nearest'"):
         RunConfig(resize="lanczos")
+    with pytest.raises(RunError, match=r"mode must be one of \['finetune', 'linear_probe'\].*"
+                                       r"got 'frozen'"):
+        RunConfig(mode="frozen")
 
 
 def _config(manifest, tmp_path, **overrides):
@@ -204,6 +212,36 @@ def test_interrupted_run_leaves_no_metrics(phantom_cxr, tmp_path, cache_dir, mon
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("mode", ["linear_probe", "finetune"])
+def test_a_linear_probe_trains_only_the_head(phantom_cxr, tmp_path, cache_dir, mode):
+    """Linear probing leaves every backbone tensor, batch-norm statistics included, byte for
+    byte as loaded and trains the head; fine-tuning (the control) changes the backbone."""
+    from sm_utils.sources import create_model
+    from sm_utils.training import classifier, reset_head
+
+    config = _config(phantom_cxr, tmp_path, source="imagenet_lite0", arch=None, mode=mode,
+                     epochs=1)
+    torch.manual_seed(config.seed)  # the model as train_run starts it: loaded, a fresh head
+    loaded, _ = create_model("imagenet_lite0", num_classes=2, drop_rate=config.drop_rate)
+    reset_head(loaded)
+    head = {f"{name}.{key}" for name, module in loaded.named_modules()
+            if module is classifier(loaded) for key in ("weight", "bias")}
+    with runs.train_run(config, progress=False, cache_dir=cache_dir) as run:
+        trained = run.model.state_dict()
+        assert run.result.epochs_run == 1
+    before = loaded.state_dict()
+    assert set(trained) == set(before) and head == {"classifier.weight", "classifier.bias"}
+    changed = {k for k in before if k not in head
+               and trained[k].cpu().numpy().tobytes() != before[k].numpy().tobytes()}
+    if mode == "linear_probe":
+        assert changed == set()
+        assert not torch.equal(trained["classifier.weight"], before["classifier.weight"])
+    else:  # the control: the same check sees a fine-tuned backbone
+        assert any(".running_mean" in k for k in changed) and any(k.endswith(".weight")
+                                                                for k in changed)
+
+
+@pytest.mark.numerics
 def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_path):
     import papermill
 
@@ -212,7 +250,8 @@ def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_
     parameters = {"manifest": str(phantom_cxr), "confounder": "lowpass", "strength": 0.5,
                   "p": 1.0, "fold": 1, "source": "random", "arch": "tf_efficientnet_lite0",
                   "image_size": 32, "epochs": 1, "batch_size": 16, "optimizer": "adamw",
-                  "augment": False, "seed": 3, "device": "cpu", "runs_dir": str(tmp_path)}
+                  "augment": False, "seed": 3, "mode": "linear_probe", "device": "cpu",
+                  "runs_dir": str(tmp_path)}
     papermill.execute_notebook(
         str(project_root() / "notebooks" / "03_fine_tuning.ipynb"), str(tmp_path / "out.ipynb"),
         parameters=parameters, kernel_name="python3", progress_bar=False)
@@ -221,6 +260,7 @@ def test_notebook_03_runs_headless_with_non_default_parameters(phantom_cxr, tmp_
     metrics = json.loads(path.read_text())
     assert metrics["config"]["confounder"] == "lowpass" and metrics["config"]["fold"] == 1
     assert metrics["config"]["optimizer"] == "adamw" and metrics["epochs_run"] == 1
+    assert metrics["config"]["mode"] == "linear_probe"
     assert metrics["test_sets"]["iid"]["n_confounded"] == metrics["test_sets"]["iid"]["n_pos"]
 
 

@@ -191,12 +191,30 @@ DEVIATIONS = (
               'exactly)',
               'no OpenCV dependency',
               'arch:keras_resnet50'),
+    Deviation('sources beyond the paper\'s',
+              'ImageNet and RadImageNet ResNet50s (Keras), random initialisation',
+              'also vision transformers from their published files (DINOv2, RAD-DINO, '
+              'BiomedCLIP, CLIP), each with its own normalisation; the confounders act where the '
+              "paper's do, then the image is resized to the source's input size (a multiple of "
+              'its patch size)',
+              "the paper's question asked of the sources researchers now start from "
+              '(`configs/foundation_cxr.yaml`)',
+              'foundation'),
+    Deviation('linear probing',
+              'every layer fine-tuned',
+              '`mode: linear_probe` also trains only the fresh head on the frozen backbone (in '
+              'eval mode, its batch-norm statistics as loaded), an arm of its own '
+              '(`<source>:linear_probe`)',
+              'foundation models are often used frozen; whether a frozen backbone takes the '
+              'shortcut is a question of its own',
+              'mode:linear_probe'),
 )
 
 
 def applicable(features: Iterable[str]) -> list[Deviation]:
     """The deviations that concern a grid with these features (``dataset:nih_cxr14``,
-    ``confounder:tag``, ``source:random``, ``arch:keras_resnet50``, ``synthetic``, ``augment``;
+    ``confounder:tag``, ``source:random``, ``arch:keras_resnet50``, ``synthetic``, ``augment``,
+    ``foundation`` (a source with a patch size: a ViT), ``mode:linear_probe``;
     ``all`` is implied): those whose every condition is among them."""
     present = {"all", *features}
     return [d for d in DEVIATIONS if set(d.applies.split("+")) <= present]

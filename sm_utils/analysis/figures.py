@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import atomic_path
-from .results import METRICS, PAPER_METRIC, PAPER_METRICS, AnalysisError
+from .results import LINEAR_PROBE_SUFFIX, METRICS, PAPER_METRIC, PAPER_METRICS, AnalysisError
 from .summaries import SUMMARY_COLUMNS, summarise
 
 
@@ -50,7 +50,12 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
     several_datasets = means["dataset"].nunique() > 1
     several_strengths = means.groupby("confounder")["strength"].nunique().max() > 1
     sources = list(dict.fromkeys(table["source"]))
-    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sources)}
+    # a linear probe's arm: its source's colour, dash-dotted, hollow markers
+    bases = {s: s.removesuffix(LINEAR_PROBE_SUFFIX) for s in sources}
+    order = list(dict.fromkeys(bases.values()))
+    colours = {s: plt.get_cmap("tab10")(order.index(bases[s]) % 10) for s in sources}
+    styles = {s: {} if bases[s] == s else {"linestyle": "-.", "markerfacecolor": "white"}
+              for s in sources}
     if width is None:
         figsize, title_size = (3.2 * len(columns), 2.9 * len(rows)), 10
     else:  # panels about as tall as wide (at most 1.8 in), and room for the legend below
@@ -69,7 +74,8 @@ def plot_auc_vs_p(table: pd.DataFrame, reference: pd.DataFrame | None = None,
                 for (arch, seed), line in here[here["source"] == source].groupby(["arch", "seed"]):
                     line = line.sort_values("p")
                     label = source if here["arch"].nunique() == 1 else f"{source}/{arch}"
-                    ax.plot(line["p"], line[mean_column], marker="o", color=colours[source], label=label)
+                    ax.plot(line["p"], line[mean_column], marker="o", color=colours[source],
+                            label=label, **styles[source])
                     # AUC lives in [0, 1]; with few folds the t interval reaches far beyond
                     ax.fill_between(line["p"], line[low_column].clip(0, 1), line[high_column].clip(0, 1),
                                     color=colours[source], alpha=0.15, linewidth=0)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..confounders import list_confounders
+from ..identity import DEFAULT_MODE
 from .claims import ALPHA, MARGIN, definitions_commit
 from .deviations import applicable
 from .paper import STAND_INS
@@ -146,7 +147,8 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
             f"`{s}`: {STAND_INS[s]}" for s in stand_ins)
             + ". Results with these sources show the method, not the paper's findings.", ""]
 
-    archs = sorted(set(runs["arch"].astype(str)) - {PAPER_ARCH})
+    # as each run resolved it (a source's default included)
+    archs = sorted({str(c["source"].get("arch")) for c in configs} - {PAPER_ARCH})
     if archs:
         lines += [(f"The paper fine-tuned a ResNet50 (Keras' layout, `{PAPER_ARCH}` here); this "
                   f"grid uses {', '.join(f'`{a}`' for a in archs)}."), ""]
@@ -208,8 +210,9 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
     folds = sorted(set(runs["fold"]))
     lines.append(f"| folds | {len(folds)} | {whose('folds', len(folds))} |")
     for setting in ("image_size", "resize", "epochs", "batch_size", "lr", "optimizer",
-                    "weight_decay", "patience", "augment", "drop_rate", "seed"):
-        values = _distinct(s.get(setting) for s in settings)
+                    "weight_decay", "patience", "augment", "drop_rate", "seed", "mode"):
+        values = _distinct(s.get(setting, DEFAULT_MODE if setting == "mode" else None)
+                           for s in settings)
         shown = ", ".join(_plain(v) for v in values)
         lines.append(f"| {setting} | {shown} | "
                      + "; ".join(_distinct(whose(setting, v) for v in values)) + " |")
@@ -219,6 +222,16 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
               "lowest validation loss kept; test scores in fp32. Trained on "
               + "; ".join(f"{d} ({p} training precision, deterministic {x})" for d, p, x in devices)
               + "."]
+    if any(s.get("mode", DEFAULT_MODE) != DEFAULT_MODE for s in settings):
+        lines.append("Linear probing (mode linear_probe, ours): only the fresh head trains; the "
+                     "backbone is frozen and kept in eval mode (its batch-norm statistics as "
+                     "loaded). Each probed source is an arm of its own, `<source>:linear_probe`.")
+    patched = _distinct((c["source"].get("source"), (c.get("preprocessing") or {}).get(
+        "patch_size")) for c in configs if (c.get("preprocessing") or {}).get("patch_size"))
+    if patched:
+        lines.append("The confounders act at their own resolution; the image is then resized "
+                     "to the input size above, which each vision transformer cuts into patches "
+                     "(" + ", ".join(f"{s}: {p} px" for s, p in patched) + ").")
     augmentation = _distinct(json.dumps(c.get("augmentation"), sort_keys=True) for c in configs)
     if augmentation != ["null"]:
         lines.append("Augmentation: " + "; ".join(_plain_dict(json.loads(a)) for a in augmentation
@@ -273,7 +286,10 @@ def methods_markdown(table: pd.DataFrame, configs: list[dict], name: str,
                 | {f"confounder:{c['confounder'].get('name')}" for c in configs}
                 | {f"source:{s}" for s in runs["source"]} | {f"arch:{a}" for a in runs["arch"]}
                 | {"synthetic" for c in configs if c["confounder"].get("kind") == "synthetic"}
-                | {"augment" for s in settings if s.get("augment")})
+                | {"augment" for s in settings if s.get("augment")}
+                | {f"mode:{s.get('mode', DEFAULT_MODE)}" for s in settings}
+                | {"foundation" for c in configs
+                   if (c.get("preprocessing") or {}).get("patch_size")})
     rows = applicable(features)
     lines += ["## Deviations from the paper", "",
               ("How this compendium's implementation differs from the paper's where this grid "

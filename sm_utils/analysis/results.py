@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..identity import DEFAULT_MODE
 from ..io import atomic_path, atomic_write_csv
 from ..paths import CELLS_FILE, METRICS_FILE, SOURCE_PROBES_FILE
 
@@ -29,6 +30,12 @@ MECHANISM_COLUMNS = ["probe_auc", "probe_auc_ci_low", "probe_auc_ci_high", "attr
                      "attribution_ratio"]
 SOURCE_PROBE_COLUMNS = ["source_probe_auc", "source_probe_auc_ci_low", "source_probe_auc_ci_high"]
 TEST_SET_ORDER = {"ood": 0, "iid": 1, "clean": 2}
+# A linear probe's arm is its source's name with this suffix: an arm of its own in every table,
+# figure and claim (the source fine-tuned is another arm); results.csv's ``mode`` column says it.
+LINEAR_PROBE_SUFFIX = ":linear_probe"
+# ``arch`` where each source ran one architecture of its own (ResNet50s beside ViTs): the
+# architecture is part of the arm, in ``source_arch``, and the sources are compared.
+PER_SOURCE_ARCH = "per source"
 # metric -> its mean, interval columns in summaries and its name in words
 METRICS = {"auc": ("mean_auc", "ci_low", "ci_high", "binary AUC"),
            "micro_auc": ("mean_micro_auc", "micro_ci_low", "micro_ci_high", "micro-AUC"),
@@ -120,8 +127,10 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
             "arch": config.get("arch") or "default",
             "seed": int(config["seed"]),
             "p": float(config["p"]),
-            "source": config["source"],
+            "source": arm_name(config["source"], config.get("mode", DEFAULT_MODE)),
             "fold": int(config["fold"]),
+            "mode": config.get("mode", DEFAULT_MODE),
+            "_source": config["source"],
         }
         mechanisms = {k: v for k, v in (metrics.get("mechanisms") or {}).items()
                       if k in MECHANISM_COLUMNS}
@@ -136,18 +145,46 @@ def collect_results(runs_dir: str | os.PathLike, with_groups: bool = False):
             for group, auc in (values.get("group_auc") or {}).items():
                 group_rows.append({**base, "test_set": test_set, "group": group, "auc": auc})
     columns = ["run_id", *AXES, "test_set", *METRIC_COLUMNS, *RUN_COLUMNS, *RAN_ON_COLUMNS]
+    # the mode only where some run is not fine-tuned: earlier tables keep their columns
+    modes = ["mode"] if any(r["mode"] != DEFAULT_MODE for r in rows) else []
     present = [c for c in [*MECHANISM_COLUMNS, *own_metrics] if any(c in r for r in rows)]
-    table = _sorted(pd.DataFrame(rows, columns=columns + present))
+    table = _sorted(pd.DataFrame(rows, columns=[*columns, *modes, *present, "_source"]))
     probes = runs_dir / SOURCE_PROBES_FILE
     if probes.exists() and not table.empty:  # the grid's probe of each source before fine-tuning
-        keys = ["dataset", "source", "arch", "seed", "confounder", "strength"]
-        source = pd.read_csv(probes).drop_duplicates(keys, keep="last")
+        keys = ["dataset", "_source", "arch", "seed", "confounder", "strength"]
+        source = (pd.read_csv(probes).rename(columns={"source": "_source"})
+                  .drop_duplicates(keys, keep="last"))
         source["arch"] = source["arch"].fillna("default")
         table = table.merge(source[[*keys, *SOURCE_PROBE_COLUMNS]], on=keys, how="left")
+    table = arch_per_source(table.drop(columns="_source"))
     if not with_groups:
         return table
     groups = _sorted(pd.DataFrame(group_rows, columns=["run_id", *AXES, "test_set", "group", "auc"]))
     return table, groups
+
+
+def arm_name(source: str, mode: str = DEFAULT_MODE) -> str:
+    """The name of a source's arm in the results: the source fine-tuned, or with
+    :data:`LINEAR_PROBE_SUFFIX` its linear probe."""
+    return source if mode == DEFAULT_MODE else f"{source}{LINEAR_PROBE_SUFFIX}"
+
+
+def arch_per_source(table: pd.DataFrame) -> pd.DataFrame:
+    """Where, within each dataset, every source ran one architecture and they are not all the
+    same (e.g. ImageNet ResNet50 beside DINOv2 ViTs), the architecture belongs to the source:
+    it moves to ``source_arch`` and ``arch`` reads :data:`PER_SOURCE_ARCH`, so the sources
+    share their conditions and are compared. A grid with one architecture, or one that runs
+    every source with several, keeps ``arch`` as its axis."""
+    if table.empty or "source_arch" in table.columns:
+        return table
+    per_source = table.groupby(["dataset", "source"])["arch"].nunique()
+    several = table.groupby("dataset")["arch"].nunique()
+    if (per_source > 1).any() or not (several > 1).any():
+        return table
+    position = table.columns.get_loc("arch")
+    out = table.rename(columns={"arch": "source_arch"})
+    out.insert(position, "arch", PER_SOURCE_ARCH)
+    return out
 
 
 def _own_metrics(run_dir: Path) -> dict[str, dict[str, float]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..confounders.registry import identity_params
+from ..identity import DEFAULT_MODE
 from ..io import atomic_write_csv, stable_hash
 from ..paths import CELLS_FILE, ERROR_FILE, METRICS_FILE
 from .errors import error_headline
@@ -62,7 +63,9 @@ class Cell:
     def label(self) -> str:
         p = self.params
         return (f"{self.dataset} {p['confounder']}(s={p['strength']:g}) p={p['p']:g} fold={p['fold']} "
-                f"{p['source']}" + (f"/{p['arch']}" if p.get("arch") else "") + f" seed={p['seed']}")
+                f"{p['source']}" + (f"/{p['arch']}" if p.get("arch") else "")
+                + (f" {p['mode']}" if p.get("mode", DEFAULT_MODE) != DEFAULT_MODE else "")
+                + f" seed={p['seed']}")
 
 
 def _accepted_archs(kind: str) -> tuple[str, ...] | None:
@@ -103,8 +106,8 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
     for dataset, confounder in itertools.product(spec.datasets, spec.confounders):
         if confounder.datasets is not None and dataset.name not in confounder.datasets:
             continue
-        for strength, p, fold, (source, arch), seed in itertools.product(
-            confounder.strengths, spec.prevalences, spec.folds, pairs, spec.seeds,
+        for strength, p, fold, (source, arch), mode, seed in itertools.product(
+            confounder.strengths, spec.prevalences, spec.folds, pairs, spec.modes, spec.seeds,
         ):
             params = {
                 "manifest": str(dataset.manifest),
@@ -119,6 +122,8 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
                 "arch": arch,
                 **spec.training,
                 "seed": int(seed),
+                # only when not notebook 03's default, so a fine-tuning cell's parameters stay
+                **({"mode": mode} if mode != DEFAULT_MODE else {}),
                 "device": spec.run["device"],
                 "num_workers": int(spec.run["num_workers"]),
                 # how a GPU runs, only when not the default (notebook 03's defaults)
@@ -156,7 +161,8 @@ def cells_table(cells: Sequence[Cell]):
     rows = [
         {"run_id": c.run_id, "dataset": c.dataset, "confounder": c.params["confounder"],
          "strength": c.params["strength"], "p": c.params["p"], "fold": c.params["fold"],
-         "source": c.params["source"], "arch": c.params["arch"], "seed": c.params["seed"],
+         "source": c.params["source"], "arch": c.params["arch"],
+         "mode": c.params.get("mode", DEFAULT_MODE), "seed": c.params["seed"],
          "status": c.status}
         for c in cells
     ]

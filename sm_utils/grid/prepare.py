@@ -141,6 +141,18 @@ def _build_dataset(spec: GridSpec, dataset, log) -> None:
     atomic_write_json(recorded, built_with)
 
 
+def build_function(reference: str):
+    """The callable a source's ``build: {function: "package.module:name"}`` names."""
+    import importlib
+
+    module, _, name = str(reference).partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise GridError(f"build function {reference!r}: expected 'package.module:function' that "
+                        f"can be imported; {type(err).__name__}: {err}") from err
+
+
 def _build_source(spec: GridSpec, source, log) -> None:
     prepare_dir = spec.runs_dir / "_prepare"
     build = dict(source.build)
@@ -150,15 +162,25 @@ def _build_source(spec: GridSpec, source, log) -> None:
                           f"delete {source.weights} to rebuild it, or give this source "
                           "another weights path")
         return
-    notebook = resolve_path(spec.root, source.build["notebook"])
-    log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
     # "{weights}" in a parameter stands for the absolute weights path (one truth, no cwd doubt)
     params = {k: str(source.weights) if v == "{weights}" else v
               for k, v in dict(source.build.get("parameters") or {}).items()}
-    execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
-                 spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
-                 step=f"building the weights of source {source.name!r}")
+    if "function" in source.build:  # e.g. sm_utils.sources.stand_ins:save_random_source
+        maker = source.build["function"]
+        log(f"building weights of source {source.name!r} with {maker} -> {source.weights}")
+        make = build_function(maker)
+        try:
+            make(**params)
+        except Exception as err:
+            raise GridError(f"building the weights of source {source.name!r} with {maker}"
+                            f"(**{params}) failed: {type(err).__name__}: {err}") from err
+    else:
+        notebook = resolve_path(spec.root, source.build["notebook"])
+        log(f"building weights of source {source.name!r} with {notebook} -> {source.weights}")
+        execute_once(notebook, prepare_dir / f"source_{source.name}.ipynb", params,
+                     spec.run["kernel_name"], int(spec.run["cell_timeout_s"]),
+                     step=f"building the weights of source {source.name!r}")
     if not source.weights.exists():
-        raise GridError(f"{notebook} ran for source {source.name!r} but wrote no weights at "
+        raise GridError(f"the build of source {source.name!r} ran but wrote no weights at "
                         f"{source.weights}; see {prepare_dir}")
     atomic_write_json(recorded, build)

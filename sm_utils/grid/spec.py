@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..identity import MODES
 from .errors import GridError
 from .extend import load_grid_plugins, notebook_paths, plugins_block
 
@@ -37,6 +38,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "patience": 3,
     "augment": True,
     "drop_rate": 0.5,
+    # finetune (every layer, the paper) | linear_probe (the head on a frozen backbone), or a
+    # list of both: an axis of the grid, each source run each way
+    "mode": "finetune",
 }
 TOP_LEVEL_KEYS = {
     "name", "description", "root", "runs_dir", "figures_dir", "datasets", "confounders",
@@ -129,6 +133,7 @@ class GridSpec:
     description: str | None = None
     # modules or .py files (absolute) that register names; loaded by load_grid in every process
     plugins: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=lambda: ["finetune"])  # training.mode, as a list
 
 
 def _is_project(folder: Path) -> bool:
@@ -288,6 +293,10 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
     seeds = [int(s) for s in _as_list(raw.get("seeds", 812))]
 
     training = _settings_block(raw, "training", TRAINING_DEFAULTS, problems)
+    modes = [str(m) for m in _as_list(training.pop("mode"))]
+    if not modes or set(modes) - set(MODES) or len(set(modes)) < len(modes):
+        problems.append(f"training.mode: one of {list(MODES)} or a list of them (each once); "
+                        f"found {modes!r}")
     run = _settings_block(raw, "run", RUN_DEFAULTS, problems)
     slurm = _settings_block(raw, "slurm", SLURM_DEFAULTS, problems)
     notebooks = _settings_block(raw, "notebooks", DEFAULT_NOTEBOOKS, problems)
@@ -298,7 +307,10 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         if unknown:
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
-    claims = _claims_block(raw, [s.name for s in sources], problems)
+    # the arms a role may name: each source, and each source's linear probe where it has one
+    arms = [s.name for s in sources] + [f"{s.name}:linear_probe" for s in sources
+                                        if "linear_probe" in modes]
+    claims = _claims_block(raw, arms, problems)
     plugin_refs = plugins_block(raw, path, problems)
     if problems and not collect:
         raise GridError(_problem_text(path, problems))
@@ -327,6 +339,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         path=path,
         description=" ".join(str(raw.get("description") or "").split()) or None,
         plugins=plugin_refs,
+        modes=modes,
     )
 
 
@@ -347,8 +360,8 @@ def _claims_block(raw: dict[str, Any], source_names: list[str], problems: list[s
         if role not in ROLES:
             problems.append(f"claims.roles: unknown role {role!r}; the roles are {list(ROLES)}")
         elif source not in source_names:
-            problems.append(f"claims.roles.{role}: {source!r} is not a source of this grid; "
-                            f"its sources: {source_names}")
+            problems.append(f"claims.roles.{role}: {source!r} is not an arm of this grid; "
+                            f"its arms: {source_names}")
     return {"roles": dict(roles)}
 
 
@@ -378,6 +391,15 @@ def validate_grid(spec: GridSpec, check_names: bool = True, check_paths: bool = 
             unknown = [n for n in names if n not in valid]
             if unknown:
                 problems.append(f"unknown {kind} {unknown}; valid names: {', '.join(valid)}")
+    for source in spec.sources:
+        makers = sorted({"notebook", "function"} & set(source.build or {}))
+        if source.build and (len(makers) != 1 or not isinstance(source.build, dict)):
+            problems.append(
+                f"source {source.name!r}: build must name one 'notebook' (a path) or one "
+                "'function' ('package.module:name', called with the build's parameters); found "
+                f"{source.build!r}")
+        elif source.build and source.weights is None:
+            problems.append(f"source {source.name!r}: a build needs 'weights', the path it writes")
     if check_paths:
         for source in spec.sources:
             if source.weights is not None and not source.weights.exists() and not source.build:
@@ -436,7 +458,8 @@ def merge_grid(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.exists():
         raise GridError(f"no {what} at {path}; configs/ holds demo.yaml, paper_cxr.yaml, "
-                        "paper_ct.yaml and the smoke override smoke.yaml")
+                        "paper_ct.yaml, foundation_cxr.yaml, foundation_demo.yaml and the smoke "
+                        "override smoke.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
