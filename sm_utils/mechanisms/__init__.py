@@ -104,6 +104,7 @@ from .probe import (
     probe_table,
 )
 from .probe_sets import ProbeSet, probe_set
+from .tokens import PATCH_MEAN, TokenLayout, token_layout
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -113,12 +114,14 @@ __all__ = [
     "MECHANISMS_FILE",
     "MIN_CAM_SIDE",
     "MODEL_FILE",
+    "PATCH_MEAN",
     "PENULTIMATE",
     "SOURCE_PROBES_FILE",
     "AttributionMaps",
     "FineTuned",
     "MechanismError",
     "ProbeSet",
+    "TokenLayout",
     "activation_maps",
     "attribution_for_run",
     "attribution_maps",
@@ -152,4 +155,5 @@ __all__ = [
     "save_run_model",
     "spearman_permutation",
     "summarise_attribution",
+    "token_layout",
 ]
