@@ -40,13 +40,20 @@ Layer: the final feature map is coarse (2 x 2 for a 64 px input to EfficientNet-
 of the model's top-level blocks whose map still has at least 16 x 16 cells (``blocks.1``,
 stride 4, for Lite0 at 64 px; ``blocks.2`` at 224 px).
 
+Vision transformers (the foundation sources, :mod:`.tokens`): ``layer="penultimate"`` is the
+CLS token the head reads, ``layer="patch_mean"`` the mean of the last block's patch tokens
+after the final norm (CLS and register tokens left out); attribution maps the patch tokens of
+the block before the last one (the tokens the last block reads: the last block's own patch
+tokens never reach a head that reads the CLS token) on the patch grid. docs/MECHANISMS.md.
+
 Grids: :func:`mechanisms_for_run` does both for a fine-tuned model in the process that trained
 it (:func:`measure_run` is the hook ``execute_run`` is given), :func:`run_mechanisms` for a finished run directory
 whose fine-tuned weights were kept (:func:`save_run_model`, ``model.safetensors``), and
 :func:`encodedness_vs_drop` relates the pre-fine-tuning probe AUC of each source to its o.o.d.
 AUC drop (Spearman, permutation p) per confounder.
 
-Modules: ``features``, ``probe_sets``, ``probe``, ``attribution``, ``per_run`` (a run's
+Modules: ``features``, ``probe_sets``, ``probe``, ``attribution``, ``tokens`` (a ViT's
+tokens), ``per_run`` (a run's
 mechanisms; :func:`measure_run`), ``fine_tuning`` (models kept in memory, attribution sweeps),
 ``encodedness`` (against the o.o.d. drop; what a grid measured) and ``figures``; every public
 name is importable from ``sm_utils.mechanisms`` itself.
@@ -104,6 +111,7 @@ from .probe import (
     probe_table,
 )
 from .probe_sets import ProbeSet, probe_set
+from .tokens import PATCH_MEAN, TokenLayout, token_layout
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -113,12 +121,14 @@ __all__ = [
     "MECHANISMS_FILE",
     "MIN_CAM_SIDE",
     "MODEL_FILE",
+    "PATCH_MEAN",
     "PENULTIMATE",
     "SOURCE_PROBES_FILE",
     "AttributionMaps",
     "FineTuned",
     "MechanismError",
     "ProbeSet",
+    "TokenLayout",
     "activation_maps",
     "attribution_for_run",
     "attribution_maps",
@@ -152,4 +162,5 @@ __all__ = [
     "save_run_model",
     "spearman_permutation",
     "summarise_attribution",
+    "token_layout",
 ]

@@ -1,5 +1,6 @@
 """Attribution: the share of a class activation map (HiResCAM or Grad-CAM, captum)
-inside a confounder's pixel mask, beside the mask's share of the image."""
+inside a confounder's pixel mask, beside the mask's share of the image; for a CNN on a
+feature map, for a vision transformer on its patch tokens laid out on the patch grid."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from .features import MechanismError, _arch_name, _device, _layer_module, feature_layers
 from .probe_sets import _pick
+from .tokens import TokenLayout, token_layout
 
 AUTO = "auto"
 # method -> the captum class that computes it
@@ -26,7 +28,21 @@ MIN_CAM_SIDE = 16
 
 def cam_layer(model: nn.Module, image_size: int, *, min_side: int = MIN_CAM_SIDE) -> str:
     """The deepest of :func:`feature_layers` whose feature map has at least ``min_side`` cells
-    a side for ``image_size`` px inputs (found by one forward pass of a blank image)."""
+    a side for ``image_size`` px inputs (found by one forward pass of a blank image).
+
+    A vision transformer: the block before its last one, whose output tokens the last block
+    reads (its patch grid is the only map a ViT has, whatever its size). Not the last block's
+    own output: a head that reads the CLS token after the final norm (per token) gets nothing
+    from the patch tokens there, so their gradient, and the map, is 0.
+    """
+    layout = token_layout(model)
+    if layout is not None:
+        if layout.before_last is None:
+            raise MechanismError(
+                f"{_arch_name(model)} has one transformer block: the tokens it reads are not "
+                "a block's output. Pass layer=<module> (feature_layers(model) lists them)."
+            )
+        return layout.before_last
     shapes: dict[str, tuple[int, ...]] = {}
     modules = dict(model.named_modules())
 
@@ -95,12 +111,15 @@ def activation_maps(model: nn.Module, prep, images: np.ndarray, *, method: str =
         layer = cam_layer(model, images.shape[1])
     module = _layer_module(model, layer)
     forward = _Contrast(model) if contrast else model
+    layout = token_layout(model)  # None for a CNN
     explainer = (LayerGradCam if method == "gradcam" else LayerGradientXActivation)(forward, module)
     maps = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
         x = prep(batch.to(device)).requires_grad_(True)
-        if method == "gradcam":
+        if layout is not None:
+            cam = _token_cam(forward, module, x, method, int(target), layout, layer)
+        elif method == "gradcam":
             cam = explainer.attribute(x, target=int(target), relu_attributions=True)
         else:
             cam = explainer.attribute(x, target=int(target))
@@ -116,6 +135,28 @@ def activation_maps(model: nn.Module, prep, images: np.ndarray, *, method: str =
         maps.append(up.detach()[:, 0].clamp_min(0).float().cpu())
     model.zero_grad(set_to_none=True)
     return torch.cat(maps).numpy(), layer
+
+
+def _token_cam(forward: nn.Module, module: nn.Module, x: torch.Tensor, method: str,
+               target: int, layout: TokenLayout, layer: str) -> torch.Tensor:
+    """A ViT layer's map (N, C, gh, gw) before the channel sum (HiResCAM: gradient x
+    activation) or (N, 1, gh, gw) (Grad-CAM), its patch tokens on the patch grid: CLS and
+    register tokens dropped. Grad-CAM averages the gradients over the patches."""
+    from captum.attr import LayerActivation, LayerGradientXActivation
+
+    size = x.shape[-2:]
+    hirescam = method == "hirescam"
+    gradients = LayerGradientXActivation(forward, module, multiply_by_inputs=hirescam)
+    cam = layout.patch_grid(gradients.attribute(x, target=target), *size)
+    if not cam.any():
+        raise MechanismError(
+            f"the patch tokens of {layer!r} do not reach the classifier (their gradient is 0): "
+            "a head that reads the CLS token after the final norm gets nothing from the last "
+            "block's patch tokens. Use layer='auto' (the tokens the last block reads).")
+    if hirescam:
+        return cam
+    activations = layout.patch_grid(LayerActivation(forward, module).attribute(x), *size)
+    return (cam.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1, keepdim=True).clamp_min(0)
 
 
 def mask_shares(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:

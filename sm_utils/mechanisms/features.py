@@ -1,4 +1,5 @@
-"""Penultimate (or any layer's) pooled features of a model, for the probes."""
+"""Penultimate (or any layer's) pooled features of a model, for the probes; for a vision
+transformer also the mean of its patch tokens (``patch_mean``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .tokens import PATCH_MEAN, token_layout
 
 PENULTIMATE = "penultimate"
 
@@ -30,10 +33,11 @@ def _classifier(model: nn.Module) -> nn.Linear | None:
 
 
 def feature_layers(model: nn.Module) -> list[str]:
-    """Layer names a probe or Grad-CAM can use: ``penultimate`` and the modules at the top two
-    levels of the model (timm: ``blocks.0`` ... ``conv_head``; Keras ResNet50: ``conv3.block4``)."""
+    """Layer names a probe or Grad-CAM can use: ``penultimate``, for a vision transformer
+    ``patch_mean``, and the modules at the top two levels of the model (timm: ``blocks.0`` ...
+    ``conv_head``; Keras ResNet50: ``conv3.block4``)."""
     names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
-    return [PENULTIMATE, *names]
+    return [PENULTIMATE, *([PATCH_MEAN] if token_layout(model) else []), *names]
 
 
 def _layer_module(model: nn.Module, layer: str) -> nn.Module:
@@ -68,6 +72,23 @@ def _pool(output: Any, model: nn.Module, layer: str) -> torch.Tensor:
     return output
 
 
+def _patch_mean_hook(model: nn.Module, size: tuple[int, int], captured: list):
+    layout = token_layout(model)
+    if layout is None:
+        raise MechanismError(
+            f"{PATCH_MEAN!r} is the mean of a vision transformer's patch tokens; "
+            f"{_arch_name(model)} has none. Use {PENULTIMATE!r} or a module name "
+            "(feature_layers(model) lists them)."
+        )
+    modules = dict(model.named_modules())
+    norm = modules[layout.norm]
+
+    def keep_patch_mean(module, args, output) -> None:
+        captured.append(norm(layout.patch_tokens(output, *size)).mean(dim=1))
+
+    return modules[layout.last].register_forward_hook(keep_patch_mean)
+
+
 def _device(device: str | torch.device) -> torch.device:
     from ..training import resolve_device
 
@@ -80,7 +101,10 @@ def extract_features(model: nn.Module, prep, images: np.ndarray, *, layer: str =
     """Features (N, D) float64 of uint8 images (N, H, W), the model in eval mode.
 
     ``layer="penultimate"``: the input of the classifier (after global pooling; dropout is off
-    in eval mode); a module name: its output, average-pooled over space (or tokens).
+    in eval mode; a ViT source: its CLS token after the final norm, or an open_clip tower's
+    image embedding); ``"patch_mean"`` (a vision transformer): the mean of the patch tokens of
+    its last block after its final norm (CLS and register tokens left out); a module name: its
+    output, average-pooled over space (or tokens).
     """
     device = _device(device)
     images = np.asarray(images)
@@ -100,6 +124,8 @@ def extract_features(model: nn.Module, prep, images: np.ndarray, *, layer: str =
             captured.append(args[0])
 
         hook = head.register_forward_pre_hook(keep_input)
+    elif layer == PATCH_MEAN:
+        hook = _patch_mean_hook(model, images.shape[1:], captured)
     else:
         module = _layer_module(model, layer)
 

@@ -23,10 +23,14 @@ def save_run_model(model: nn.Module, prep, run_dir: str | os.PathLike, *, arch: 
                    drop_rate: float, source: str | None = None) -> Path:
     """Keep a run's fine-tuned weights as ``run_dir/model.safetensors`` (atomically), with the
     architecture, head and preprocessing in the file's metadata, so :func:`load_run_model`
-    rebuilds the model without the source's weights file."""
+    rebuilds the model without the source's weights file. A foundation source's model (a ViT,
+    an open_clip tower: built by its source, not by ``make_architecture``) also records what
+    rebuilds it (``FoundationClassifier.architecture()``: kind, architecture, input size and
+    the backbone's config)."""
     from safetensors.torch import save_file
 
     from ..io import atomic_path
+    from ..sources.foundation import FoundationClassifier
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     head = _classifier(model)
@@ -36,6 +40,8 @@ def save_run_model(model: nn.Module, prep, run_dir: str | os.PathLike, *, arch: 
         "preprocessing": json.dumps(prep.describe() if hasattr(prep, "describe") else {}),
         "source": str(source or ""), "format": "sm_utils fine-tuned run model, v1",
     }
+    if isinstance(model, FoundationClassifier):
+        metadata["foundation"] = json.dumps(model.architecture())
     path = Path(run_dir) / MODEL_FILE
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
@@ -47,7 +53,7 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..sources import Preprocessing, make_architecture
+    from ..sources import Preprocessing, make_architecture, rebuild_foundation
 
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
@@ -62,8 +68,12 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
     if "arch" not in meta or "preprocessing" not in meta:
         raise MechanismError(f"{path} was not written by save_run_model (no arch/preprocessing "
                              "metadata); rerun the run.")
-    model = make_architecture(meta["arch"], num_classes=int(meta.get("num_classes", 2)),
-                              drop_rate=float(meta.get("drop_rate", 0.0)))
+    head = {"num_classes": int(meta.get("num_classes", 2)),
+            "drop_rate": float(meta.get("drop_rate", 0.0))}
+    if "foundation" in meta:  # built by its source: rebuilt from the recorded architecture
+        model = rebuild_foundation(json.loads(meta["foundation"]), **head)
+    else:
+        model = make_architecture(meta["arch"], **head)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval(), Preprocessing.from_dict(json.loads(meta["preprocessing"]))
 

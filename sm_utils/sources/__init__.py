@@ -23,7 +23,8 @@ RadImageNet's PyTorch release), ``generic`` (random initialisation, a weights fi
 ``demo`` (the offline demo's sources), and the foundation models in their published formats,
 built by the source itself (``Source.build``): ``timm_vit`` (DINOv2 and any timm ViT
 checkpoint), ``transformers_folder`` (a transformers folder: RAD-DINO), ``openclip`` (an
-open_clip vision tower: BiomedCLIP, OpenAI CLIP), with ``foundation`` (what they share).
+open_clip vision tower: BiomedCLIP, OpenAI CLIP), with ``foundation`` (what they share) and
+``rebuild`` (such a model rebuilt without its weights file, for a kept fine-tuned state dict).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .preprocessing import (
     default_preprocessing,
     timm_preprocessing,
 )
+from .rebuild import rebuild_foundation
 from .registry import (
     Source,
     check_source_arch,
@@ -76,6 +78,7 @@ __all__ = [
     "make_architecture",
     "map_lite0_state_dict",
     "read_state_dict",
+    "rebuild_foundation",
     "register_source",
     "strip_prefix",
     "timm_preprocessing",

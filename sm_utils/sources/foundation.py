@@ -34,11 +34,13 @@ class FoundationClassifier(nn.Module):
     carries the architecture's name, the classifier's name (``head``), input size, patch size
     and normalisation, as timm models carry theirs. ``unused_keys``: the keys of the weights
     file that were deliberately left out (the file's own classifier, a CLIP text tower).
+    ``backbone_spec``: what builds the backbone again without its weights file (JSON-ready;
+    :meth:`architecture`, :func:`sm_utils.sources.rebuild.rebuild_foundation`).
     """
 
     def __init__(self, backbone: nn.Module, *, kind: str, num_features: int, num_classes: int,
                  drop_rate: float, arch_name: str, pretrained_cfg: Mapping | None = None,
-                 unused_keys: Iterable[str] = ()):
+                 unused_keys: Iterable[str] = (), backbone_spec: Mapping | None = None):
         super().__init__()
         if kind not in KINDS:
             raise SourceError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -52,6 +54,14 @@ class FoundationClassifier(nn.Module):
         self.pretrained_cfg = {"architecture": arch_name, "classifier": "head",
                                **dict(pretrained_cfg or {})}
         self.unused_keys = tuple(sorted(unused_keys))
+        self.backbone_spec = dict(backbone_spec or {})
+
+    def architecture(self) -> dict:
+        """What rebuilds this model, randomly initialised, without the source's weights file
+        (JSON-ready): kind, architecture name, width, pretrained_cfg and the backbone's spec."""
+        return {"kind": self.kind, "arch_name": self.arch_name,
+                "num_features": self.num_features, "pretrained_cfg": self.pretrained_cfg,
+                "backbone": self.backbone_spec}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, num_features): what the head reads."""

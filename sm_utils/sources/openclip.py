@@ -214,9 +214,15 @@ def build_open_clip(source: str, arch: str, path: Path | None, *, num_classes: i
         num_classes=num_classes, drop_rate=drop_rate, arch_name=f"open_clip:{arch}",
         pretrained_cfg={"input_size": (3, *size), "patch_size": patch,
                         "mean": prep.mean, "std": prep.std},
-        unused_keys=unused,
+        unused_keys=unused, backbone_spec={"model_cfg": model_cfg},
     )
     return model, prep
+
+
+def tower_from_config(spec: dict):
+    """The vision tower of ``spec["model_cfg"]`` (an open_clip model config), randomly
+    initialised."""
+    return _build_tower(spec["model_cfg"])
 
 
 def _preprocessing(source: str):

@@ -122,12 +122,12 @@ def build_timm_vit(source: str, arch: str, path: Path | None, *, num_classes: in
                    allowed_unused: tuple[str, ...] = ALLOWED_UNUSED):
     """The ViT ``arch`` at ``image_size`` (default: its pretrained size) with the file's
     weights, every key checked, and a fresh head; its preprocessing says size and patch."""
-    import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     refuse_head_keeping(source, keep_pretrained_head)
     size = square(image_size) if image_size is not None else _default_size(arch)
-    backbone = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size)
+    spec = {"arch": arch, "image_size": list(size)}
+    backbone = vit_backbone(spec)
     patch = tuple(backbone.patch_embed.patch_size)
     check_patch_multiple(size, patch, f"Source {source!r} ({arch})")
     unused: list[str] = []
@@ -147,9 +147,18 @@ def build_timm_vit(source: str, arch: str, path: Path | None, *, num_classes: in
         drop_rate=drop_rate, arch_name=arch,
         pretrained_cfg={"input_size": (3, *size), "patch_size": patch[0],
                         "mean": prep.mean, "std": prep.std},
-        unused_keys=unused,
+        unused_keys=unused, backbone_spec=spec,
     )
     return model, prep
+
+
+def vit_backbone(spec: dict):
+    """The timm ViT ``spec["arch"]`` at ``spec["image_size"]``, randomly initialised, without
+    a classifier."""
+    import timm
+
+    return timm.create_model(spec["arch"], pretrained=False, num_classes=0,
+                             img_size=square(spec["image_size"]))
 
 
 def _preprocessing(arch: str, path: Path | None) -> Preprocessing:

@@ -181,9 +181,19 @@ def build_transformers(source: str, arch: str, path: Path | None, *, num_classes
         num_classes=num_classes, drop_rate=drop_rate, arch_name=f"transformers:{arch}",
         pretrained_cfg={"input_size": (3, *size), "patch_size": patch,
                         "mean": prep.mean, "std": prep.std},
-        unused_keys=unexpected,
+        unused_keys=unexpected, backbone_spec={"config": backbone.config.to_dict()},
     )
     return model, prep
+
+
+def backbone_from_config(spec: dict):
+    """A randomly initialised transformers model of ``spec["config"]`` (a config.json's
+    contents), float32."""
+    from transformers import AutoConfig, AutoModel
+
+    values = dict(spec["config"])
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    return AutoModel.from_config(config).to(torch.float32)
 
 
 def _preprocessing(source: str):
