@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test test-fast test-package test-notebooks test-foreign test-report lab sources \
+.PHONY: setup demo foundation-demo test test-fast test-package test-notebooks test-foreign test-report lab sources \
         benchmark book test-site \
         clean-demo \
         mechanisms notebooks tolerances
@@ -26,6 +26,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sm run configs/demo.yaml
+
+# the foundation grid's offline rehearsal: small random ViTs in each published format, both
+# modes (about 3.5 min on 2 cores)
+foundation-demo: $(STAMP)
+	$(BIN)/sm run configs/foundation_demo.yaml
 
 # pytest on $(JOBS) processes (pytest-xdist): each test file, and the notebooks together, is one
 # unit of work; conftest.py orders the units, longest first. JOBS=0 runs in this process.

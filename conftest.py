@@ -21,6 +21,7 @@ LONGEST_FIRST = [
     "tests/test_numerics.py",
     "tests/test_grid.py",
     "tests/test_mechanisms.py",
+    "tests/test_foundation_grid.py",
     "tests/test_report.py",
     "tests/test_cli.py",
     "tests/slurm/test_slurm_grid.py",
