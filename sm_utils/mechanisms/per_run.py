@@ -58,10 +58,11 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
         raise MechanismError(
-            f"{run_dir} has no {MODEL_FILE}: runs keep their fine-tuned weights only when "
-            "execute_run is asked to (grid `probe: true` / `attribution: true`, which call "
-            "sm_utils.mechanisms.save_run_model); rerun the run with that option, or compute the "
-            "mechanisms in the run with mechanisms_for_run()."
+            f"{run_dir} has no {MODEL_FILE}: a run does not keep its fine-tuned weights "
+            "unless its code saves them (sm_utils.mechanisms.save_run_model inside "
+            "sm_utils.runs.train_run). Measure the mechanisms in the run instead: grid "
+            "`probe: true` / `attribution: true` (notebook 03's probe/attribution), which call "
+            "mechanisms_for_run while the model is in memory."
         )
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
