@@ -79,7 +79,7 @@ def compute_metrics(labels, scores) -> dict[str, float]:
     for name in list_metrics():
         try:
             out[name] = float(_METRICS[name].fn(labels, scores))
-        except Exception as err:  # noqa: BLE001 (re-raised with the metric's name)
+        except Exception as err:  # any failure: re-raised with the metric's name
             origin = plugins.registered_by("metric", name)
             raise MetricError(f"metric {name!r} (from {origin}) failed on a test set of "
                               f"{len(labels)} images: {type(err).__name__}: {err}. Expected "

@@ -302,7 +302,7 @@ def load_plugin(ref: str, base: str | os.PathLike | None = None, where: str = ""
         _LOADING.append(plugin)
         try:
             _import_file(path)
-        except Exception as err:  # noqa: BLE001 (reported with its file and line)
+        except Exception as err:  # any failure: reported with its file and line
             del _LOADED[ref]
             raise _import_failure(str(path), err, str(path)) from err
         finally:
@@ -326,7 +326,7 @@ def load_plugin(ref: str, base: str | os.PathLike | None = None, where: str = ""
         _LOADING.append(plugin)
         try:
             importlib.import_module(ref)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             del _LOADED[ref]
             raise _import_failure(ref, err, file) from err
         finally:
@@ -367,7 +367,7 @@ def load_entry_points() -> list[Plugin]:
             loaded = point.load()
             if callable(loaded) and not inspect.ismodule(loaded):
                 loaded()  # an entry point may name a function that registers
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise _import_failure(f"{plugin.label()}", err, file) from err
         finally:
             _LOADING.pop()

@@ -267,9 +267,10 @@ def data_placement(device: torch.device, n_images: int, image_size: int,
 @contextmanager
 def train_run(config: RunConfig, *, progress: bool = True, cache_dir: str | Path | None = None,
               resident: bool | None = None, threads: int | None = None) -> Iterator[TrainedRun]:
-    """Train the run's model (fine-tune, or only its head: ``config.mode``) and yield it while the device settings it trained under hold
-    (evaluate inside the ``with``). The one place a run's data, seeds, head and training are
-    set up: :func:`execute_run` and :func:`sm_utils.mechanisms.fine_tune` both use it.
+    """Train the run's model (fine-tune it, or only its head: ``config.mode``) and yield it
+    while the device settings it trained under hold (evaluate inside the ``with``). The one
+    place a run's data, seeds, head and training are set up: :func:`execute_run` and
+    :func:`sm_utils.mechanisms.fine_tune` both use it.
 
     ``resident``: keep the run's images on the training device and augment them there
     (:class:`sm_utils.data.ResidentLoader`: nothing is copied per epoch); None does so on a

@@ -28,7 +28,7 @@ def sm(*args, cwd: Path, timeout: float = 900, env: dict | None = None
     done = subprocess.run([SM, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**{k: v for k, v in os.environ.items()
                                                    if k not in ("SM_PLUGINS", "SM_CACHE_DIR")},
-                                                **(env or {})})
+                                                **(env or {})}, check=False)
     done.seconds = time.perf_counter() - start
     return done
 

@@ -72,7 +72,7 @@ def test_training_and_pretraining_are_bit_identical_across_emulated_cpus(phantom
     cpus = emulated_cpus()
     assert len(cpus) >= 3, f"this machine can emulate only {list(cpus)}"
     # left to choose (native), the oldest and the newest CPU show that the kernels differ
-    oldest, newest = list(cpus)[0], list(cpus)[-1]
+    oldest, newest = next(iter(cpus)), list(cpus)[-1]
     modes = {"native": [oldest, newest], "pinned": list(cpus), "x86-64-v2": list(cpus)}
     results = {mode: run_children(phantom_cxr, tmp_path / mode,
                                   {name: {**cpus[name], "SM_NUMERICS": mode} for name in names})

@@ -30,8 +30,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def isolated(monkeypatch):
     """The registries and the plugins' records as they are now, restored after the test."""
-    import sm_utils.datasets as datasets
-    import sm_utils.metrics as metrics
+    from sm_utils import datasets, metrics
 
     monkeypatch.setattr(confounder_registry, "_REGISTRY", dict(confounder_registry._REGISTRY))
     monkeypatch.setattr(source_registry, "_SOURCES", dict(source_registry._SOURCES))
@@ -179,7 +178,7 @@ def test_registered_metric_is_computed_and_its_failure_named(isolated):
 
 def _sm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "sm"), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +203,7 @@ def installed_plugin(tmp_path_factory):
     target = root / "site"
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                            "--no-index", "--no-build-isolation", "--target", str(target),
-                           str(project)], capture_output=True, text=True, timeout=300)
+                           str(project)], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return target
 
