@@ -46,6 +46,7 @@ from .io import atomic_path, atomic_write_csv, atomic_write_json, sha256_file, s
 from .manifest import load_manifest
 from .paths import METRICS_FILE, resolve
 from .plugins import describe_plugins
+from .progress import available_cpus
 from .provenance import git_commit, package_versions
 from .training import (
     configure_device,
@@ -258,7 +259,7 @@ def data_placement(device: torch.device, n_images: int, image_size: int,
     if need <= budget:
         return {"resident": True, "num_workers": 0, "bytes": need, "budget_bytes": int(budget),
                 "reason": "fits the budget"}
-    workers = min(FALLBACK_WORKERS, os.cpu_count() or 1)
+    workers = min(FALLBACK_WORKERS, available_cpus())
     return {"resident": False, "num_workers": workers, "bytes": need, "budget_bytes": int(budget),
             "reason": f"{need / 2**30:.2f} GiB of images exceed the budget of {budget / 2**30:.2f} "
                       f"GiB ({RESIDENT_SHARE:.0%} of the GPU / {sharing} run(s) on it)"}

@@ -566,9 +566,14 @@ def test_one_worker_per_visible_gpu(monkeypatch):
     envs = worker_environments("auto", None)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: CPU workers, one thread each
+    for variable in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        monkeypatch.delenv(variable, raising=False)
     envs = worker_environments("auto", 1)
-    assert len(envs) == (os.cpu_count() or 1)
+    assert len(envs) == len(os.sched_getaffinity(0))
     assert all(e["OMP_NUM_THREADS"] == "1" and "CUDA_VISIBLE_DEVICES" not in e for e in envs)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # a job's allocation, not the node's cores
+    assert len(worker_environments("auto", 1)) == 3
+    assert {e["OMP_NUM_THREADS"] for e in worker_environments(1, None)} == {"3"}
     assert len(worker_environments(3, None)) == 3
 
 

@@ -343,7 +343,7 @@ def test_images_stay_on_the_gpu_only_within_their_memory_budget(monkeypatch):
     monkeypatch.setenv("SM_RUNS_PER_GPU", "4")
     shared = data_placement(gpu, 112_120, 224)
     assert not shared["resident"] and shared["budget_bytes"] == 5 * 2**30
-    assert shared["num_workers"] == min(FALLBACK_WORKERS, os.cpu_count() or 1)
+    assert shared["num_workers"] == min(FALLBACK_WORKERS, len(os.sched_getaffinity(0)))
     assert "5.24 GiB of images exceed the budget of 5.00 GiB" in shared["reason"]
     assert data_placement(gpu, 1000, 64)["resident"]  # a small data set still fits
     asked = data_placement(gpu, 1000, 64, num_workers=3)

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..progress import available_cpus
 from .cells import Cell
 from .errors import GridError
 from .report import GridReport
@@ -120,13 +121,14 @@ def worker_environments(workers: int | str, threads_per_worker: int | None = Non
     else a share of the CPU cores each."""
     ids = visible_gpus()
     gpus = len(ids)
+    cpus = available_cpus()  # a SLURM allocation or affinity mask, not the whole machine
     if workers == "auto":
         workers = (gpus * max(1, int(runs_per_gpu)) if gpus
-                   else max(1, (os.cpu_count() or 1) // max(1, threads_per_worker or 1)))
+                   else max(1, cpus // max(1, threads_per_worker or 1)))
         if not gpus and threads_per_worker is None:
-            workers = 1 if (os.cpu_count() or 1) < 2 else min(workers, 4)
+            workers = 1 if cpus < 2 else min(workers, 4)
     workers = int(workers)
-    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker or max(1, cpus // workers)
     envs = []
     for index in range(workers):
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
