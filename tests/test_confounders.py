@@ -71,6 +71,13 @@ def test_bad_parameters_are_rejected():
         get_confounder("tag", strength=1.5)
     with pytest.raises(ConfounderError, match="strength"):
         get_confounder("lowpass", strength=float("nan"))
+    # a parameter with a fixed set of values is refused when built, before any image
+    with pytest.raises(ConfounderError, match=r"'ct_noise': backend must be one of "
+                                              r"\['nufft', 'torch', 'skimage'\]; got 'astra'"):
+        get_confounder("ct_noise", backend="astra")
+    with pytest.raises(ConfounderError, match="dose_scaling must be one of"):
+        get_confounder("xray_noise", dose_scaling="volume")
+    assert get_confounder("ct_noise", backend="skimage").params["backend"] == "skimage"
 
 
 def test_adding_a_confounder_is_a_function_plus_registration():

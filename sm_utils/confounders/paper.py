@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .registry import ConfounderError, register_confounder
-from .tomography import check_backend
+from .tomography import BACKENDS, check_backend
 
 # Attenuation of water and air used by the paper's X-ray dose model (per unit length).
 MU_WATER_XRAY, MU_AIR_XRAY = 0.1837, 0.1662
@@ -240,7 +240,7 @@ register_confounder(
     "xray_noise", _xray_noise, baseline=_xray_baseline, category="environment/acquisition",
     description=("A lower X-ray dose (1.5e7 instead of 2e7 photons per pixel) gives slightly "
                  "more quantum noise, as when one site or device uses a low-dose protocol."),
-    defaults=XRAY_DEFAULTS, strength_range=(0.0, 100.0),
+    defaults=XRAY_DEFAULTS, strength_range=(0.0, 100.0), choices={"dose_scaling": DOSE_SCALINGS},
 )
 register_confounder(
     "xray_noise_ct", _xray_noise, baseline=_xray_baseline, category="environment/acquisition",
@@ -248,6 +248,7 @@ register_confounder(
                  "image-domain noise increase that is not how CT noise really looks."),
     # LIDC-IDRI slices are stored at 512 px, the model's reference size: act on them as stored
     defaults={**XRAY_DEFAULTS, "resolution": "native"}, strength_range=(0.0, 100.0),
+    choices={"dose_scaling": DOSE_SCALINGS},
 )
 
 
@@ -416,4 +417,5 @@ register_confounder(
     strength_range=(0.0, 100.0),
     # runs made before backend existed used scikit-image: a run on "nufft" gets its own id
     earlier={"backend": "skimage"},
+    choices={"backend": BACKENDS, "n0_per": CT_N0_UNITS, "dose_scaling": DOSE_SCALINGS},
 )

@@ -61,6 +61,7 @@ class ConfounderSpec:
     hu_fn: ImageFn | None = None     # CT slices in HU: fn(hu, rng, *, pixel_mm, **params) -> hu
     hu_baseline_fn: ImageFn | None = None
     earlier: dict[str, Any] = field(default_factory=dict)  # see register_confounder
+    choices: dict[str, tuple] = field(default_factory=dict)  # parameter -> its allowed values
 
 
 _REGISTRY: dict[str, ConfounderSpec] = {}
@@ -81,6 +82,7 @@ def register_confounder(
     hu: tuple[ImageFn, ImageFn | None] | None = None,
     replace: bool = False,
     earlier: dict[str, Any] | None = None,
+    choices: dict[str, tuple] | None = None,
 ):
     """Register a confounder; use as a decorator for synthetic ones.
 
@@ -103,6 +105,9 @@ def register_confounder(
     ``earlier``: parameters added after runs were made, with the value those runs used (a
     run's identity names only the parameters a grid sets, so a new default would otherwise
     pass for the old computation): :func:`identity_params` records them wherever they differ.
+    ``choices``: the values a parameter may take (e.g. ``{"backend": ("nufft", "skimage",
+    "torch")}``), checked when the confounder is built, so a grid with another is refused
+    before it starts.
     """
     if kind not in KINDS:
         raise ConfounderError(f"kind must be one of {list(KINDS)}; got {kind!r}.")
@@ -124,6 +129,7 @@ def register_confounder(
             strength_range=tuple(strength_range), memoise=bool(memoise), mask_fn=mask,
             hu_fn=None if hu is None else hu[0], hu_baseline_fn=None if hu is None else hu[1],
             earlier=dict(earlier or {}),
+            choices={k: tuple(v) for k, v in (choices or {}).items()},
         )
         return function
 
@@ -453,6 +459,10 @@ def get_confounder(name: str, strength: float = 1.0, **params: Any) -> Confounde
         )
     values = {k: check_resolution(name, params.get(k, v)) if k == "resolution"
               else check_param_type(name, k, params.get(k, v), v) for k, v in spec.defaults.items()}
+    for key, allowed in spec.choices.items():
+        if values[key] not in allowed:
+            raise ConfounderError(f"confounder {name!r}: {key} must be one of {list(allowed)}; "
+                                  f"got {values[key]!r}.")
     values["strength"] = float(strength)
     return Confounder(name=spec.name, category=spec.category, kind=spec.kind,
                       description=spec.description, params=values, _spec=spec)
