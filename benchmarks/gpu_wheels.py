@@ -56,8 +56,10 @@ MARKER_ENV = {
 # never carried: the image's own torch and what belongs to it
 IMAGE_OWN = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
 # sm_utils's dependencies that the GPU check does without (imported only where used): finufft
-# is ct_noise's CPU backend (7 MiB; on a GPU ct_noise runs with backend "torch")
-NOT_CARRIED = frozenset({"finufft"})
+# is ct_noise's CPU backend (7 MiB; on a GPU ct_noise runs with backend "torch"); transformers
+# and open_clip_torch load the foundation-model sources (with tokenizers and what else only they
+# need, 17 MiB), which the check's CNN grids do not use
+NOT_CARRIED = frozenset({"finufft", "transformers", "open-clip-torch"})
 
 
 def target_options() -> list[str]:
