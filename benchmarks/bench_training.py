@@ -38,7 +38,13 @@ from torch import nn
 
 from sm_utils.data import PAPER_AUGMENTATION, ConfoundedImageDataset, ImageCache, make_loader
 from sm_utils.sources import make_architecture, timm_preprocessing
-from sm_utils.training import _autocast, configure_device, reset_head
+from sm_utils.training import (
+    _autocast,
+    configure_device,
+    freeze_backbone,
+    reset_head,
+    set_training,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="channels_last (GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--confounder", default="tag", help="confounder on half the images, or none")
+    parser.add_argument("--mode", default="finetune", choices=["finetune", "linear_probe"],
+                        help="train every layer, or only the head on the frozen backbone")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.batch_size = args.batch_size or (256 if gpu else 32)
@@ -128,7 +136,7 @@ def loader_speed(loader, steps: int, warmup: int) -> float:
 
 
 def train_step_fn(model, prep, device, args):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -157,10 +165,12 @@ def main() -> None:
         print(f"device: {record.get('gpu', 'cpu')}  threads: {torch.get_num_threads()}  "
               f"arch: {args.arch}  size: {args.image_size}  batch: {args.batch_size}  "
               f"bf16: {args.bf16}  channels_last: {args.channels_last}  "
-              f"workers: {args.num_workers}")
+              f"workers: {args.num_workers}  mode: {args.mode}")
         model = make_architecture(args.arch, num_classes=2, drop_rate=0.5)
         reset_head(model)
-        model.to(device).train()
+        if args.mode == "linear_probe":  # as sm_utils.training.train_model(frozen=True)
+            freeze_backbone(model)
+        set_training(model.to(device), frozen=args.mode == "linear_probe")
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         if args.compile:
@@ -180,7 +190,9 @@ def main() -> None:
             step(images, labels)
         sync(device)
         model_ips = args.steps * args.batch_size / (time.perf_counter() - tic)
-        print(f"model       {model_ips:9.1f} images/s  (forward + backward + Adam, data on device)")
+        what = ("forward + backward + Adam" if args.mode == "finetune"
+                else "forward + the head's backward and Adam")
+        print(f"model       {model_ips:9.1f} images/s  ({what}, data on device)")
 
         # 2. the data loader alone (one loader for all batches: workers start once)
         cache = make_cache(Path(tmp), args.n_images, args.image_size)

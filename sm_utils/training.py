@@ -169,7 +169,7 @@ def reset_head(model: nn.Module) -> nn.Linear:
 def freeze_backbone(model: nn.Module) -> nn.Linear:
     """Linear probing: only the classification head trains. Every other parameter stops
     requiring gradients (so none is computed through the backbone, and the optimizer gets only
-    the head's); :func:`train_model` with ``frozen=True`` also keeps the backbone in eval mode,
+    the head's); :func:`train_model` with ``frozen=True`` also keeps the backbone in eval mode (:func:`set_training`),
     so its batch-norm statistics stay as loaded and its features are deterministic."""
     head = classifier(model)
     trained = {id(p) for p in head.parameters()}
@@ -178,15 +178,17 @@ def freeze_backbone(model: nn.Module) -> nn.Linear:
     return head
 
 
-def _backbone_eval(model: nn.Module) -> None:
-    """After ``model.train()``: every top-level part except the head and the dropout before it
-    back in eval mode (timm applies its head dropout from the root's own ``training`` flag,
-    which stays on)."""
-    head = classifier(model)
-    for child in model.children():
-        if isinstance(child, nn.Dropout) or any(m is head for m in child.modules()):
-            continue
-        child.eval()
+def set_training(model: nn.Module, frozen: bool = False) -> nn.Module:
+    """``model.train()``; with ``frozen`` (linear probing) every top-level part but the head and
+    the dropout before it back in eval mode (timm applies its head dropout from the root's own
+    ``training`` flag, which stays on)."""
+    model.train()
+    if frozen:
+        head = classifier(model)
+        for child in model.children():
+            if not isinstance(child, nn.Dropout) and not any(m is head for m in child.modules()):
+                child.eval()
+    return model
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0):
@@ -327,9 +329,7 @@ def train_model(
         tic = time.perf_counter()
         if hasattr(train_loader.dataset, "set_epoch"):
             train_loader.dataset.set_epoch(epoch)  # a new augmentation draw per epoch
-        model.train()
-        if frozen:
-            _backbone_eval(model)
+        set_training(model, frozen)
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=_bar_off(progress),
