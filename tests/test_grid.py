@@ -182,6 +182,12 @@ def test_training_modes_are_an_axis_and_a_fine_tuning_cell_keeps_its_parameters(
     assert not {c.run_id for c in probes} & {c.run_id for c in finetune}
     one = load_grid(write_grid(tmp_path, training={"mode": "linear_probe"}), check_names=False)
     assert one.modes == ["linear_probe"]
+    # the cell index (cells.csv, --dry-run) names the mode only in a grid that probes
+    from sm_utils.grid.cells import cells_table
+
+    assert "mode" not in cells_table(finetune).columns
+    assert cells_table(both)["mode"].value_counts().to_dict() == {"finetune": len(finetune),
+                                                                  "linear_probe": len(finetune)}
 
 
 def test_bad_modes_builds_and_role_arms_are_refused(tmp_path):

@@ -155,15 +155,17 @@ def expand_cells(spec: GridSpec) -> list[Cell]:
 
 
 def cells_table(cells: Sequence[Cell]):
-    """One row per cell: run id, dataset, the grid axes and the current status."""
+    """One row per cell: run id, dataset, the grid axes and the current status; ``mode`` only
+    where some cell does not fine-tune (a grid without linear probes keeps its columns)."""
     import pandas as pd
 
+    modes = any("mode" in c.params for c in cells)
     rows = [
         {"run_id": c.run_id, "dataset": c.dataset, "confounder": c.params["confounder"],
          "strength": c.params["strength"], "p": c.params["p"], "fold": c.params["fold"],
          "source": c.params["source"], "arch": c.params["arch"],
-         "mode": c.params.get("mode", DEFAULT_MODE), "seed": c.params["seed"],
-         "status": c.status}
+         **({"mode": c.params.get("mode", DEFAULT_MODE)} if modes else {}),
+         "seed": c.params["seed"], "status": c.status}
         for c in cells
     ]
     return pd.DataFrame(rows)
