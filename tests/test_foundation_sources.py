@@ -434,3 +434,21 @@ def test_a_foundation_source_has_no_pretrained_head_to_keep(tmp_path):
     tiny_dinov2_folder(folder)
     with pytest.raises(SourceError, match="no pretrained classifier"):
         create_model("rad_dino", weights=folder, keep_pretrained_head=True)
+
+
+def test_the_offline_stand_ins_are_seeded_and_leave_torchs_rng_alone(tmp_path):
+    """The foundation demo's random ViTs (sm_utils.sources.stand_ins): the same seed writes the
+    same bytes, another seed other weights, and the caller's torch RNG is untouched."""
+    from sm_utils.sources.stand_ins import save_random_source
+
+    tiny = {"image_size": 16, "patch_size": 8, "width": 8, "depth": 1, "heads": 2}
+    state = torch.random.get_rng_state()
+    first = save_random_source(tmp_path / "a", "transformers", **tiny)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = save_random_source(tmp_path / "b", "transformers", **tiny)
+    other = save_random_source(tmp_path / "c", "transformers", seed=1, **tiny)
+    weights = [(folder / "model.safetensors").read_bytes() for folder in (first, again, other)]
+    assert weights[0] == weights[1] != weights[2]
+    assert not list(tmp_path.glob(".*partial"))  # staged, then renamed whole
+    with pytest.raises(SourceError, match=r"file_format must be one of \['timm', 'transformers'"):
+        save_random_source(tmp_path / "d", "onnx")

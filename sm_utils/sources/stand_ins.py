@@ -38,12 +38,18 @@ def save_random_source(out: str | os.PathLike, file_format: str, *, image_size: 
     (:data:`FORMATS`); returns ``out``. ``timm`` uses the timm architecture ``arch`` as it is
     (its own width, depth and patch size); the other two are built at ``width``, ``depth``,
     ``heads`` and ``patch_size`` for ``image_size`` px inputs. A folder is written whole
-    before it appears under its name."""
+    before it appears under its name. Torch's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _save(Path(out), file_format, image_size=image_size, patch_size=patch_size,
+                     width=width, depth=depth, heads=heads, arch=arch)
+
+
+def _save(out: Path, file_format: str, *, image_size: int, patch_size: int, width: int,
+          depth: int, heads: int, arch: str) -> Path:
     if file_format not in FORMATS:
         raise SourceError(f"file_format must be one of {list(FORMATS)}; got {file_format!r}.")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(int(seed))
     if file_format == "timm":
         import timm
         from safetensors.torch import save_file
