@@ -89,13 +89,13 @@ def weights_digest(weights: str | os.PathLike | None) -> str | None:
     SHA-256. A missing file cannot be named."""
     if weights in (None, ""):
         return None
-    folder = Path(weights)
-    if folder.is_dir():
-        files = sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        return stable_hash({p.relative_to(folder).as_posix(): file_sha256(p) for p in files},
+    path = Path(weights)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return stable_hash({p.relative_to(path).as_posix(): file_sha256(p) for p in files},
                            length=64)
-    if not Path(weights).is_file():
+    if not path.is_file():
         raise IdentityError(f"weights file {weights} does not exist, so runs with it have no id "
                             "yet; put the file there (or let the grid build it) first.")
     return file_sha256(weights)

@@ -140,8 +140,8 @@ def configure_device(device: torch.device, threads: int | None = None, *,
 
 
 def classifier(model: nn.Module) -> nn.Linear:
-    """The model's classification head: ``get_classifier()`` (timm, the foundation sources,
-    the Keras ResNet50) when it is a linear layer, else its last linear layer."""
+    """The model's classification head: ``get_classifier()`` (timm, the foundation sources)
+    when it is a linear layer, else its last linear layer (the Keras ResNet50's ``fc``)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -307,10 +307,7 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
         if unknown:
             problems.append(f"confounders[{confounder.name}].datasets names {unknown}, which are not "
                             f"datasets of this grid; valid: {dataset_names}")
-    # the arms a role may name: each source, and each source's linear probe where it has one
-    arms = [s.name for s in sources] + [f"{s.name}:linear_probe" for s in sources
-                                        if "linear_probe" in modes]
-    claims = _claims_block(raw, arms, problems)
+    claims = _claims_block(raw, [s.name for s in sources], modes, problems)
     plugin_refs = plugins_block(raw, path, problems)
     if problems and not collect:
         raise GridError(_problem_text(path, problems))
@@ -343,10 +340,17 @@ def parse_grid(raw: dict[str, Any], root: Path, path: Path | None = None,
     )
 
 
-def _claims_block(raw: dict[str, Any], source_names: list[str], problems: list[str]) -> dict:
+def _claims_block(raw: dict[str, Any], source_names: list[str], modes: list[str],
+                  problems: list[str]) -> dict:
     """``claims: {roles: {imagenet: ..., in_domain: ..., random: ...}}``: which of the grid's
-    sources play the paper's roles in its claims (sm_utils.analysis.claims)."""
+    arms (its sources, and their linear probes where it probes) play the paper's roles in its
+    claims (sm_utils.analysis.claims)."""
     from ..analysis.claims import ROLES
+    from ..analysis.results import arm_name
+
+    # each source, and each source's linear probe where the grid probes
+    probing = "linear_probe" in modes
+    arms = [*source_names, *(arm_name(s, "linear_probe") for s in source_names if probing)]
 
     block = raw.get("claims") or {}
     if not isinstance(block, dict) or set(block) - {"roles"}:
@@ -359,9 +363,9 @@ def _claims_block(raw: dict[str, Any], source_names: list[str], problems: list[s
     for role, source in roles.items():
         if role not in ROLES:
             problems.append(f"claims.roles: unknown role {role!r}; the roles are {list(ROLES)}")
-        elif source not in source_names:
+        elif source not in arms:
             problems.append(f"claims.roles.{role}: {source!r} is not an arm of this grid; "
-                            f"its arms: {source_names}")
+                            f"its arms: {arms}")
     return {"roles": dict(roles)}
 
 

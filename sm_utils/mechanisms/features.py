@@ -25,11 +25,13 @@ def _arch_name(model: nn.Module) -> str:
 
 
 def _classifier(model: nn.Module) -> nn.Linear | None:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
-    if isinstance(head, nn.Linear):
-        return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+    """The model's classification head as training finds it, or None without one."""
+    from ..training import TrainingError, classifier
+
+    try:
+        return classifier(model)
+    except TrainingError:
+        return None
 
 
 def feature_layers(model: nn.Module) -> list[str]:

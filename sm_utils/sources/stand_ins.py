@@ -23,12 +23,9 @@ import torch
 
 from ..io import atomic_path
 from ..weights import SourceError
+from .transformers_folder import IMAGENET_MEAN, IMAGENET_STD, no_progress_bars
 
 FORMATS = ("timm", "transformers", "open_clip")
-# ImageNet's and OpenAI CLIP's normalisation, as the published configs give them (0..1 scale)
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def save_random_source(out: str | os.PathLike, file_format: str, *, image_size: int = 64,
@@ -75,22 +72,16 @@ def _save(out: Path, file_format: str, *, image_size: int, patch_size: int, widt
 def _dinov2_folder(folder: Path, image_size: int, patch_size: int, width: int, depth: int,
                    heads: int) -> None:
     from transformers import Dinov2Config, Dinov2Model
-    from transformers.utils import logging as transformers_logging
 
     config = Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
                           intermediate_size=4 * width, patch_size=patch_size,
                           image_size=image_size)
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar in grid logs
-    try:
+    with no_progress_bars():  # no "Writing model shards" bar in grid logs
         Dinov2Model(config).save_pretrained(folder)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
         "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
-        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
         "image_processor_type": "BitImageProcessor", "size": {"shortest_edge": image_size},
     }, indent=2))
 
@@ -109,5 +100,6 @@ def _open_clip_folder(folder: Path, image_size: int, patch_size: int, width: int
     (folder / "open_clip_config.json").write_text(json.dumps({
         "model_cfg": {"embed_dim": width, "quick_gelu": True, "vision_cfg": vision,
                       "text_cfg": text},
-        "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD},
+        "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                           "std": list(open_clip.OPENAI_DATASET_STD)},
     }, indent=2))

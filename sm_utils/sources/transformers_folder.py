@@ -11,7 +11,9 @@ interpolates its position embedding to the input size itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -129,12 +131,26 @@ def _check_model_type(config: dict, arch: str, folder: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off (loading and saving shards), as they were after:
+    no bar fragments in notebooks and grid logs."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_transformers(source: str, arch: str, path: Path | None, *, num_classes: int,
                        drop_rate: float, image_size, keep_pretrained_head: bool,
                        allowed_unused: tuple[str, ...] = ALLOWED_UNUSED):
     """The folder's model loaded by ``transformers`` (local files only), every key checked."""
     from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as hf_logging
 
     refuse_head_keeping(source, keep_pretrained_head)
     if path is None:
@@ -145,23 +161,19 @@ def build_transformers(source: str, arch: str, path: Path | None, *, num_classes
     patch = int(config_dict.get("patch_size", 14))
     size = square(image_size) if image_size is not None else _input_size(config_dict, processor)
     check_patch_multiple(size, patch, f"Source {source!r} ({folder})")
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        backbone, info = AutoModel.from_pretrained(
-            folder, config=config, local_files_only=True, use_safetensors=True,
-            output_loading_info=True, ignore_mismatched_sizes=True,  # listed and refused below
-        )
+        with no_progress_bars():
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            backbone, info = AutoModel.from_pretrained(
+                folder, config=config, local_files_only=True, use_safetensors=True,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # refused below
+            )
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(
             f"{folder}: transformers could not load the model from {CONFIG} and {WEIGHTS} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check "
             "that both files come from the same model page and are complete."
         ) from exc
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
 
     def allowed(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in allowed_unused)
